@@ -1,0 +1,247 @@
+"""The balancer: gives the highest-priority, oldest ready job to an idle, healthy worker.
+
+One slot thread per worker. An idle slot sleeps on a condition variable and wakes only when a job
+is queued, a worker frees up or comes back, or a retry's backoff ends (the wait is timed to the
+earliest such moment): no polling. The job's state lives in the store, so the queue's order is one
+indexed SQLite query, and a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config
+from .errors import StoreError, TransportError, UnknownJob
+from .jobs import JobStatus
+from .manifest import Manifest
+from .outbox import Outbox, job_key
+from .paths import remove_tree
+from .pools import Pool, WorkerHandle
+from .store import JobRecord, Store
+
+log = logging.getLogger("dropq.balancer")
+
+#: seconds one long-poll waits on the worker before asking again
+POLL_WAIT = 30.0
+
+
+class WorkerLost(Exception):
+    """The worker running a job died or restarted; the job must be retried elsewhere."""
+
+
+class Balancer:
+    def __init__(self, *, config: Config, store: Store, pool: Pool, outbox: Outbox,
+                 now: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.outbox = outbox
+        self._now = now
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        pool.on_change(self.notify)
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        handles = self.pool.workers()
+        names = {h.name for h in handles}
+        self.store.forget_workers(names)
+        for job in self.store.with_status(JobStatus.RUNNING):
+            if job.worker not in names:
+                self._retry_or_fail(job, f"its worker {job.worker} no longer exists")
+        for handle in handles:
+            thread = threading.Thread(target=self._slot, args=(handle,), name=f"slot-{handle.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop handing out jobs. Slots still following a job return once the pool stops its worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def join(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # --- one slot per worker -------------------------------------------------------------------
+
+    def _slot(self, worker: WorkerHandle) -> None:
+        try:
+            for job in self.store.with_status(JobStatus.RUNNING):
+                if job.worker == worker.name:
+                    health = self.pool.ensure(worker.name)
+                    if health is None:
+                        return
+                    log.info("job %s: re-attaching to worker %s", job.id, worker.name)
+                    self._follow(worker, job, health)
+            while not self._stopping:
+                health = self.pool.ensure(worker.name)
+                if health is None:
+                    return
+                self.store.set_worker(worker.name, "idle", detail=f"pid {health.get('pid')}")
+                job = self._next(worker)
+                if job is None:
+                    return
+                self._run(worker, job, health)
+        except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
+            log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
+            self.store.set_worker(worker.name, "broken", detail="see the daemon's log")
+
+    def _next(self, worker: WorkerHandle) -> JobRecord | None:
+        with self._cond:
+            while not self._stopping:
+                job = self.store.take_next(worker.name)
+                if job is not None:
+                    return job
+                due = self.store.next_due()
+                self._cond.wait(None if due is None else max(0.0, due - self._now()))
+        return None
+
+    def _run(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> None:
+        key = job_key(job)
+        assert job.manifest is not None
+        manifest = Manifest.from_json(job.manifest)
+        self.store.set_worker(worker.name, "busy", job=job.id)
+        log.info("job %s: attempt %d on worker %s", job.id, job.attempts, worker.name)
+        try:
+            self._stage_inputs(worker, job, manifest)
+            spec = {
+                "id": key, "program": manifest.program, "args": list(manifest.args),
+                "inputs": [f"{key}/{rel}" for rel in manifest.inputs], "env": dict(manifest.env),
+                "timeout": manifest.timeout, "kill_grace": self.config.jobs.kill_grace,
+                "max_output_bytes": self.config.jobs.max_output_bytes,
+            }
+            worker.transport.start(spec)
+        except TransportError as exc:
+            self._lost(worker, job, str(exc))
+            return
+        self._follow(worker, job, health)
+
+    def _follow(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> None:
+        """Long-poll the worker until the job ends, then commit it."""
+        key = job_key(job)
+        while True:
+            try:
+                status = worker.transport.status(key, wait=POLL_WAIT)
+            except UnknownJob as exc:
+                self._lost(worker, job, str(exc))
+                return
+            except TransportError as exc:
+                if self._stopping:
+                    self._lost(worker, job, "the daemon is shutting down")
+                    return
+                again = self.pool.ensure(worker.name)
+                if again is None or again.get("pid") != health.get("pid"):
+                    self._lost(worker, job, f"worker {worker.name} stopped answering ({exc})")
+                    return
+                continue
+            if status.get("state") == "done":
+                break
+        if status.get("outcome") == "stopped":
+            self._lost(worker, job, "the worker was stopped")
+            return
+        self._commit(worker, job, status)
+
+    def _commit(self, worker: WorkerHandle, job: JobRecord, status: dict[str, Any]) -> None:
+        manifest = Manifest.from_json(job.manifest) if job.manifest else None
+        outcome = outcome_of(status, manifest)
+        key = job_key(job)
+        try:
+            job = self.store.transition(job.id, JobStatus.COMMITTING, outcome=outcome)
+        except StoreError:
+            log.exception("job %s: could not record its outcome", job.id)
+            return
+        self.outbox.finish(job, staging=worker.jobs_dir / key)
+        remove_tree(worker.inputs_dir / key)
+        worker.transport.forget(key)
+        log.info("job %s: %s", job.id, outcome["status"] if not outcome.get("error")
+                 else f"{outcome['status']}: {outcome['error']}")
+
+    # --- losing a worker -----------------------------------------------------------------------
+
+    def _lost(self, worker: WorkerHandle, job: JobRecord, reason: str) -> None:
+        key = job_key(job)
+        remove_tree(worker.inputs_dir / key)
+        remove_tree(worker.jobs_dir / key)
+        if self._stopping:
+            # interrupted by our own shutdown, not the job's fault: this attempt does not count
+            self.store.transition(job.id, JobStatus.QUEUED, attempts=max(0, job.attempts - 1), worker=None)
+            log.info("job %s: interrupted by shutdown; queued again", job.id)
+            return
+        self._retry_or_fail(self.store.get(job.id), reason)
+
+    def _retry_or_fail(self, job: JobRecord, reason: str) -> None:
+        if job.attempts <= job.retries:
+            delay = self.config.retry.delay(job.attempts)
+            log.warning("job %s: worker lost (%s); retry %d of %d in %.1fs", job.id, reason, job.attempts,
+                        job.retries, delay)
+            self.store.transition(job.id, JobStatus.QUEUED, worker=None, error=reason,
+                                  not_before=self._now() + delay)
+            self.notify()
+            return
+        error = (f"the worker running this job was lost {job.attempts} time(s) ({reason}); "
+                 f"gave up after {job.attempts} attempt(s)")
+        job = self.store.transition(job.id, JobStatus.COMMITTING, outcome={
+            "status": JobStatus.FAILED.value, "error": error, "exit_code": None, "finished_at": self._now()})
+        self.outbox.finish(job)
+
+    def _stage_inputs(self, worker: WorkerHandle, job: JobRecord, manifest: Manifest) -> None:
+        """Give the worker its own read-only view of the job's inputs (hard links, or copies)."""
+        target = worker.inputs_dir / job_key(job)
+        remove_tree(target)
+        for rel in manifest.inputs:
+            src = self.config.spool / job.id / "inputs" / rel
+            dst = target / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst, follow_symlinks=False)
+            except OSError:  # another filesystem, or links not allowed: copy
+                shutil.copyfile(src, dst, follow_symlinks=False)
+
+
+def outcome_of(status: dict[str, Any], manifest: Manifest | None) -> dict[str, Any]:
+    """Turn a worker's report into the outcome recorded in the store and written to result.yaml."""
+    kind = status.get("outcome")
+    code = status.get("exit_code")
+    sig = status.get("signal")
+    error = status.get("error")
+    if kind == "exited" and code == 0:
+        final = JobStatus.SUCCEEDED
+    elif kind == "timed_out":
+        final = JobStatus.TIMED_OUT
+        limit = manifest.timeout if manifest else None
+        error = f"the program ran longer than its timeout of {limit:g} seconds and was stopped"
+    elif kind == "cancelled":
+        final, error = JobStatus.CANCELLED, "the job was cancelled"
+    else:
+        final = JobStatus.FAILED
+        if kind == "exited" and sig:
+            error = error or f"the program was killed by signal {_signal_name(sig)}"
+        elif kind == "exited":
+            error = error or f"the program exited with code {code}"
+    keep = ("exit_code", "signal", "started_at", "finished_at", "stdout_truncated", "stderr_truncated")
+    outcome = {k: status.get(k) for k in keep if status.get(k) is not None}
+    outcome.update(status=final.value, error=error, exit_code=code)
+    if manifest and manifest.output:
+        outcome["stdout_as"] = manifest.output
+    return outcome
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

@@ -1,0 +1,298 @@
+"""Claiming manifests from the inbox: the one path by which a job enters the daemon.
+
+The claim is a rename() of the manifest into the spool, so from that instant the job is in exactly one
+place. Then the manifest is parsed; the input files it names are claimed with it (renamed into the
+job's spool folder), waiting a grace period for any not there yet. A manifest that cannot be run is
+not lost: it is rejected, which publishes an outbox folder that says why.
+
+One thread does all of this, fed by the watcher and woken by its own timers (settle checks, input
+deadlines, the periodic rescan), so no two claims ever race.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .config import Config
+from .errors import ManifestError, StoreError
+from .jobs import JobStatus
+from .manifest import Manifest, is_manifest_name
+from .outbox import Outbox
+from .paths import move, resolve_inside
+from .store import JobRecord, Store
+
+log = logging.getLogger("dropq.intake")
+
+_FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO",
+               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
+@dataclass(frozen=True)
+class _Offer:
+    rel: str
+    complete: bool
+
+
+class Intake:
+    def __init__(self, *, config: Config, store: Store, outbox: Outbox, finish: Callable[[JobRecord], None],
+                 notify: Callable[[], None], being_written: Callable[[str], bool] = lambda _: False,
+                 now: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.outbox = outbox
+        self._finish = finish
+        self._notify = notify
+        self._being_written = being_written
+        self._now = now
+        self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
+        self._waiting: dict[str, float] = {}  # job id -> deadline for its inputs
+        self._settling: dict[str, tuple[tuple[int, int], float]] = {}  # name -> (size, mtime_ns), due
+        self._thread: threading.Thread | None = None
+        self._next_rescan = 0.0
+        self.rescans = 0
+        self.claimed = 0
+
+    # --- feeding the thread --------------------------------------------------------------------
+
+    def offer(self, rel: str, complete: bool) -> None:
+        self._queue.put(_Offer(rel, complete))
+
+    def rescan_now(self) -> None:
+        self._queue.put("rescan")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="intake", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # --- the thread ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._next_rescan = 0.0  # rescan at once: a backlog present at start is claimed first
+        while True:
+            timeout = self._next_wakeup() - self._now()
+            try:
+                item = self._queue.get(timeout=max(0.0, timeout)) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                item = "timer"
+            if item is None:
+                return
+            try:
+                self._handle(item)
+            except Exception:  # noqa: BLE001 - one bad file must never stop the intake
+                log.exception("intake failed on %r; it will be retried at the next rescan", item)
+
+    def _handle(self, item: _Offer | str) -> None:
+        if isinstance(item, _Offer):
+            if "/" not in item.rel and is_manifest_name(item.rel):
+                if item.complete:
+                    self._settling.pop(item.rel, None)
+                    self._claim(item.rel)
+                else:
+                    self._settle(item.rel)
+            elif self._waiting:
+                self._check_waiting()
+            return
+        now = self._now()
+        if item == "rescan" or now >= self._next_rescan:
+            self._rescan()
+        for name, (_, due) in list(self._settling.items()):
+            if due <= now:
+                self._settle(name)
+        if self._waiting:
+            self._check_waiting()
+
+    def _next_wakeup(self) -> float:
+        times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values())]
+        if self._waiting:
+            # inputs in subfolders, or on a polled filesystem, raise no event we act on: look again soon
+            times.append(self._now() + 0.25)
+        return min(times)
+
+    def _rescan(self) -> None:
+        self.rescans += 1
+        self._next_rescan = self._now() + self.config.intake.rescan
+        try:
+            names = sorted(os.listdir(self.config.inbox))
+        except FileNotFoundError:
+            log.error("the inbox %s does not exist", self.config.inbox)
+            return
+        for name in names:
+            if is_manifest_name(name) and not self._being_written(name) and name not in self._settling:
+                self._settle(name)
+
+    def _settle(self, name: str) -> None:
+        """Claim `name` once it has been unchanged for the settle time (where no close event tells)."""
+        try:
+            st = os.lstat(self.config.inbox / name)
+        except FileNotFoundError:
+            self._settling.pop(name, None)
+            return
+        sig = (st.st_size, st.st_mtime_ns)
+        settle = self.config.intake.settle
+        now = self._now()
+        previous = self._settling.get(name)
+        if (previous is not None and previous[0] == sig and previous[1] <= now) or st.st_mtime_ns / 1e9 + settle <= now:
+            self._settling.pop(name, None)
+            self._claim(name)
+        else:
+            self._settling[name] = (sig, now + settle)
+
+    # --- claiming ------------------------------------------------------------------------------
+
+    def _reserve_id(self, stem: str) -> str:
+        candidate, n = stem, 1
+        while self.store.id_taken(candidate) or self.outbox.folder_taken(candidate):
+            n += 1
+            candidate = f"{stem}-{n}"
+        return candidate
+
+    def _claim(self, name: str) -> None:
+        src = self.config.inbox / name
+        if not os.path.lexists(src):
+            return
+        job_id = self._reserve_id(name.rsplit(".", 1)[0])
+        folder = self.config.spool / job_id
+        folder.mkdir(parents=True)
+        try:
+            os.rename(src, folder / "manifest.yaml")
+        except FileNotFoundError:
+            folder.rmdir()  # someone removed or claimed it first
+            return
+        self.claimed += 1
+        job = self.store.add(job_id, source=name)
+        log.info("job %s: claimed %s", job_id, name)
+        self.admit(job)
+
+    def admit(self, job: JobRecord) -> None:
+        """Parse a claimed manifest and claim its inputs; or reject it with the reason."""
+        try:
+            manifest = self._read_manifest(job)
+            deadline = job.deadline or self._now() + self.config.intake.input_grace
+            self.store.set_manifest(job.id, manifest.to_json(), priority=manifest.priority,
+                                    retries=manifest.retries, deadline=deadline)
+            self._waiting[job.id] = deadline
+            self._claim_inputs(job.id, manifest, deadline)
+        except ManifestError as exc:
+            self.reject(job, str(exc))
+        except OSError as exc:
+            # a claimed job must still reach the outbox: say what went wrong rather than strand it
+            log.exception("job %s: could not be admitted", job.id)
+            self._reject_id(job.id, f"dropq could not read the job's files: {exc}")
+
+    def _read_manifest(self, job: JobRecord) -> Manifest:
+        path = self.config.spool / job.id / "manifest.yaml"
+        if job.manifest:
+            return Manifest.from_json(job.manifest)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise ManifestError(f"{job.source} is {kind}; a manifest must be a regular file")
+        limit = self.config.intake.max_manifest_bytes
+        if st.st_size > limit:
+            raise ManifestError(f"the manifest is {st.st_size} bytes; the limit is {limit}")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(limit + 1)
+        manifest = Manifest.parse(raw, defaults=self.config.jobs, max_bytes=limit)
+        program = resolve_inside(self.config.programs, PurePosixPath(manifest.program), what="program")
+        if not program.is_file():
+            raise ManifestError(
+                f"program {manifest.program!r} was not found in the programs folder ({self.config.programs})"
+            )
+        return manifest
+
+    def _claim_inputs(self, job_id: str, manifest: Manifest, deadline: float) -> None:
+        missing = []
+        for rel in manifest.inputs:
+            dst = self.config.spool / job_id / "inputs" / rel
+            if os.path.lexists(dst):
+                continue
+            try:
+                src = resolve_inside(self.config.inbox, PurePosixPath(rel), what="input")
+                st = os.lstat(src)
+            except ManifestError as exc:
+                self._reject_id(job_id, str(exc))
+                return
+            except FileNotFoundError:
+                missing.append(rel)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+                self._reject_id(job_id, f"input {rel!r} is {kind}; inputs must be regular files")
+                return
+            if self._being_written(rel):
+                missing.append(rel)
+                continue
+            try:
+                move(src, dst)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                missing.append(rel)
+        if missing:
+            if self._now() >= deadline:
+                grace = self.config.intake.input_grace
+                self._reject_id(job_id, f"input file {missing[0]!r} did not arrive in the inbox within "
+                                        f"{grace:g} seconds of the manifest")
+            return
+        self._waiting.pop(job_id, None)
+        self.store.transition(job_id, JobStatus.QUEUED)
+        log.info("job %s: queued", job_id)
+        self._notify()
+
+    def _check_waiting(self) -> None:
+        for job_id in list(self._waiting):
+            job = self.store.find(job_id)
+            if job is None or job.status is not JobStatus.WAITING or not job.manifest:
+                self._waiting.pop(job_id, None)
+                continue
+            self._claim_inputs(job_id, Manifest.from_json(job.manifest), self._waiting[job_id])
+
+    def _reject_id(self, job_id: str, reason: str) -> None:
+        self._waiting.pop(job_id, None)
+        self.reject(self.store.get(job_id), reason)
+
+    def reject(self, job: JobRecord, reason: str) -> None:
+        log.warning("job %s: rejected: %s", job.id, reason)
+        now = self._now()
+        try:
+            job = self.store.transition(job.id, JobStatus.COMMITTING, error=reason, finished_at=now, outcome={
+                "status": JobStatus.REJECTED.value, "error": reason, "exit_code": None, "finished_at": now})
+        except StoreError:
+            log.exception("job %s could not be rejected", job.id)
+            return
+        self._finish(job)
+
+    # --- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """At start: adopt spool folders the store does not know (a crash right after a claim), and
+        resume jobs that were waiting for their inputs."""
+        spool = self.config.spool
+        spool.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(os.scandir(spool), key=lambda e: e.name):
+            if self.store.id_taken(entry.name):
+                continue
+            if not os.path.lexists(Path(entry.path, "manifest.yaml")):
+                if not os.listdir(entry.path):
+                    os.rmdir(entry.path)  # a crash between mkdir and the claim's rename
+                continue
+            log.warning("job %s: found in the spool but not in the store; resuming it", entry.name)
+            self.store.add(entry.name, source=f"{entry.name}.yaml")
+        for job in self.store.with_status(JobStatus.WAITING):
+            self.admit(job)

@@ -1,0 +1,165 @@
+"""Publishing a finished job: assemble `outbox/.<id>.tmp/`, then one rename makes it `outbox/<id>/`.
+
+Every step moves a piece only if it is still where it was, so the whole commit can be run again after
+a crash at any point and converges on one folder. The rename is the commit: a reader never sees a
+half-written job folder. A crash after the rename but before the store learned of it is recognised by
+the job's key in result.yaml, so a second folder is never made.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .jobs import JobStatus
+from .paths import collect_tree, move, remove_tree
+from .store import JobRecord, Store
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_key(job: JobRecord) -> str:
+    """The job's name towards workers and staging folders: unique, and safe in a URL and a path."""
+    return f"j{job.seq}"
+
+
+class Outbox:
+    def __init__(self, *, root: Path, spool: Path, store: Store) -> None:
+        self.root = root
+        self.spool = spool
+        self.store = store
+
+    def finish(self, job: JobRecord, *, staging: Path | None = None) -> Path:
+        """Publish a job in COMMITTING state and record its final status; safe to run again."""
+        name = self._folder_name(job)
+        folder = self.commit(job, staging=staging, name=name)
+        outcome = dict(job.outcome or {}, folder=name)
+        self.store.transition(job.id, JobStatus(outcome["status"]), outcome=outcome,
+                              error=outcome.get("error"), finished_at=outcome.get("finished_at"))
+        return folder
+
+    def _folder_name(self, job: JobRecord) -> str:
+        # Normally the job's id, which was free when it was claimed. Should someone have made a folder
+        # of that name since, the next free suffix; the order is fixed, so a re-run after a crash
+        # finds the folder it published before.
+        name, n = job.id, 1
+        while os.path.lexists(self.root / name) and not self.committed_here(job, name):
+            n += 1
+            name = f"{job.id}-{n}"
+        return name
+
+    def folder_taken(self, name: str) -> bool:
+        return os.path.lexists(self.root / name) or os.path.lexists(self.root / f".{name}.tmp")
+
+    def committed_here(self, job: JobRecord, name: str) -> bool:
+        """Whether outbox/<name> is this job's own, already published folder."""
+        try:
+            data = yaml.safe_load((self.root / name / "result.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return False
+        return isinstance(data, dict) and data.get("key") == job_key(job)
+
+    def commit(self, job: JobRecord, *, staging: Path | None, name: str) -> Path:
+        """Publish `job` (its outcome already recorded) as outbox/<name>; returns the folder."""
+        final = self.root / name
+        if self.committed_here(job, name):
+            return final
+        tmp = self.root / f".{name}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        spool = self.spool / job.id
+        outcome = dict(job.outcome or {})
+        if os.path.lexists(spool / "manifest.yaml"):
+            move(spool / "manifest.yaml", tmp / "manifest.yaml")
+        if os.path.lexists(spool / "inputs"):
+            move(spool / "inputs", tmp / "inputs")
+        (tmp / "inputs").mkdir(exist_ok=True)
+        dropped = outcome.get("dropped", [])
+        if staging is not None and os.path.lexists(staging / "output"):
+            dropped = collect_tree(staging / "output", tmp / "output")
+            outcome["dropped"] = dropped
+        (tmp / "output").mkdir(exist_ok=True)
+        stdout_name = outcome.get("stdout_as")
+        self._place(staging, "stdout.txt", tmp / ("output/" + stdout_name if stdout_name else "stdout.txt"))
+        self._place(staging, "stderr.txt", tmp / "stderr.txt")
+        if stdout_name:
+            (tmp / "stdout.txt").touch()
+        _write_atomic(tmp / "result.yaml", yaml.safe_dump(result_document(job, outcome, name), sort_keys=False))
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        remove_tree(spool)
+        if staging is not None:
+            remove_tree(staging)
+        return final
+
+    @staticmethod
+    def _place(staging: Path | None, name: str, target: Path) -> None:
+        source = staging / name if staging is not None else None
+        if source is not None and os.path.lexists(source):
+            move(source, target)
+            if not target.is_file() or target.is_symlink():
+                target.unlink()
+                target.touch()
+        elif not os.path.lexists(target):
+            target.touch()
+
+    def clean_stale(self, keep: set[str]) -> list[str]:
+        """Remove temp folders of commits that no job will finish (their job is gone or published)."""
+        removed = []
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.name[1:-4] not in keep:
+                remove_tree(Path(entry.path))
+                removed.append(entry.name)
+        return removed
+
+
+def result_document(job: JobRecord, outcome: dict[str, Any], name: str) -> dict[str, Any]:
+    status = JobStatus(outcome["status"])
+    doc: dict[str, Any] = {
+        "id": name,
+        "status": status.value,
+        "exit_code": outcome.get("exit_code"),
+        "error": outcome.get("error"),
+        "attempts": job.attempts,
+        "worker": job.worker if job.attempts else None,
+        "manifest": job.source,
+        "submitted_at": iso(job.submitted_at),
+        "started_at": iso(outcome.get("started_at")),
+        "finished_at": iso(outcome.get("finished_at")),
+    }
+    if outcome.get("started_at") and outcome.get("finished_at"):
+        doc["duration_seconds"] = round(outcome["finished_at"] - outcome["started_at"], 3)
+    if outcome.get("signal"):
+        doc["signal"] = outcome["signal"]
+    for stream in ("stdout", "stderr"):
+        if outcome.get(f"{stream}_truncated"):
+            doc[f"{stream}_truncated"] = True
+    if outcome.get("dropped"):
+        doc["dropped"] = outcome["dropped"]
+    doc["key"] = job_key(job)
+    return doc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,64 @@
+"""The pool interface: a fixed set of named worker slots, each kept alive by its pool.
+
+Every pool (local processes, docker containers, ...) passes the same contract tests
+(tests/test_pool_contract.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..transport import Transport
+
+
+@dataclass(frozen=True)
+class WorkerHandle:
+    """One worker slot as the balancer sees it."""
+
+    name: str
+    transport: Transport
+    #: host path of the worker's staging folder; a job's files are in jobs_dir/<key>/
+    jobs_dir: Path
+    #: host path of the folder the worker reads inputs from; a job's inputs go in inputs_dir/<key>/
+    inputs_dir: Path
+
+
+class Pool(ABC):
+    kind: str = "abstract"
+
+    def __init__(self) -> None:
+        self._changed: Callable[[], None] = lambda: None
+        self._stopping = threading.Event()
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """`callback` is called whenever a worker appears, dies or is replaced."""
+        self._changed = callback
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start (or adopt) every worker; returns once they answer, or raises PoolError."""
+
+    @abstractmethod
+    def workers(self) -> list[WorkerHandle]:
+        """The worker slots, in a stable order."""
+
+    @abstractmethod
+    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+        """Block until worker `name` answers its health check, replacing it if it is dead or hung.
+
+        Returns its health document (its `pid` identifies the incarnation, so a caller can tell a
+        worker that restarted from one that merely hiccuped), or None if the pool is stopping or the
+        timeout passed.
+        """
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop supervising; stop or leave the workers as the pool's configuration says."""
+
+    def describe(self) -> str:
+        return self.kind

@@ -1,0 +1,241 @@
+"""The local pool: worker processes on this host, each serving the worker app on a Unix socket.
+
+Workers run in their own session, so a Ctrl-C meant for the daemon does not reach them; the daemon
+stops them in order. A daemon killed with SIGKILL leaves them running: the next daemon adopts them by
+their socket (they may still be running a job, which it then collects instead of re-running).
+Processes are supervised through pidfds, which work for adopted workers too (they are not our
+children), so a dead worker is noticed at once, without polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import PoolError, TransportError
+from ..transport import Transport
+from .base import Pool, WorkerHandle
+
+log = logging.getLogger("dropq.pool.local")
+
+_SOCKET_MAX = 107  # sun_path is 108 bytes with its NUL
+
+
+class _Proc:
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None) -> None:
+        self.pid = pid
+        self.popen = popen
+        self.fd = os.pidfd_open(pid)
+        self.started = time.monotonic()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def signal(self, sig: int) -> None:
+        if self.fd < 0:
+            return  # closed once the process was seen to exit: nothing left to signal
+        try:
+            signal.pidfd_send_signal(self.fd, sig)
+        except ProcessLookupError:
+            pass
+
+
+class LocalPool(Pool):
+    kind = "local"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self._names = [f"w{i + 1}" for i in range(config.workers.count)]
+        self._procs: dict[str, _Proc] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        self._supervisor: threading.Thread | None = None
+        self._ready = {name: threading.Event() for name in self._names}
+        self._restarts: dict[str, int] = dict.fromkeys(self._names, 0)
+        self._restarting = {name: threading.Lock() for name in self._names}
+        python = shutil.which(config.workers.python) or config.workers.python
+        self._python = python
+        self._handles = {name: self._handle(name) for name in self._names}
+
+    def _handle(self, name: str) -> WorkerHandle:
+        folder = self.config.workers_dir / name
+        sock = folder / "worker.sock"
+        if len(str(sock)) > _SOCKET_MAX:
+            raise PoolError(f"the worker socket path {sock} is longer than the {_SOCKET_MAX} bytes a Unix "
+                            "socket allows; use a shorter state directory")
+        return WorkerHandle(name=name, transport=Transport(socket_path=str(sock), timeout=10.0),
+                            jobs_dir=folder / "jobs", inputs_dir=folder / "inputs")
+
+    def workers(self) -> list[WorkerHandle]:
+        return [self._handles[n] for n in self._names]
+
+    def start(self) -> None:
+        for handle in self._handles.values():
+            handle.jobs_dir.mkdir(parents=True, exist_ok=True)
+            handle.inputs_dir.mkdir(parents=True, exist_ok=True)
+        for name in self._names:
+            if not self._adopt(name):
+                self._spawn(name)
+        deadline = time.monotonic() + 30
+        for name in self._names:
+            self._wait_answering(name, deadline)
+        self._supervisor = threading.Thread(target=self._supervise, name="local-pool", daemon=True)
+        self._supervisor.start()
+
+    def _adopt(self, name: str) -> bool:
+        handle = self._handles[name]
+        if not os.path.exists(handle.transport.socket_path or ""):
+            return False
+        try:
+            health = handle.transport.health(timeout=2.0)
+            proc = _Proc(int(health["pid"]), None)
+        except (TransportError, KeyError, ValueError, ProcessLookupError):
+            return False
+        with self._lock:
+            self._procs[name] = proc
+        self._ready[name].set()
+        log.info("worker %s: adopted running worker process %d", name, proc.pid)
+        return True
+
+    def _spawn(self, name: str) -> None:
+        handle = self._handles[name]
+        sock = Path(handle.transport.socket_path or "")
+        old = self._procs.get(name)
+        if old is not None:
+            old.signal(signal.SIGKILL)
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()
+        argv = [sys.executable, "-m", "dropq_worker", "--socket", str(sock), "--name", name,
+                "--programs", str(self.config.programs), "--inputs", str(handle.inputs_dir),
+                "--jobs", str(handle.jobs_dir), "--python", self._python]
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: S603
+        with self._lock:
+            self._procs[name] = _Proc(popen.pid, popen)
+        log.info("worker %s: started process %d", name, popen.pid)
+
+    def _wait_answering(self, name: str, deadline: float) -> None:
+        handle = self._handles[name]
+        delay = 0.01
+        while time.monotonic() < deadline:
+            try:
+                handle.transport.health(timeout=2.0)
+                self._ready[name].set()
+                return
+            except TransportError:
+                proc = self._procs.get(name)
+                if proc and proc.popen is not None and proc.popen.poll() is not None:
+                    raise PoolError(f"worker {name} exited at start with code {proc.popen.returncode}") from None
+                time.sleep(delay)  # start-up only: the worker is importing Flask
+                delay = min(delay * 2, 0.2)
+        raise PoolError(f"worker {name} did not answer on {handle.transport.socket_path} within 30 seconds")
+
+    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        handle = self._handles[name]
+        while not self._stopping.is_set():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            if not self._ready[name].wait(remaining if remaining is not None else 1.0):
+                continue
+            try:
+                return handle.transport.health(timeout=self.config.workers.health_timeout)
+            except TransportError as exc:
+                if self._stopping.is_set():
+                    return None
+                log.warning("worker %s: failed its health check (%s); replacing it", name, exc)
+                self._restart(name)
+        return None
+
+    def _restart(self, name: str) -> None:
+        lock = self._restarting[name]
+        if not lock.acquire(blocking=False):
+            with lock:  # the supervisor and a failed health check may both ask: one restart serves both
+                return
+        try:
+            self._restart_locked(name)
+        finally:
+            lock.release()
+
+    def _restart_locked(self, name: str) -> None:
+        with self._lock:
+            self._ready[name].clear()
+            self._restarts[name] += 1
+            n = self._restarts[name]
+            proc = self._procs.get(name)
+        if proc is not None and time.monotonic() - proc.started < 5:
+            # a worker that dies at once again and again: back off instead of spinning
+            time.sleep(min(30.0, 0.5 * 2 ** min(n, 6)))
+        if self._stopping.is_set():
+            return
+        try:
+            self._spawn(name)
+            self._wait_answering(name, time.monotonic() + 30)
+        except PoolError as exc:
+            log.error("worker %s: %s", name, exc)
+            return
+        os.write(self._wake_w, b"x")  # the supervisor must watch the new process
+        self._changed()
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                watched = {p.fd: (n, p) for n, p in self._procs.items() if p.fd >= 0}
+            readable, _, _ = select.select([self._wake_r, *watched], [], [])
+            for fd in readable:
+                if fd == self._wake_r:
+                    os.read(fd, 512)
+                    continue
+                name, proc = watched[fd]
+                if proc.popen is not None:
+                    proc.popen.poll()
+                with self._lock:
+                    if self._procs.get(name) is not proc:
+                        continue
+                proc.close()
+                if self._stopping.is_set():
+                    return
+                log.warning("worker %s: process %d exited; starting a new one", name, proc.pid)
+                threading.Thread(target=self._restart, args=(name,), name=f"restart-{name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        os.write(self._wake_w, b"x")
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
+            self._reap(proc)
+        for handle in self._handles.values():
+            handle.transport.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    @staticmethod
+    def _reap(proc: _Proc, grace: float = 15.0) -> None:
+        if proc.popen is not None:
+            try:
+                proc.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.signal(signal.SIGKILL)
+                proc.popen.wait()
+        elif proc.fd >= 0:
+            if not select.select([proc.fd], [], [], grace)[0]:
+                proc.signal(signal.SIGKILL)
+        proc.close()

@@ -1,0 +1,261 @@
+"""The job store: SQLite in WAL mode, the single source of truth for every job's state.
+
+One connection, guarded by a lock, serves the daemon's threads. WAL lets the CLI and the dashboard
+read while the daemon writes. `synchronous=NORMAL` makes every committed transaction survive a
+crash of the process (kill -9); only a power loss can lose the last few, which is the trade SQLite
+documents for WAL mode.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+from .jobs import JobStatus, sources_of
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE,
+    source        TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    priority      INTEGER NOT NULL DEFAULT 0,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    retries       INTEGER NOT NULL DEFAULT 0,
+    worker        TEXT,
+    error         TEXT,
+    manifest      TEXT,
+    outcome       TEXT,
+    submitted_at  REAL NOT NULL,
+    started_at    REAL,
+    finished_at   REAL,
+    not_before    REAL NOT NULL DEFAULT 0,
+    deadline      REAL,
+    updated_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (status, priority DESC, seq);
+CREATE TABLE IF NOT EXISTS workers (
+    name        TEXT PRIMARY KEY,
+    state       TEXT NOT NULL,
+    job         TEXT,
+    detail      TEXT,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    seq: int
+    id: str
+    source: str
+    status: JobStatus
+    priority: int
+    attempts: int
+    retries: int
+    worker: str | None
+    error: str | None
+    manifest: str | None
+    outcome: dict[str, Any] | None
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    not_before: float
+    deadline: float | None
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        data = dict(row)
+        data["status"] = JobStatus(data["status"])
+        data["outcome"] = json.loads(data["outcome"]) if data["outcome"] else None
+        return cls(**data)
+
+
+class Store:
+    def __init__(self, path: Path, *, readonly: bool = False, now: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._now = now
+        self._lock = threading.RLock()
+        if readonly:
+            if not path.exists():
+                raise StoreError(f"no job database at {path}; has the daemon ever run with this config?")
+            uri = f"file:{path}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no job with id {job_id!r}")
+        return JobRecord.from_row(row)
+
+    def find(self, job_id: str) -> JobRecord | None:
+        try:
+            return self.get(job_id)
+        except StoreError:
+            return None
+
+    def with_status(self, *statuses: JobStatus, limit: int = -1) -> list[JobRecord]:
+        marks = ",".join("?" * len(statuses))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq LIMIT ?",  # noqa: S608 - marks only
+                (*[s.value for s in statuses], limit),
+            ).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def recent(self, limit: int = 20) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {status: n for status, n in rows}
+
+    def by_source(self, source: str, *, after_seq: int = 0) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE source = ? AND seq > ? ORDER BY seq DESC LIMIT 1", (source, after_seq)
+            ).fetchone()
+        return JobRecord.from_row(row) if row else None
+
+    def last_seq(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
+        return int(row[0])
+
+    def id_taken(self, job_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    def next_due(self) -> float | None:
+        """When the earliest queued job that is waiting out a retry backoff becomes ready."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(not_before) FROM jobs WHERE status = 'queued' AND not_before > ?", (self._now(),)
+            ).fetchone()
+        return row[0]
+
+    def workers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM workers ORDER BY name").fetchall()
+        return [dict(r) for r in rows]
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def add(self, job_id: str, *, source: str, submitted_at: float | None = None) -> JobRecord:
+        now = self._now()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, source, status, submitted_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (job_id, source, JobStatus.WAITING.value, submitted_at or now, now),
+            )
+        return self.get(job_id)
+
+    def set_manifest(self, job_id: str, manifest_json: str, *, priority: int, retries: int,
+                     deadline: float | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET manifest = ?, priority = ?, retries = ?, deadline = ?, updated_at = ? "
+                "WHERE id = ?",
+                (manifest_json, priority, retries, deadline, self._now(), job_id),
+            )
+
+    def transition(self, job_id: str, target: JobStatus, **fields: Any) -> JobRecord:
+        """Move a job into `target`, if the transition table allows it from its current state."""
+        allowed = [s.value for s in sources_of(target)]
+        if "outcome" in fields and fields["outcome"] is not None:
+            fields["outcome"] = json.dumps(fields["outcome"])
+        fields["updated_at"] = self._now()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        marks = ",".join("?" * len(allowed))
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET status = ?, {sets} WHERE id = ? AND status IN ({marks})",  # noqa: S608
+                (target.value, *fields.values(), job_id, *allowed),
+            )
+            if cur.rowcount != 1:
+                row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                state = row[0] if row else "missing"
+                raise StoreError(f"job {job_id!r} cannot go from {state} to {target.value}")
+        return self.get(job_id)
+
+    def take_next(self, worker: str) -> JobRecord | None:
+        """Give the highest-priority, oldest ready job to `worker`: it becomes running, one more attempt."""
+        now = self._now()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE status = 'queued' AND not_before <= ? "
+                "ORDER BY priority DESC, seq LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = 'running', worker = ?, attempts = attempts + 1, started_at = ?, "
+                "updated_at = ? WHERE id = ?",
+                (worker, now, now, row[0]),
+            )
+        return self.get(row[0])
+
+    def set_worker(self, name: str, state: str, *, job: str | None = None, detail: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO workers (name, state, job, detail, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET state = excluded.state, job = excluded.job, "
+                "detail = excluded.detail, updated_at = excluded.updated_at",
+                (name, state, job, detail, self._now()),
+            )
+
+    def forget_workers(self, keep: set[str]) -> None:
+        with self._tx() as db:
+            for (name,) in db.execute("SELECT name FROM workers").fetchall():
+                if name not in keep:
+                    db.execute("DELETE FROM workers WHERE name = ?", (name,))
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def meta(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT key, value FROM meta").fetchall())

@@ -1,0 +1,79 @@
+"""Serve the worker app with waitress, on a Unix socket (local and docker pools) or TCP with a token.
+
+    python -m dropq_worker --socket /dropq/work/worker.sock --programs /dropq/programs \
+        --inputs /dropq/inputs --jobs /dropq/work/jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from . import procs
+from .app import create_app
+from .runner import Runner, Settings, reap_abandoned
+
+log = logging.getLogger("dropq.worker")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="dropq-worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path, help="serve on this Unix socket (mode 0600)")
+    where.add_argument("--listen", metavar="HOST:PORT", help="serve on TCP; requires a token")
+    p.add_argument("--programs", type=Path, required=True)
+    p.add_argument("--inputs", type=Path, required=True)
+    p.add_argument("--jobs", type=Path, required=True, help="staging folder, one subfolder per job")
+    p.add_argument("--python", default="python3", help="interpreter for .py programs")
+    p.add_argument("--name", help="the worker's name in /health")
+    p.add_argument("--token-env", default="DROPQ_WORKER_TOKEN",
+                   help="environment variable holding the bearer token (removed once read)")
+    p.add_argument("--threads", type=int, default=6)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    token = os.environ.pop(args.token_env, None)
+    if args.listen and not token:
+        print(f"dropq-worker: --listen requires a token in ${args.token_env}", file=sys.stderr)
+        return 2
+    if not procs.become_subreaper():
+        log.warning("could not become a child subreaper; a job's escaped grandchildren may outlive it")
+    for job_id in reap_abandoned(args.jobs):
+        log.warning("killed the leftover processes of job %s from a previous worker process", job_id)
+    runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python))
+    app = create_app(runner=runner, token=token, name=args.name)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    import waitress  # imported late: the daemon's tests import this module without serving
+
+    try:
+        if args.socket:
+            if args.socket.exists() or args.socket.is_symlink():
+                args.socket.unlink()
+            waitress.serve(app, unix_socket=str(args.socket), unix_socket_perms="600",
+                           threads=args.threads, ident="dropq-worker", _quiet=True)
+        else:
+            host, _, port = args.listen.rpartition(":")
+            waitress.serve(app, host=host, port=int(port), threads=args.threads, ident="dropq-worker", _quiet=True)
+    finally:
+        # stop the running job (its whole tree) before going: nothing may outlive its worker
+        runner.shutdown()
+        procs.kill_leftovers()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

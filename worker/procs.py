@@ -1,0 +1,86 @@
+"""Process-tree hygiene for the worker: nothing a job starts may outlive it.
+
+The worker makes itself a child subreaper, so a job's orphans (a daemonised child, a grandchild that
+called setsid and escaped the process group) are re-parented to the worker instead of init. When a
+job ends, the worker kills its process group and then every child it still has: those can only be
+what jobs left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+from pathlib import Path
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid`, read from /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # the command name may contain spaces and parentheses; the fields after the last ')' do not
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), to tell a reused pid from the original."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2 :].split()[19])
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:  # a setuid program in the group; nothing more we may do
+        if exc.errno != errno.EPERM:
+            raise
+
+
+def kill_leftovers(*, rounds: int = 50) -> int:
+    """Kill and reap every child of this process (what finished jobs left behind); how many were killed."""
+    me = os.getpid()
+    killed = 0
+    for _ in range(rounds):
+        pids = children(me)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                pgid = os.getpgid(pid)
+                if pgid != os.getpgrp():
+                    os.killpg(pgid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            killed += 1
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    return killed

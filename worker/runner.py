@@ -1,0 +1,344 @@
+"""Runs one job: the program as a subprocess in its own session, output captured with a cap, stopped
+(the whole tree) at its timeout or on cancel. One job at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import procs
+from .capture import CappedFile
+
+#: seconds to drain a job's pipes after it ended, in case something unkillable still holds them
+_DRAIN = 2.0
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+@=,")
+
+
+class SpecError(ValueError):
+    """The job description is malformed or names a path outside the worker's mounts."""
+
+
+class Busy(RuntimeError):
+    """The worker already runs a job."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    #: where programs are (read-only for jobs)
+    programs: Path
+    #: where the claimed inputs of jobs are (read-only for jobs)
+    inputs: Path
+    #: staging: one folder per job, the job's working directory below it (read-write)
+    jobs: Path
+    #: interpreter for .py programs
+    python: str = "python3"
+    #: PATH given to jobs
+    path: str = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    id: str
+    program: str
+    inputs: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float = 600.0
+    kill_grace: float = 5.0
+    max_output_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_json(cls, data: Any) -> JobSpec:
+        if not isinstance(data, dict):
+            raise SpecError("the job description must be a JSON object")
+        try:
+            spec = cls(
+                id=str(data["id"]),
+                program=str(data["program"]),
+                inputs=tuple(str(i) for i in data.get("inputs", ())),
+                args=tuple(str(a) for a in data.get("args", ())),
+                env={str(k): str(v) for k, v in dict(data.get("env") or {}).items()},
+                timeout=float(data.get("timeout", 600.0)),
+                kill_grace=float(data.get("kill_grace", 5.0)),
+                max_output_bytes=int(data.get("max_output_bytes", 64 * 1024 * 1024)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecError(f"malformed job description: {exc}") from None
+        if not spec.id or not set(spec.id) <= _ID_CHARS or spec.id.startswith("."):
+            raise SpecError(f"invalid job id {spec.id!r}")
+        if spec.timeout <= 0 or spec.max_output_bytes < 1024:
+            raise SpecError("timeout must be positive and max_output_bytes at least 1024")
+        return spec
+
+
+def inside(root: Path, rel: str, *, what: str) -> Path:
+    """`root/rel` after resolving symlinks, refused unless it stays inside `root` (never trust a path)."""
+    if not rel or "\x00" in rel or rel.startswith("/"):
+        raise SpecError(f"invalid {what} path {rel!r}")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise SpecError(f"{what} {rel!r} is outside the worker's {what} folder")
+    return Path(real)
+
+
+class Job:
+    """A job this worker runs or has run."""
+
+    def __init__(self, spec: JobSpec, folder: Path) -> None:
+        self.spec = spec
+        self.folder = folder
+        self.done = threading.Event()
+        self.result: dict[str, Any] = {"id": spec.id, "state": "running", "started_at": time.time()}
+        self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.Lock()
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the job to stop (cancel or shutdown); the runner thread does the killing."""
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # already ended
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            os.write(self._wake_w, b"x")
+
+    def close_wake(self) -> None:
+        # under the lock: a closed descriptor number may be reused at once, and stop() must never
+        # write into whatever file got it
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.result)
+
+
+class Runner:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._current: Job | None = None
+        self._finished: dict[str, Job] = {}
+        settings.jobs.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def current(self) -> Job | None:
+        job = self._current
+        return job if job is not None and not job.done.is_set() else None
+
+    def start(self, spec: JobSpec) -> Job:
+        with self._lock:
+            known = self.get(spec.id)
+            if known is not None:
+                return known  # the same job posted twice (the daemon retried a request): idempotent
+            if self.current is not None:
+                raise Busy(self.current.spec.id)
+            argv = self._argv(spec)
+            folder = self.settings.jobs / spec.id
+            shutil.rmtree(folder, ignore_errors=True)
+            (folder / "output").mkdir(parents=True)
+            job = Job(spec, folder)
+            self._current = job
+            self._finished.pop(spec.id, None)
+        threading.Thread(target=self._run, args=(job, argv), name=f"job-{spec.id}", daemon=True).start()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        job = self._current
+        if job is not None and job.spec.id == job_id:
+            return job
+        return self._finished.get(job_id)
+
+    def forget(self, job_id: str) -> bool:
+        with self._lock:
+            job = self._finished.pop(job_id, None)
+        return job is not None
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        job = self.current
+        if job is not None:
+            job.stop("shutdown")
+            job.done.wait(timeout)
+
+    def _argv(self, spec: JobSpec) -> list[str]:
+        program = inside(self.settings.programs, spec.program, what="program")
+        if not program.is_file():
+            raise SpecError(f"program {spec.program!r} does not exist in the programs folder")
+        inputs = [str(inside(self.settings.inputs, rel, what="input")) for rel in spec.inputs]
+        if program.suffix == ".py":
+            head = [self.settings.python, str(program)]
+        elif os.access(program, os.X_OK):
+            head = [str(program)]
+        else:
+            raise SpecError(f"program {spec.program!r} is neither a .py file nor executable")
+        return [*head, *inputs, *spec.args]
+
+    def _env(self, job: Job) -> dict[str, str]:
+        output = job.folder / "output"
+        inputs = self.settings.inputs / job.spec.id
+        return {
+            "PATH": self.settings.path,
+            "LANG": "C.UTF-8",
+            "HOME": str(output),
+            "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **job.spec.env,
+            "DROPQ_JOB_ID": job.spec.id,
+            "DROPQ_OUTPUT": str(output),
+            "DROPQ_INPUTS": str(inputs),
+        }
+
+    def _run(self, job: Job, argv: list[str]) -> None:
+        try:
+            result = _execute(job, argv, self._env(job))
+        except Exception as exc:  # noqa: BLE001 - whatever happened, the job must end with a result
+            result = {"outcome": "error", "exit_code": None, "error": f"the worker failed to run the job: {exc}"}
+        finally:
+            job.close_wake()
+        procs.kill_leftovers()
+        result = {**job.result, **result, "state": "done", "finished_at": time.time()}
+        _write_json(job.folder / "result.json", result)
+        with self._lock:
+            job.result = result
+            self._finished[job.spec.id] = job
+            while len(self._finished) > 64:
+                self._finished.pop(next(iter(self._finished)))
+        job.done.set()
+
+
+def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    spec = job.spec
+    out = CappedFile(job.folder / "stdout.txt", cap=spec.max_output_bytes)
+    err = CappedFile(job.folder / "stderr.txt", cap=spec.max_output_bytes)
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv is built from checked paths, never a shell
+            argv, cwd=job.folder / "output", env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:
+        out.close()
+        err.close()
+        return {"outcome": "error", "exit_code": None, "error": f"the program could not be started: {exc.strerror}"}
+    _write_json(job.folder / "pid.json", {"pgid": proc.pid, "start": procs.start_time(proc.pid)})
+    try:
+        outcome = _supervise(job, proc, out, err)
+    finally:
+        procs.kill_group(proc.pid)
+        out.close()
+        err.close()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    code = proc.returncode
+    return {
+        "outcome": outcome,
+        "exit_code": code if code is not None and code >= 0 else None,
+        "signal": -code if code is not None and code < 0 else None,
+        "error": None,
+        "stdout_bytes": out.total,
+        "stderr_bytes": err.total,
+        "stdout_truncated": out.truncated,
+        "stderr_truncated": err.truncated,
+    }
+
+
+def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile) -> str:  # noqa: C901
+    """Pump output until the program exits; stop the group at the timeout or on request. The outcome."""
+    assert proc.stdout is not None and proc.stderr is not None
+    sel = selectors.DefaultSelector()
+    sinks = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    for fd in sinks:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    pidfd = os.pidfd_open(proc.pid)
+    sel.register(pidfd, selectors.EVENT_READ)
+    sel.register(job._wake_r, selectors.EVENT_READ)
+    outcome = "exited"
+    deadline = time.monotonic() + job.spec.timeout
+    phase = "running"  # -> "terminating" (SIGTERM sent) -> "killed" (SIGKILL sent) ; "exited" when reaped
+    try:
+        while sinks or phase != "exited":
+            timeout = max(0.0, deadline - time.monotonic())
+            events = sel.select(timeout)
+            if not events and time.monotonic() >= deadline:
+                if phase == "running":
+                    outcome = "timed_out"
+                    procs.kill_group(proc.pid, signal.SIGTERM)
+                    phase, deadline = "terminating", time.monotonic() + job.spec.kill_grace
+                elif phase == "terminating":
+                    procs.kill_group(proc.pid, signal.SIGKILL)
+                    phase, deadline = "killed", time.monotonic() + _DRAIN
+                else:
+                    break  # exited, but something we could not kill still holds the pipes
+            for key, _ in events:
+                fd = key.fd
+                if fd == job._wake_r:
+                    os.read(fd, 64)
+                    if phase == "running":
+                        outcome = "cancelled" if job.stop_reason == "cancel" else "stopped"
+                        procs.kill_group(proc.pid, signal.SIGTERM)
+                        phase, deadline = "terminating", time.monotonic() + job.spec.kill_grace
+                elif fd == pidfd:
+                    proc.wait()
+                    sel.unregister(pidfd)
+                    # the program is gone: whatever it left behind goes too, so the pipes close
+                    procs.kill_group(proc.pid)
+                    procs.kill_leftovers()
+                    phase, deadline = "exited", time.monotonic() + _DRAIN
+                else:
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if chunk:
+                        sinks[fd].write(chunk)
+                    else:
+                        sel.unregister(fd)
+                        del sinks[fd]
+    finally:
+        sel.close()
+        os.close(pidfd)
+        if proc.returncode is None:
+            procs.kill_group(proc.pid)
+            proc.wait()
+    return outcome
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def reap_abandoned(jobs: Path) -> list[str]:
+    """Kill the process groups of jobs a previous worker process started and never finished.
+
+    A worker killed with SIGKILL cannot stop its job, which runs on in its own session; the next
+    worker on the same folder finds its pid.json (checked against the kernel's start time, so a
+    reused pid is never killed) and ends it, so that a retried job never runs twice at once.
+    """
+    killed = []
+    for pidfile in jobs.glob("*/pid.json"):
+        if (pidfile.parent / "result.json").exists():
+            continue
+        try:
+            info = json.loads(pidfile.read_text())
+        except (OSError, ValueError):
+            continue
+        pgid = int(info.get("pgid", 0))
+        if pgid > 1 and info.get("start") is not None and procs.start_time(pgid) == info["start"]:
+            procs.kill_group(pgid)
+            killed.append(pidfile.parent.name)
+    return killed

@@ -114,7 +114,7 @@ class Balancer:
         key = job_key(job)
         assert job.manifest is not None
         manifest = Manifest.from_json(job.manifest)
-        self.store.set_worker(worker.name, "busy", job=job.id)
+        self.store.set_worker(worker.name, "busy", job=job.id, detail=f"pid {health.get('pid')}")
         log.info("job %s: attempt %d on worker %s", job.id, job.attempts, worker.name)
         try:
             self._stage_inputs(worker, job, manifest)

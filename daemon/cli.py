@@ -119,6 +119,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     level = (args.log_level or config.log_level).upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("watchdog").setLevel(max(logging.INFO, logging.getLogger().level))
     return run(config)
 
 

@@ -235,7 +235,7 @@ class Intake:
                 kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
                 self._reject_id(job_id, f"input {rel!r} is {kind}; inputs must be regular files")
                 return
-            if self._being_written(rel):
+            if self._being_written(rel) or ("/" in rel and not self._settled(st)):
                 missing.append(rel)
                 continue
             try:
@@ -254,6 +254,10 @@ class Intake:
         self.store.transition(job_id, JobStatus.QUEUED)
         log.info("job %s: queued", job_id)
         self._notify()
+
+    def _settled(self, st: os.stat_result) -> bool:
+        """Unchanged for the settle time: how files the watcher does not see (in subfolders) count as complete."""
+        return st.st_mtime + self.config.intake.settle <= self._now()
 
     def _check_waiting(self) -> None:
         for job_id in list(self._waiting):

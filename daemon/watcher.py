@@ -6,6 +6,9 @@ read early, however long they pause. `generate_full_events=True` is what lets a 
 the inbox (IN_MOVED_TO with no partner) be told apart from a file created in place: watchdog reports
 the first as a FileMovedEvent with an empty source, the second as a FileCreatedEvent.
 
+Only the top level of the inbox is watched: that is where manifests are. Input files in
+subfolders are taken once unchanged for the settle time.
+
 Where inotify is unavailable (network filesystems, or inotify instances exhausted) the polling
 observer is used, and a file counts as complete once unchanged for the settle time.
 """
@@ -49,7 +52,10 @@ class InboxWatcher(FileSystemEventHandler):
     def start(self) -> None:
         observer, self.kind = self._make_observer()
         filters = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent]
-        observer.schedule(self, str(self.inbox), recursive=True, event_filter=filters)
+        # Top level only. A recursive watch makes watchdog synthesise IN_CREATE events for the files
+        # it finds in a new subfolder, indistinguishable from a writer creating them, which would
+        # hold such a file as "being written" for ever. Inputs in subfolders are settled by age.
+        observer.schedule(self, str(self.inbox), recursive=False, event_filter=filters)
         observer.start()
         self._observer = observer
         log.info("watching %s with %s", self.inbox, self.kind)
@@ -68,6 +74,10 @@ class InboxWatcher(FileSystemEventHandler):
 
     def stop(self) -> None:
         if self._observer is not None:
+            # watchdog 7 logs an ERROR from its emitter thread when the observer is stopped while the
+            # thread waits for events; it is the normal path of a shutdown, not an error
+            logging.getLogger("watchdog.observers.inotify").addFilter(
+                lambda record: "thread is inactive" not in record.getMessage())
             self._observer.stop()
             self._observer.join(timeout=10)
             self._observer = None

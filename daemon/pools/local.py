@@ -66,8 +66,7 @@ class LocalPool(Pool):
         self._ready = {name: threading.Event() for name in self._names}
         self._restarts: dict[str, int] = dict.fromkeys(self._names, 0)
         self._restarting = {name: threading.Lock() for name in self._names}
-        python = shutil.which(config.workers.python) or config.workers.python
-        self._python = python
+        self._python = config.workers.python
         self._handles = {name: self._handle(name) for name in self._names}
 
     def _handle(self, name: str) -> WorkerHandle:
@@ -83,6 +82,7 @@ class LocalPool(Pool):
         return [self._handles[n] for n in self._names]
 
     def start(self) -> None:
+        self._python = _real_interpreter(self.config.workers.python)
         for handle in self._handles.values():
             handle.jobs_dir.mkdir(parents=True, exist_ok=True)
             handle.inputs_dir.mkdir(parents=True, exist_ok=True)
@@ -239,3 +239,17 @@ class LocalPool(Pool):
             if not select.select([proc.fd], [], [], grace)[0]:
                 proc.signal(signal.SIGKILL)
         proc.close()
+
+
+def _real_interpreter(name: str) -> str:
+    """The interpreter's real path. Version managers put shell-script shims on PATH (pyenv's costs
+    ~30 ms a start), so ask the interpreter once where it lives instead of paying that per job."""
+    found = shutil.which(name)
+    if found is None:
+        raise PoolError(f"workers.python: {name!r} was not found on PATH")
+    try:
+        out = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True,  # noqa: S603
+                             text=True, timeout=30, check=True).stdout.strip()
+    except (subprocess.SubprocessError, OSError) as exc:
+        raise PoolError(f"workers.python: {found} does not run: {exc}") from None
+    return out or found

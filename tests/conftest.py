@@ -1,0 +1,155 @@
+"""Fixtures: a temporary workspace, a real daemon subprocess on it, and guards against leaks.
+
+Workspaces live in short folders under /tmp (a Unix socket path may not pass 107 bytes). Everything a
+test starts is found again by its workspace path and killed by pid at teardown, so a failing test
+never leaves a daemon or worker behind to disturb the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import processes_mentioning  # noqa: E402
+
+
+class Workspace:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.outbox = root / "outbox"
+        self.programs = root / "programs"
+        self.state = root / "state"
+        self.config = root / "config.yaml"
+
+    def configure(self, **overrides: Any) -> None:
+        data: dict[str, Any] = {
+            "workers": {"pool": "local", "count": 2},
+            "intake": {"rescan": 1, "settle": 0.5, "input_grace": 2},
+            "jobs": {"kill_grace": 1},
+            "retry": {"base": 0.1, "factor": 2, "cap": 1},
+            "log_level": "debug",
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        self.config.write_text(yaml.safe_dump(data))
+
+    def drop(self, name: str, manifest: dict[str, Any] | str) -> Path:
+        """Drop a manifest the way `dropq submit` does: write a dotfile, rename it in."""
+        text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+        tmp = self.inbox / f".{name}.tmp"
+        tmp.write_text(text)
+        os.rename(tmp, self.inbox / name)
+        return self.inbox / name
+
+    def put(self, name: str, data: str) -> Path:
+        path = self.inbox / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_text(data)
+        os.rename(tmp, path)
+        return path
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        return yaml.safe_load((self.outbox / job_id / "result.yaml").read_text())
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for folder in self.outbox.iterdir():
+            if not folder.name.startswith(".") and (folder / "result.yaml").exists():
+                out[folder.name] = yaml.safe_load((folder / "result.yaml").read_text())
+        return out
+
+    def wait_results(self, count: int, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.results()
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        found = self.results()
+        raise AssertionError(f"only {len(found)} of {count} results after {timeout}s: {sorted(found)[:10]}")
+
+
+@pytest.fixture
+def workspace() -> Iterator[Workspace]:
+    root = Path(tempfile.mkdtemp(prefix="dq-"))
+    ws = Workspace(root)
+    for folder in (ws.inbox, ws.outbox):
+        folder.mkdir()
+    shutil.copytree(ROOT / "programs", ws.programs)
+    ws.configure()
+    yield ws
+    for pid in processes_mentioning(str(root)):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class DaemonProcess:
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.log = ws.root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> DaemonProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
+        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dropq", "--config", str(self.ws.config), "run"],
+            stdout=self._log_fh, stderr=subprocess.STDOUT, cwd=self.ws.root,
+        )
+        if wait:
+            self.wait_running()
+        return self
+
+    def wait_running(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+            if b"dropq is running" in self.log.read_bytes()[self._offset:]:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"daemon did not start:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._log_fh.close()
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemon(workspace: Workspace) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(workspace)
+    yield proc
+    if proc.proc is not None and proc.proc.poll() is None:
+        proc.stop()
+    if proc.log.exists():  # shown by pytest only when the test failed
+        print(f"--- daemon log ---\n{proc.log_text()[-20000:]}")

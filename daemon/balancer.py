@@ -92,10 +92,10 @@ class Balancer:
                 if health is None:
                     return
                 self.store.set_worker(worker.name, "idle", detail=f"pid {health.get('pid')}")
-                job = self._next(worker)
-                if job is None:
+                ready = self._next(worker)
+                if ready is None:
                     return
-                self._run(worker, job, health)
+                self._run(worker, ready, health)
         except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
             self.store.set_worker(worker.name, "broken", detail="see the daemon's log")

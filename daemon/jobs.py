@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     #: claimed from the inbox; waiting for the input files it names to arrive
     WAITING = "waiting"
     #: ready to run; the balancer gives it to the next idle worker
@@ -28,9 +28,6 @@ class JobStatus(str, Enum):
     @property
     def is_final(self) -> bool:
         return self in FINAL
-
-    def __str__(self) -> str:
-        return self.value
 
 
 FINAL = frozenset(

@@ -29,19 +29,25 @@ def create_app(settings: Settings | None = None, *, token: str | None = None,
             raise ValueError("create_app needs settings or a runner")
         runner = Runner(settings)
     app.extensions["dropq_runner"] = runner
-    worker_name = name or os.environ.get("HOSTNAME") or str(os.getpid())
-
     if token:
-        expected = f"Bearer {token}".encode()
+        _require_token(app, token)
+    _routes(app, runner, name or os.environ.get("HOSTNAME") or str(os.getpid()))
+    return app
 
-        @app.before_request
-        def _authenticate() -> Any:
-            given = request.headers.get("Authorization", "").encode()
-            # constant time: a wrong token must not be guessable byte by byte from response timing
-            if not hmac.compare_digest(given, expected):
-                return jsonify(error="a valid bearer token is required"), 401
-            return None
 
+def _require_token(app: Flask, token: str) -> None:
+    expected = f"Bearer {token}".encode()
+
+    @app.before_request
+    def _authenticate() -> Any:
+        given = request.headers.get("Authorization", "").encode()
+        # constant time: a wrong token must not be guessable byte by byte from response timing
+        if not hmac.compare_digest(given, expected):
+            return jsonify(error="a valid bearer token is required"), 401
+        return None
+
+
+def _routes(app: Flask, runner: Runner, worker_name: str) -> None:
     @app.get("/health")
     def health() -> Any:
         job = runner.current
@@ -83,5 +89,3 @@ def create_app(settings: Settings | None = None, *, token: str | None = None,
     @app.errorhandler(404)
     def not_found(_: Exception) -> Any:
         return jsonify(error="no such job on this worker"), 404
-
-    return app

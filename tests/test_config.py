@@ -1,0 +1,64 @@
+"""Unit tests of config loading: defaults, relative paths, and refusals that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dropq.config import Config
+from dropq.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return Config.load(path)
+
+
+def test_the_bundled_config_loads_and_matches_the_defaults(tmp_path: Path) -> None:
+    bundled = Config.load(ROOT / "config.yaml")
+    defaults = load(tmp_path, "")
+    assert bundled.workers == defaults.workers
+    assert bundled.jobs == defaults.jobs
+    assert bundled.intake == defaults.intake
+    assert bundled.retry == defaults.retry
+    assert bundled.inbox == ROOT / "inbox"
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    config = load(tmp_path, "inbox: drop/in\nstate: /var/tmp/dq\n")
+    assert config.inbox == tmp_path / "drop" / "in"
+    assert config.state == Path("/var/tmp/dq")
+    assert config.database == Path("/var/tmp/dq/dropq.sqlite3")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("inbx: x\n", "unknown config key inbx"),
+    ("workers: {cont: 2}\n", "unknown config key workers.cont"),
+    ("workers: {count: two}\n", "workers.count must be a whole number"),
+    ("workers: {count: 0}\n", "workers.count must be at least 1"),
+    ("workers: {pool: kubernetes}\n", "workers.pool must be one of auto, local, docker"),
+    ("jobs: {timeout: fast}\n", "jobs.timeout must be a number"),
+    ("jobs: {retries: 1.5}\n", "jobs.retries must be a whole number"),
+    ("jobs: 3\n", "jobs must be a mapping"),
+    ("inbox: 5\n", "inbox must be a path"),
+    ("[1, 2]\n", "must be a mapping of keys"),
+    ("a: [\n", "is not valid YAML"),
+    ("workers: {docker: {on_shutdown: keep}}\n", "workers.docker.on_shutdown must be one of leave, remove"),
+])
+def test_bad_config_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert message in str(info.value)
+
+
+def test_a_missing_config_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        Config.load(tmp_path / "nope.yaml")
+
+
+def test_retry_backoff_grows_to_its_cap(tmp_path: Path) -> None:
+    retry = load(tmp_path, "retry: {base: 1, factor: 3, cap: 10}\n").retry
+    assert [retry.delay(n) for n in (1, 2, 3, 4)] == [1.0, 3.0, 9.0, 10.0]

@@ -174,6 +174,10 @@ class Balancer:
 
     def _lost(self, worker: WorkerHandle, job: JobRecord, reason: str) -> None:
         key = job_key(job)
+        if self._stopping and self.pool.keeps_jobs_running:
+            # the worker goes on running it; the next start re-attaches and collects the result
+            log.info("job %s: left running on worker %s for the next start", job.id, worker.name)
+            return
         remove_tree(worker.inputs_dir / key)
         remove_tree(worker.jobs_dir / key)
         if self._stopping:
@@ -202,14 +206,21 @@ class Balancer:
         """Give the worker its own read-only view of the job's inputs (hard links, or copies)."""
         target = worker.inputs_dir / job_key(job)
         remove_tree(target)
+        target.mkdir(parents=True, exist_ok=True)
         for rel in manifest.inputs:
             src = self.config.spool / job.id / "inputs" / rel
             dst = target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst, follow_symlinks=False)
-            except OSError:  # another filesystem, or links not allowed: copy
-                shutil.copyfile(src, dst, follow_symlinks=False)
+            # a hard link costs nothing, but shares the file's mode: a container user must be able to
+            # read it, so a file that is not world-readable is copied instead
+            if os.lstat(src).st_mode & 0o004:
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                    continue
+                except OSError:  # another filesystem, or links not allowed
+                    pass
+            shutil.copyfile(src, dst, follow_symlinks=False)
+            os.chmod(dst, 0o644)
 
 
 def outcome_of(status: dict[str, Any], manifest: Manifest | None) -> dict[str, Any]:
@@ -226,6 +237,8 @@ def outcome_of(status: dict[str, Any], manifest: Manifest | None) -> dict[str, A
         error = f"the program ran longer than its timeout of {limit:g} seconds and was stopped"
     elif kind == "cancelled":
         final, error = JobStatus.CANCELLED, "the job was cancelled"
+    elif kind == "oom":
+        final = JobStatus.FAILED  # the worker's error names the memory limit
     else:
         final = JobStatus.FAILED
         if kind == "exited" and sig:

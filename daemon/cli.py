@@ -43,6 +43,7 @@ examples:
   dropq submit sleep --timeout 5 -- 30        arguments after -- go to the program
   dropq status                                the queue and the workers at a glance
   dropq show moby                             one job's result
+  dropq image build --offline                 build the worker image without a registry
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
             6 daemon could not start
@@ -76,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the queue and the workers at a glance")
     status.add_argument("--json", action="store_true")
+
+    image = sub.add_parser("image", help="the worker image for the docker pool")
+    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = image_sub.add_parser(
+        "build", help="build the worker image (skipped when it is current)",
+        description="Build workers.docker.image from worker/Dockerfile. --offline needs no registry: it "
+                    "makes the base from Debian packages with debootstrap (as root) and docker import.")
+    build.add_argument("--offline", action="store_true", help="make the base image from Debian packages")
+    build.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for --offline")
+    build.add_argument("--force", action="store_true", help="rebuild even when the image is current")
+    build.add_argument("--tag", help="image name (default: workers.docker.image from the config)")
 
     show = sub.add_parser("show", help="one job: its result, or where it is")
     show.add_argument("id")
@@ -300,6 +312,15 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_image(config: Config, args: argparse.Namespace) -> int:
+    from .image import build
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="dropq: %(message)s")
+    print(build(args.tag or config.workers.docker.image, offline=args.offline, mirror=args.mirror,
+                force=args.force))
+    return Exit.OK
+
+
 def _job_summary(job: JobRecord) -> dict[str, Any]:
     return {"id": job.id, "status": job.status.value, "priority": job.priority, "attempts": job.attempts,
             "worker": job.worker, "error": job.error, "manifest": job.source,
@@ -318,4 +339,4 @@ def _daemon_alive(pid: str) -> bool:
     return True
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show}
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image}

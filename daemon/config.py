@@ -36,8 +36,9 @@ class DockerConfig:
     pids_limit: int = 256
     #: size of the container's private /tmp (a tmpfs)
     tmpfs_size: str = "64m"
-    #: user the worker and its jobs run as inside the container (never root)
-    user: str = "65534:65534"
+    #: uid:gid the worker and its jobs run as inside the container (never root); null picks
+    #: 65534:65534 (nobody) when the daemon runs as root, else the daemon's own uid:gid
+    user: str | None = None
     #: "none" (default) keeps jobs off every network; the daemon reaches workers over a Unix socket
     network: str = "none"
     #: container runtime, e.g. "runsc" for gVisor; null uses the engine's default

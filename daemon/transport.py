@@ -44,6 +44,8 @@ class Transport:
         self._token = token
         self.timeout = timeout
         self._local = threading.local()
+        self._open: set[http.client.HTTPConnection] = set()
+        self._open_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Transport({self.socket_path or self.url})"
@@ -58,6 +60,8 @@ class Transport:
                 host = self.url.split("://", 1)[-1].rstrip("/")
                 conn = http.client.HTTPConnection(host, timeout=timeout)
             self._local.conn = conn
+            with self._open_lock:
+                self._open.add(conn)
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
@@ -68,6 +72,20 @@ class Transport:
         if conn is not None:
             conn.close()
             self._local.conn = None
+            with self._open_lock:
+                self._open.discard(conn)
+
+    def abort(self) -> None:
+        """Wake every thread blocked on this worker (a long-poll) with an error: used at shutdown."""
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    continue  # already closed
 
     def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> tuple[int, Any]:
         headers = {"Content-Type": "application/json"}

@@ -84,3 +84,51 @@ def kill_leftovers(*, rounds: int = 50) -> int:
             except ChildProcessError:
                 pass
     return killed
+
+
+# --- memory: the cgroup a worker container runs in ------------------------------------------------
+
+_OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this cgroup (v2 or v1), if it says."""
+    for path in _OOM_FILES:
+        try:
+            for line in Path(path).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def memory_limit() -> int | None:
+    """This cgroup's memory limit in bytes, or None when there is none."""
+    for path in _LIMIT_FILES:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return None
+
+
+def make_oom_victim(pid: int) -> None:
+    """Make `pid` the first process the OOM killer picks, so a job that eats all memory dies, not the
+    worker serving it. Raising one's own score needs no privilege."""
+    try:
+        Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
+    except OSError:
+        return
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.0f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

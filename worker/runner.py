@@ -232,6 +232,8 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
         err.close()
         return {"outcome": "error", "exit_code": None, "error": f"the program could not be started: {exc.strerror}"}
     _write_json(job.folder / "pid.json", {"pgid": proc.pid, "start": procs.start_time(proc.pid)})
+    procs.make_oom_victim(proc.pid)
+    ooms_before = procs.oom_kills()
     try:
         outcome = _supervise(job, proc, out, err)
     finally:
@@ -242,11 +244,19 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
             if pipe is not None:
                 pipe.close()
     code = proc.returncode
+    error = None
+    if outcome == "exited" and code == -signal.SIGKILL and ooms_before is not None:
+        after = procs.oom_kills()
+        if after is not None and after > ooms_before:
+            limit = procs.memory_limit()
+            outcome = "oom"
+            error = ("the program ran out of memory and was killed by the kernel"
+                     + (f" (the worker's memory limit is {procs.human_bytes(limit)})" if limit else ""))
     return {
         "outcome": outcome,
         "exit_code": code if code is not None and code >= 0 else None,
         "signal": -code if code is not None and code < 0 else None,
-        "error": None,
+        "error": error,
         "stdout_bytes": out.total,
         "stderr_bytes": err.total,
         "stdout_truncated": out.truncated,

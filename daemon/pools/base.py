@@ -30,6 +30,9 @@ class WorkerHandle:
 
 class Pool(ABC):
     kind: str = "abstract"
+    #: True when stop() leaves the workers running: a job running at shutdown then stays assigned to
+    #: its worker, and the next start re-attaches to it instead of running it again
+    keeps_jobs_running: bool = False
 
     def __init__(self) -> None:
         self._changed: Callable[[], None] = lambda: None

@@ -223,7 +223,7 @@ class LocalPool(Pool):
         for proc in procs:
             self._reap(proc)
         for handle in self._handles.values():
-            handle.transport.close()
+            handle.transport.abort()
         os.close(self._wake_r)
         os.close(self._wake_w)
 

@@ -1,0 +1,281 @@
+"""The docker pool: each worker is a hardened container the daemon creates, or adopts, by label.
+
+A container gets exactly three mounts: programs/ read-only, its own inputs folder read-only, and its
+own work folder read-write (its staging folder, and the Unix socket its API listens on). It runs with
+no network at all, so the daemon reaches it only through that socket on the shared mount and never
+connects to a container address. Deaths are learnt from the engine's event stream (no polling); a
+worker that hangs is caught by the health check before each job and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import PoolError, TransportError
+from ..transport import Transport
+from .base import Pool, WorkerHandle
+
+log = logging.getLogger("dropq.pool.docker")
+
+LABEL_ROLE = "io.dropq.role"
+LABEL_INSTANCE = "io.dropq.instance"
+LABEL_WORKER = "io.dropq.worker"
+IN_PROGRAMS, IN_INPUTS, IN_WORK = "/dropq/programs", "/dropq/inputs", "/dropq/work"
+
+
+def docker_available(config: Config) -> tuple[bool, str]:
+    """Whether the docker pool can run here, and why (or why not), in words for the log."""
+    try:
+        import docker
+        import docker.errors
+
+        client = docker.from_env(timeout=5)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach an engine means: use local
+        return False, f"no Docker engine answers ({type(exc).__name__})"
+    image = config.workers.docker.image
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return False, f"the worker image {image} does not exist (build it with `dropq image build`)"
+    finally:
+        client.close()
+    return True, f"a Docker engine answers and the image {image} exists"
+
+
+def instance_id(config: Config) -> str:
+    """Containers belong to one daemon: the one whose state directory is this one."""
+    return hashlib.sha256(str(config.state).encode()).hexdigest()[:12]
+
+
+def container_user(config: Config) -> str:
+    if config.workers.docker.user:
+        return config.workers.docker.user
+    # as root: an unprivileged uid; otherwise the daemon's own, so it can read what jobs write
+    return "65534:65534" if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}"
+
+
+class DockerPool(Pool):
+    kind = "docker"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        import docker
+
+        self.config = config
+        self.settings = config.workers.docker
+        self.instance = instance_id(config)
+        self.client = docker.from_env(timeout=60)
+        self._names = [f"w{i + 1}" for i in range(config.workers.count)]
+        self._handles = {name: self._handle(name) for name in self._names}
+        self._ids: dict[str, str] = {}
+        self._ready = {name: threading.Event() for name in self._names}
+        self._restarting = {name: threading.Lock() for name in self._names}
+        self._events: Any = None
+        self._watcher: threading.Thread | None = None
+        self.keeps_jobs_running = self.settings.on_shutdown == "leave"
+
+    def describe(self) -> str:
+        return f"docker ({self.settings.image})"
+
+    def _handle(self, name: str) -> WorkerHandle:
+        folder = self.config.workers_dir / name
+        work = folder / "work"
+        return WorkerHandle(name=name, transport=Transport(socket_path=str(work / "worker.sock"), timeout=10.0),
+                            jobs_dir=work / "jobs", inputs_dir=folder / "inputs")
+
+    def workers(self) -> list[WorkerHandle]:
+        return [self._handles[n] for n in self._names]
+
+    def labels(self, name: str) -> dict[str, str]:
+        return {LABEL_ROLE: "worker", LABEL_INSTANCE: self.instance, LABEL_WORKER: name,
+                "io.dropq.state": str(self.config.state)}
+
+    def container_name(self, name: str) -> str:
+        return f"dropq-{self.instance}-{name}"
+
+    # --- start, adopt, create ------------------------------------------------------------------
+
+    def start(self) -> None:
+        uid, _, gid = container_user(self.config).partition(":")
+        for handle in self._handles.values():
+            work = handle.jobs_dir.parent
+            handle.jobs_dir.mkdir(parents=True, exist_ok=True)
+            handle.inputs_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(handle.inputs_dir, 0o755)
+            if os.geteuid() == 0 and uid.isdigit():
+                for path in (work, handle.jobs_dir):
+                    os.chown(path, int(uid), int(gid or uid))
+                os.chmod(work, 0o700)
+        self._adopt_or_clear()
+        for name in self._names:
+            if name not in self._ids:
+                self._create(name)
+        deadline = time.monotonic() + 60
+        for name in self._names:
+            self._wait_answering(name, deadline)
+        import docker
+
+        self._events = docker.from_env(timeout=None).events(
+            decode=True, filters={"type": "container", "event": ["die"], "label": [f"{LABEL_INSTANCE}={self.instance}"]})
+        self._watcher = threading.Thread(target=self._watch_events, name="docker-events", daemon=True)
+        self._watcher.start()
+
+    def _adopt_or_clear(self) -> None:
+        found = self.client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={self.instance}"})
+        for container in found:
+            name = container.labels.get(LABEL_WORKER, "")
+            handle = self._handles.get(name)
+            if handle is not None and container.status == "running" and name not in self._ids:
+                try:
+                    handle.transport.health(timeout=3.0)
+                except TransportError:
+                    pass
+                else:
+                    self._ids[name] = container.id
+                    self._ready[name].set()
+                    log.info("worker %s: adopted running container %s", name, container.short_id)
+                    continue
+            log.info("removing container %s (%s)", container.short_id, container.status)
+            container.remove(force=True)
+
+    def _create(self, name: str) -> None:
+        import docker.errors
+        from docker.types import Mount
+
+        handle = self._handles[name]
+        sock = Path(handle.transport.socket_path or "")
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()
+        s = self.settings
+        try:
+            old = self.client.containers.get(self.container_name(name))
+            old.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        mounts = [
+            Mount(IN_PROGRAMS, str(self.config.programs), type="bind", read_only=True),
+            Mount(IN_INPUTS, str(handle.inputs_dir), type="bind", read_only=True),
+            Mount(IN_WORK, str(handle.jobs_dir.parent), type="bind", read_only=False),
+        ]
+        try:
+            container = self.client.containers.run(
+                s.image, detach=True, name=self.container_name(name), hostname=name, labels=self.labels(name),
+                command=["--socket", f"{IN_WORK}/worker.sock", "--programs", IN_PROGRAMS, "--inputs", IN_INPUTS,
+                         "--jobs", f"{IN_WORK}/jobs", "--name", name],
+                user=container_user(self.config), read_only=True,
+                tmpfs={"/tmp": f"rw,nosuid,nodev,size={s.tmpfs_size},mode=1777"},
+                cap_drop=["ALL"], security_opt=["no-new-privileges"], pids_limit=s.pids_limit,
+                mem_limit=s.memory, memswap_limit=s.memory, nano_cpus=int(s.cpus * 1e9),
+                network_mode=s.network, runtime=s.runtime, mounts=mounts, restart_policy={"Name": "no"},
+            )
+        except docker.errors.DockerException as exc:
+            raise PoolError(f"could not start worker container {name} from {s.image}: {exc}") from None
+        self._ids[name] = container.id
+        log.info("worker %s: started container %s", name, container.short_id)
+
+    def _wait_answering(self, name: str, deadline: float) -> None:
+        handle = self._handles[name]
+        delay = 0.02
+        while time.monotonic() < deadline:
+            try:
+                handle.transport.health(timeout=2.0)
+                self._ready[name].set()
+                return
+            except TransportError:
+                time.sleep(delay)  # start-up only: the container is starting Python
+                delay = min(delay * 2, 0.25)
+        logs = self._container_logs(name)
+        raise PoolError(f"worker container {name} did not answer within 60 seconds{logs}")
+
+    def _container_logs(self, name: str) -> str:
+        try:
+            text = self.client.containers.get(self._ids[name]).logs(tail=10).decode(errors="replace")
+        except Exception:  # noqa: BLE001 - only to enrich an error message
+            return ""
+        return f"; its last log lines:\n{text}" if text else ""
+
+    # --- supervision ---------------------------------------------------------------------------
+
+    def _watch_events(self) -> None:
+        try:
+            for event in self._events:
+                if self._stopping.is_set():
+                    return
+                attrs = event.get("Actor", {}).get("Attributes", {})
+                name = attrs.get(LABEL_WORKER)
+                if name in self._ids and self._ids[name] == event.get("id"):
+                    log.warning("worker %s: container %s died (exit code %s); replacing it", name,
+                                str(event.get("id"))[:12], attrs.get("exitCode"))
+                    threading.Thread(target=self._restart, args=(name,), daemon=True).start()
+        except Exception as exc:  # noqa: BLE001 - the stream ends with an error when closed at stop
+            if not self._stopping.is_set():
+                log.error("lost the Docker event stream (%s); deaths are now noticed by health checks", exc)
+
+    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        handle = self._handles[name]
+        while not self._stopping.is_set():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            if not self._ready[name].wait(min(remaining, 1.0) if remaining is not None else 1.0):
+                continue
+            try:
+                health = handle.transport.health(timeout=self.config.workers.health_timeout)
+            except TransportError as exc:
+                if self._stopping.is_set():
+                    return None
+                log.warning("worker %s: failed its health check (%s); replacing it", name, exc)
+                self._restart(name)
+                continue
+            return {**health, "pid": self._ids.get(name)}  # the container id names the incarnation
+        return None
+
+    def _restart(self, name: str) -> None:
+        lock = self._restarting[name]
+        if not lock.acquire(blocking=False):
+            with lock:
+                return
+        try:
+            self._ready[name].clear()
+            if self._stopping.is_set():
+                return
+            self._create(name)
+            self._wait_answering(name, time.monotonic() + 60)
+        except PoolError as exc:
+            log.error("worker %s: %s", name, exc)
+            time.sleep(5)  # do not spin against a broken engine or image; ensure() will try again
+            self._ready[name].set()
+            return
+        finally:
+            lock.release()
+        self._changed()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._events is not None:
+            self._events.close()
+        for handle in self._handles.values():
+            handle.transport.abort()
+        if self.settings.on_shutdown == "remove":
+            for name, cid in list(self._ids.items()):
+                try:
+                    container = self.client.containers.get(cid)
+                    container.stop(timeout=int(self.config.jobs.kill_grace) + 5)
+                    container.remove(force=True)
+                except Exception as exc:  # noqa: BLE001 - stopping the rest matters more
+                    log.warning("worker %s: could not remove its container: %s", name, exc)
+        else:
+            log.info("leaving %d worker container(s) running for the next start to adopt", len(self._ids))
+        self.client.close()
+
+    def container_ids(self) -> dict[str, str]:
+        return dict(self._ids)

@@ -46,6 +46,7 @@ class Transport:
         self._local = threading.local()
         self._open: set[http.client.HTTPConnection] = set()
         self._open_lock = threading.Lock()
+        self._aborted = False
 
     def __repr__(self) -> str:
         return f"Transport({self.socket_path or self.url})"
@@ -76,8 +77,10 @@ class Transport:
                 self._open.discard(conn)
 
     def abort(self) -> None:
-        """Wake every thread blocked on this worker (a long-poll) with an error: used at shutdown."""
+        """Wake every thread blocked on this worker (a long-poll) with an error, and refuse further
+        requests: used at shutdown, when nothing more may be asked of the worker."""
         with self._open_lock:
+            self._aborted = True
             conns = list(self._open)
         for conn in conns:
             sock = conn.sock
@@ -85,7 +88,10 @@ class Transport:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
-                    continue  # already closed
+                    pass  # already closed by its peer
+            conn.close()
+        with self._open_lock:
+            self._open.clear()
 
     def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> tuple[int, Any]:
         headers = {"Content-Type": "application/json"}
@@ -94,6 +100,8 @@ class Transport:
         payload = json.dumps(body).encode() if body is not None else None
         wait = timeout if timeout is not None else self.timeout
         for attempt in (1, 2):
+            if self._aborted:
+                raise TransportError(f"requests to the worker at {self} were stopped (shutdown)")
             conn = self._connection(wait)
             try:
                 conn.request(method, path, body=payload, headers=headers)

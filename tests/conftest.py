@@ -24,7 +24,39 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import processes_mentioning  # noqa: E402
+from helpers import processes_mentioning, remove_containers  # noqa: E402
+
+WORKER_IMAGE = "dropq-worker:latest"
+
+
+def _skip_or_fail(reason: str) -> None:
+    # Docker tests may skip on a machine without an engine, but CI (DROPQ_REQUIRE_DOCKER=1) must see
+    # them fail instead: a skipped sandbox test proves nothing.
+    if os.environ.get("DROPQ_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"DROPQ_REQUIRE_DOCKER=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> str:
+    """The worker image on a real engine, built (offline) when missing or out of date."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - whatever the reason, there is no engine to test on
+        _skip_or_fail(f"no Docker engine answers ({type(exc).__name__})")
+    from dropq.errors import DropqError
+    from dropq.image import build, image_is_current
+
+    if not image_is_current(client, WORKER_IMAGE):
+        try:
+            build(WORKER_IMAGE, offline=True)
+        except DropqError as exc:
+            _skip_or_fail(f"the worker image could not be built: {exc}")
+    client.close()
+    return WORKER_IMAGE
 
 
 class Workspace:
@@ -99,6 +131,7 @@ def workspace() -> Iterator[Workspace]:
     yield ws
     for pid in processes_mentioning(str(root)):
         os.kill(pid, signal.SIGKILL)
+    remove_containers(ws.state)
     shutil.rmtree(root, ignore_errors=True)
 
 

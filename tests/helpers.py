@@ -37,3 +37,27 @@ def dropq_json(config: Path, *args: str) -> Any:
     done = dropq(config, *args, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def remove_containers(state: Path) -> int:
+    """Remove the worker containers of the daemon whose state directory is `state` (by label)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        found = client.containers.list(all=True, filters={"label": f"io.dropq.state={state.resolve()}"})
+    except Exception:  # noqa: BLE001 - no engine: nothing of ours can be running on it
+        return 0
+    for container in found:
+        container.remove(force=True)
+    client.close()
+    return len(found)
+
+
+def containers_of(state: Path) -> dict[str, Any]:
+    """The running worker containers of the daemon on `state`, by worker name."""
+    import docker
+
+    client = docker.from_env(timeout=10)
+    found = client.containers.list(filters={"label": f"io.dropq.state={state.resolve()}"})
+    return {c.labels["io.dropq.worker"]: c for c in found}

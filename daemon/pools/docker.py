@@ -123,8 +123,8 @@ class DockerPool(Pool):
             self._wait_answering(name, deadline)
         import docker
 
-        self._events = docker.from_env(timeout=None).events(
-            decode=True, filters={"type": "container", "event": ["die"], "label": [f"{LABEL_INSTANCE}={self.instance}"]})
+        mine = {"type": "container", "event": ["die"], "label": [f"{LABEL_INSTANCE}={self.instance}"]}
+        self._events = docker.from_env(timeout=None).events(decode=True, filters=mine)
         self._watcher = threading.Thread(target=self._watch_events, name="docker-events", daemon=True)
         self._watcher.start()
 
@@ -260,6 +260,8 @@ class DockerPool(Pool):
         self._changed()
 
     def stop(self) -> None:
+        if self._stopping.is_set():
+            return  # stopped already
         self._stopping.set()
         if self._events is not None:
             self._events.close()

@@ -212,6 +212,8 @@ class LocalPool(Pool):
                 threading.Thread(target=self._restart, args=(name,), name=f"restart-{name}", daemon=True).start()
 
     def stop(self) -> None:
+        if self._stopping.is_set():
+            return  # stopped already
         self._stopping.set()
         os.write(self._wake_w, b"x")
         if self._supervisor is not None:

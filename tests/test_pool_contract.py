@@ -1,0 +1,110 @@
+"""One contract, every pool: what the balancer relies on from a pool and its transport.
+
+Real pools only: local worker processes, and containers on a real Docker engine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import remove_containers
+
+from dropq.config import Config
+from dropq.errors import TransportError, UnknownJob, WorkerBusy
+from dropq.pools import Pool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
+    root = Path(tempfile.mkdtemp(prefix="dqp-"))
+    shutil.copytree(ROOT / "programs", root / "programs")
+    data = {"workers": {"pool": request.param, "count": 2, "docker": {"on_shutdown": "remove"}}}
+    if request.param == "docker":
+        data["workers"]["docker"]["image"] = request.getfixturevalue("docker_image")
+    config = Config.from_mapping(data, base=root)
+    if request.param == "docker":
+        from dropq.pools.docker import DockerPool
+
+        made: Pool = DockerPool(config)
+    else:
+        from dropq.pools.local import LocalPool
+
+        made = LocalPool(config)
+    made.start()
+    yield made
+    made.stop()
+    remove_containers(config.state)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def kill(pool: Pool, name: str, health: dict[str, object]) -> None:
+    if pool.kind == "docker":
+        pool.client.containers.get(str(health["pid"])).kill()  # type: ignore[attr-defined]
+    else:
+        os.kill(int(str(health["pid"])), signal.SIGKILL)
+
+
+def test_workers_have_stable_names_and_answer(pool: Pool) -> None:
+    assert [w.name for w in pool.workers()] == ["w1", "w2"]
+    for worker in pool.workers():
+        health = pool.ensure(worker.name, timeout=30)
+        assert health is not None and health["ok"] is True and health["job"] is None
+
+
+def test_a_job_runs_and_its_files_appear_in_the_workers_jobs_dir(pool: Pool) -> None:
+    worker = pool.workers()[0]
+    (worker.inputs_dir / "c1").mkdir(parents=True, exist_ok=True)
+    (worker.inputs_dir / "c1" / "in.txt").write_text("one two two\n")
+    os.chmod(worker.inputs_dir / "c1" / "in.txt", 0o644)
+    worker.transport.start({"id": "c1", "program": "wordcount.py", "inputs": ["c1/in.txt"]})
+    status = worker.transport.status("c1", wait=30)
+    assert (status["state"], status["outcome"], status["exit_code"]) == ("done", "exited", 0)
+    assert (worker.jobs_dir / "c1" / "stdout.txt").read_text() == "2 two\n1 one\n"
+
+
+def test_one_job_at_a_time(pool: Pool) -> None:
+    worker = pool.workers()[1]
+    worker.transport.start({"id": "c2", "program": "sleep.py", "args": ["5"]})
+    with pytest.raises(WorkerBusy):
+        worker.transport.start({"id": "c3", "program": "echo.py"})
+    worker.transport.cancel("c2")
+    assert worker.transport.status("c2", wait=30)["outcome"] == "cancelled"
+
+
+def test_unknown_jobs_are_reported_as_such(pool: Pool) -> None:
+    with pytest.raises(UnknownJob):
+        pool.workers()[0].transport.status("never-posted")
+
+
+def test_a_killed_worker_comes_back_as_a_new_incarnation(pool: Pool) -> None:
+    name = pool.workers()[0].name
+    before = pool.ensure(name, timeout=30)
+    assert before is not None
+    kill(pool, name, before)
+    deadline = time.monotonic() + 60
+    after = pool.ensure(name, timeout=60)
+    while after is not None and after["pid"] == before["pid"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the old one may answer once more while it dies
+        after = pool.ensure(name, timeout=60)
+    assert after is not None and after["pid"] != before["pid"]
+    assert after["job"] is None
+
+
+def test_the_transport_reports_a_dead_worker_as_an_error(pool: Pool) -> None:
+    worker = pool.workers()[1]
+    health = pool.ensure(worker.name, timeout=30)
+    assert health is not None
+    pool.stop()
+    if pool.kind == "docker":
+        return  # stop() removed the containers (on_shutdown: remove); nothing is left to ask
+    with pytest.raises(TransportError):
+        worker.transport.health(timeout=2)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import yaml
+
 from conftest import DaemonProcess, Workspace
 from helpers import dropq, dropq_json
 

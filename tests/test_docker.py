@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+
 from conftest import DaemonProcess, Workspace
 from helpers import containers_of, dropq_json
 

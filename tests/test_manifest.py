@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dropq.config import JobDefaults
 from dropq.errors import ManifestError, UnsafePathError
 from dropq.manifest import Manifest, is_manifest_name

@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+
 from conftest import DaemonProcess, Workspace
 from helpers import dropq_json
 

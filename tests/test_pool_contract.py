@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import remove_containers
 
 from dropq.config import Config
 from dropq.errors import TransportError, UnknownJob, WorkerBusy
 from dropq.pools import Pool
+from helpers import remove_containers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dropq.errors import StoreError
 from dropq.jobs import FINAL, TRANSITIONS, JobStatus
 from dropq.store import Store

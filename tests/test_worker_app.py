@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
+
 from dropq_worker.app import create_app
 from dropq_worker.capture import CappedFile
 from dropq_worker.runner import Runner, Settings
-from flask.testing import FlaskClient
 
 PROGRAMS = {
     "hello.py": "print('hello', flush=True)\n",

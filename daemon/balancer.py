@@ -46,8 +46,9 @@ class Balancer:
         self._now = now
         self._cond = threading.Condition()
         self._stopping = False
-        self._threads: list[threading.Thread] = []
-        pool.on_change(self.notify)
+        self._threads: dict[str, threading.Thread] = {}
+        self._started = False
+        pool.on_change(self._pool_changed)
 
     def notify(self) -> None:
         with self._cond:
@@ -60,10 +61,26 @@ class Balancer:
         for job in self.store.with_status(JobStatus.RUNNING):
             if job.worker not in names:
                 self._retry_or_fail(job, f"its worker {job.worker} no longer exists")
-        for handle in handles:
-            thread = threading.Thread(target=self._slot, args=(handle,), name=f"slot-{handle.name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        with self._cond:
+            self._started = True
+            for handle in handles:
+                if handle.name not in self._threads:
+                    self._add_slot(handle)
+
+    def _add_slot(self, handle: WorkerHandle) -> None:
+        thread = threading.Thread(target=self._slot, args=(handle,), name=f"slot-{handle.name}", daemon=True)
+        self._threads[handle.name] = thread
+        thread.start()
+
+    def _pool_changed(self) -> None:
+        """A worker appeared, died or came back: give new workers a slot, and wake the idle ones."""
+        with self._cond:
+            if self._started and not self._stopping:
+                for handle in self.pool.workers():
+                    known = self._threads.get(handle.name)
+                    if known is None or not known.is_alive():
+                        self._add_slot(handle)
+            self._cond.notify_all()
 
     def stop(self) -> None:
         """Stop handing out jobs. Slots still following a job return once the pool stops its worker."""
@@ -73,7 +90,7 @@ class Balancer:
 
     def join(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in list(self._threads.values()):
             thread.join(max(0.0, deadline - time.monotonic()))
 
     # --- one slot per worker -------------------------------------------------------------------

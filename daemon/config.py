@@ -43,6 +43,9 @@ class DockerConfig:
     network: str = "none"
     #: container runtime, e.g. "runsc" for gVisor; null uses the engine's default
     runtime: str | None = None
+    #: who creates the worker containers: the daemon (workers.count of them), or docker compose
+    #: (docker-compose.yml; the daemon adopts every replica of its `worker` service)
+    managed_by: Literal["daemon", "compose"] = "daemon"
     #: what `dropq run` does with its containers when it stops: leave them running (to be adopted
     #: by the next start, so running jobs survive a restart) or remove them
     on_shutdown: Literal["leave", "remove"] = "leave"
@@ -156,6 +159,11 @@ class Config:
     @property
     def workers_dir(self) -> Path:
         return self.state / "workers"
+
+    @property
+    def compose_dir(self) -> Path:
+        """Shared mounts of compose-managed workers: work/<hostname>/ and inputs/<hostname>/."""
+        return self.state / "compose"
 
 
 def _check_ranges(config: Config) -> None:

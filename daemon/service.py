@@ -38,6 +38,11 @@ def make_pool(config: Config) -> Pool:
                 raise PoolError("the docker pool is not available in this build") from None
         else:
             usable, why = docker_available(config)
+            if usable and config.workers.docker.managed_by == "compose":
+                from .pools.compose import ComposePool
+
+                log.info("worker pool: docker compose workers (workers.docker.managed_by: compose)")
+                return ComposePool(config)
             if usable:
                 log.info("worker pool: docker (%s)", why)
                 return DockerPool(config)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--programs", type=Path, required=True)
     p.add_argument("--inputs", type=Path, required=True)
     p.add_argument("--jobs", type=Path, required=True, help="staging folder, one subfolder per job")
+    # {host} in --socket, --inputs and --jobs stands for the hostname (used by docker-compose.yml)
     p.add_argument("--python", default="python3", help="interpreter for .py programs")
     p.add_argument("--name", help="the worker's name in /health")
     p.add_argument("--token-env", default="DROPQ_WORKER_TOKEN",
@@ -38,8 +40,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _expand(args: argparse.Namespace) -> None:
+    """Replace {host} in the paths with this container's hostname: replicas of one compose service
+    share their mounts, and each keeps to its own subfolder of them."""
+    host = socket.gethostname()
+    for key in ("socket", "inputs", "jobs"):
+        value = getattr(args, key)
+        if value is not None and "{host}" in str(value):
+            setattr(args, key, Path(str(value).replace("{host}", host)))
+    if args.socket is not None:
+        args.socket.parent.mkdir(parents=True, exist_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _expand(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     token = os.environ.pop(args.token_env, None)
     if args.listen and not token:

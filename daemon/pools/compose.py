@@ -1,0 +1,173 @@
+"""Workers managed by docker compose (docker-compose.yml at the repository root), adopted by the daemon.
+
+Compose owns these containers: it creates, scales and restarts them; the daemon never creates or
+removes one. It adopts every running replica whose /dropq/work mount is this daemon's
+`state/compose/work` folder, follows the engine's start/die/destroy events to learn of replicas that
+appear, restart or go, and gives each its own balancer slot. Replicas share their mounts, each using
+the subfolder named by its hostname; that is weaker isolation between jobs than daemon-managed
+containers, which is why those are the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from ..config import Config
+from ..errors import TransportError
+from ..transport import Transport
+from .base import Pool, WorkerHandle
+from .docker import IN_WORK, container_user
+
+log = logging.getLogger("dropq.pool.compose")
+
+COMPOSE_ROLE = "compose-worker"
+
+
+class ComposePool(Pool):
+    kind = "compose"
+    keeps_jobs_running = True
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        import docker
+
+        self.config = config
+        self.work = config.compose_dir / "work"
+        self.inputs = config.compose_dir / "inputs"
+        self.client = docker.from_env(timeout=60)
+        self._lock = threading.Lock()
+        self._handles: dict[str, WorkerHandle] = {}
+        self._ids: dict[str, str] = {}
+        self._ready: dict[str, threading.Event] = {}
+        self._events: Any = None
+        self._watcher: threading.Thread | None = None
+
+    def describe(self) -> str:
+        return "docker compose"
+
+    def start(self) -> None:
+        for folder in (self.work, self.inputs):
+            folder.mkdir(parents=True, exist_ok=True)
+        uid, _, gid = container_user(self.config).partition(":")
+        if os.geteuid() == 0 and uid.isdigit():
+            os.chown(self.work, int(uid), int(gid or uid))  # replicas make their own subfolders in it
+        os.chmod(self.inputs, 0o755)
+        for container in self.client.containers.list(filters={"label": f"io.dropq.role={COMPOSE_ROLE}"}):
+            self._adopt(container)
+        if not self._handles:
+            log.warning("no compose workers yet: start them with `docker compose up -d --scale worker=N`")
+        import docker
+
+        wanted = {"type": "container", "event": ["start", "die", "destroy"],
+                  "label": [f"io.dropq.role={COMPOSE_ROLE}"]}
+        self._events = docker.from_env(timeout=None).events(decode=True, filters=wanted)
+        self._watcher = threading.Thread(target=self._watch_events, name="compose-events", daemon=True)
+        self._watcher.start()
+
+    def _mine(self, container: Any) -> bool:
+        for mount in container.attrs.get("Mounts", []):
+            if mount.get("Destination") == IN_WORK:
+                return os.path.realpath(mount.get("Source", "")) == os.path.realpath(self.work)
+        return False
+
+    def _adopt(self, container: Any) -> None:
+        container.reload()
+        if container.status != "running" or not self._mine(container):
+            return
+        host = container.attrs["Config"]["Hostname"]
+        with self._lock:
+            if host not in self._handles:
+                (self.inputs / host).mkdir(exist_ok=True)
+                os.chmod(self.inputs / host, 0o755)
+                self._handles[host] = WorkerHandle(
+                    name=host, transport=Transport(socket_path=str(self.work / host / "worker.sock")),
+                    jobs_dir=self.work / host / "jobs", inputs_dir=self.inputs / host)
+                self._ready[host] = threading.Event()
+            self._ids[host] = container.id
+        log.info("worker %s: adopted compose container %s", host, container.short_id)
+        threading.Thread(target=self._mark_ready, args=(host,), name=f"adopt-{host}", daemon=True).start()
+
+    def _mark_ready(self, host: str, limit: float = 60.0) -> None:
+        """Ready once it answers: a container's start event comes before its worker listens."""
+        deadline = time.monotonic() + limit
+        delay = 0.02
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            with self._lock:
+                handle, ready = self._handles.get(host), self._ready.get(host)
+            if handle is None or ready is None:
+                return
+            try:
+                handle.transport.health(timeout=2.0)
+            except TransportError:
+                time.sleep(delay)  # start-up only
+                delay = min(delay * 2, 0.5)
+                continue
+            ready.set()
+            self._changed()
+            return
+        log.error("worker %s: its compose container never answered on its socket", host)
+
+    def workers(self) -> list[WorkerHandle]:
+        with self._lock:
+            return [self._handles[n] for n in sorted(self._handles)]
+
+    def _watch_events(self) -> None:
+        try:
+            for event in self._events:
+                if self._stopping.is_set():
+                    return
+                self._on_event(event)
+        except Exception as exc:  # noqa: BLE001 - the stream ends with an error when closed at stop
+            if not self._stopping.is_set():
+                log.error("lost the Docker event stream (%s); new compose workers will not be seen", exc)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        action, cid = event.get("Action") or event.get("status"), event.get("id", "")
+        if action == "start":
+            self._adopt(self.client.containers.get(cid))
+            return
+        with self._lock:
+            host = next((h for h, i in self._ids.items() if i == cid), None)
+            if host is None:
+                return
+            self._ready[host].clear()
+            if action == "destroy":
+                del self._handles[host], self._ids[host]
+                self._ready.pop(host).set()  # wake its slot, which then finds it gone
+        log.warning("worker %s: compose container %s (%s)", host, action, cid[:12])
+        self._changed()
+
+    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+        while not self._stopping.is_set():
+            with self._lock:
+                handle, ready = self._handles.get(name), self._ready.get(name)
+            if handle is None or ready is None:
+                return None  # scaled away
+            if not ready.wait(timeout if timeout is not None else 1.0):
+                if timeout is not None:
+                    return None
+                continue
+            try:
+                health = handle.transport.health(timeout=self.config.workers.health_timeout)
+            except TransportError as exc:
+                # compose, not the daemon, restarts its containers: wait for the next start event
+                log.warning("worker %s: failed its health check (%s); waiting for compose to restart it",
+                            name, exc)
+                ready.clear()
+                continue
+            return {**health, "pid": self._ids.get(name)}
+        return None
+
+    def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._events is not None:
+            self._events.close()
+        for handle in self.workers():
+            handle.transport.abort()
+        self.client.close()

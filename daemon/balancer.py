@@ -48,6 +48,7 @@ class Balancer:
         self._stopping = False
         self._threads: dict[str, threading.Thread] = {}
         self._started = False
+        self._cancel_requested: set[str] = set()
         pool.on_change(self._pool_changed)
 
     def notify(self) -> None:
@@ -92,6 +93,35 @@ class Balancer:
         deadline = time.monotonic() + timeout
         for thread in list(self._threads.values()):
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job wherever it is; says what happened, in words for the log."""
+        job = self.store.find(job_id)
+        if job is None:
+            return "no such job"
+        if job.status.is_final or job.status is JobStatus.COMMITTING:
+            return f"already {job.status.value}"
+        self._cancel_requested.add(job_id)
+        if job.status in (JobStatus.WAITING, JobStatus.QUEUED):
+            try:
+                job = self.store.transition(job_id, JobStatus.COMMITTING, error="the job was cancelled", outcome={
+                    "status": JobStatus.CANCELLED.value, "error": "the job was cancelled before it ran",
+                    "exit_code": None, "finished_at": self._now()})
+            except StoreError:
+                job = self.store.get(job_id)  # a slot took it a moment ago: cancel it on its worker
+            else:
+                self.outbox.finish(job)
+                self._cancel_requested.discard(job_id)
+                return "cancelled before it ran"
+        if job.status is JobStatus.RUNNING:
+            handle = next((h for h in self.pool.workers() if h.name == job.worker), None)
+            if handle is not None:
+                try:
+                    handle.transport.cancel(job_key(job))
+                except TransportError:
+                    pass  # not started there yet: _run cancels it right after the start
+            return f"cancelling it on worker {job.worker}"
+        return f"it is {job.status.value}"
 
     # --- one slot per worker -------------------------------------------------------------------
 
@@ -142,6 +172,8 @@ class Balancer:
                 "max_output_bytes": self.config.jobs.max_output_bytes,
             }
             worker.transport.start(spec)
+            if job.id in self._cancel_requested:
+                worker.transport.cancel(key)  # cancelled while it was being handed over
         except TransportError as exc:
             self._lost(worker, job, str(exc))
             return
@@ -176,6 +208,16 @@ class Balancer:
         manifest = Manifest.from_json(job.manifest) if job.manifest else None
         outcome = outcome_of(status, manifest)
         key = job_key(job)
+        code = outcome.get("exit_code")
+        if (manifest is not None and code in manifest.retry_on_exit and job.attempts <= job.retries
+                and job.id not in self._cancel_requested):
+            remove_tree(worker.inputs_dir / key)
+            remove_tree(worker.jobs_dir / key)
+            worker.transport.forget(key)
+            self._retry_or_fail(job, f"the program exited with code {code}, which its manifest retries",
+                                lost=False)
+            return
+        self._cancel_requested.discard(job.id)
         try:
             job = self.store.transition(job.id, JobStatus.COMMITTING, outcome=outcome)
         except StoreError:
@@ -204,11 +246,11 @@ class Balancer:
             return
         self._retry_or_fail(self.store.get(job.id), reason)
 
-    def _retry_or_fail(self, job: JobRecord, reason: str) -> None:
+    def _retry_or_fail(self, job: JobRecord, reason: str, *, lost: bool = True) -> None:
         if job.attempts <= job.retries:
             delay = self.config.retry.delay(job.attempts)
-            log.warning("job %s: worker lost (%s); retry %d of %d in %.1fs", job.id, reason, job.attempts,
-                        job.retries, delay)
+            log.warning("job %s: %s; retry %d of %d in %.1fs", job.id,
+                        f"worker lost ({reason})" if lost else reason, job.attempts, job.retries, delay)
             self.store.transition(job.id, JobStatus.QUEUED, worker=None, error=reason,
                                   not_before=self._now() + delay)
             self.notify()

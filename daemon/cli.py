@@ -43,6 +43,7 @@ examples:
   dropq submit sleep --timeout 5 -- 30        arguments after -- go to the program
   dropq status                                the queue and the workers at a glance
   dropq show moby                             one job's result
+  dropq cancel moby                           cancel a queued or running job
   dropq image build --offline                 build the worker image without a registry
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the queue and the workers at a glance")
     status.add_argument("--json", action="store_true")
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job",
+                            description="Cancel a job by dropping ID.cancel into the inbox (which works "
+                                        "without this command too). A running job is stopped: SIGTERM, "
+                                        "then SIGKILL after jobs.kill_grace. Its result is `cancelled`.")
+    cancel.add_argument("id")
 
     image = sub.add_parser("image", help="the worker image for the docker pool")
     image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
@@ -281,7 +288,9 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
                           "recent": [_job_summary(j) for j in recent]}, indent=2))
         return Exit.OK
     print(f"daemon   {'running (pid ' + meta['pid'] + ')' if running else 'not running'}"
-          f"   pool: {meta.get('pool', '?')}   watcher: {meta.get('watcher', '?')}")
+          f"   pool: {meta.get('pool', '?')}")
+    print(f"watcher  {meta.get('watcher', '?')}, {meta.get('watcher_rescans', '0')} rescans, "
+          f"{meta.get('watcher_missed', '0')} manifests missed by events and found by a rescan")
     order = [s.value for s in JobStatus]
     print("jobs     " + "   ".join(f"{s}: {counts.get(s, 0)}" for s in order if counts.get(s)) or "jobs     none")
     print()
@@ -312,6 +321,20 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
+    store = _open_store(config)
+    try:
+        job = store.get(args.id)
+    finally:
+        store.close()
+    if job.status in FINAL:
+        print(f"{job.id} has already finished: {job.status}")
+        return Exit.OK
+    _drop(config.inbox, f"{job.id}.cancel", b"")
+    print(f"cancel requested for {job.id} ({job.status})")
+    return Exit.OK
+
+
 def cmd_image(config: Config, args: argparse.Namespace) -> int:
     from .image import build
 
@@ -339,4 +362,5 @@ def _daemon_alive(pid: str) -> bool:
     return True
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image}
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image,
+            "cancel": cmd_cancel}

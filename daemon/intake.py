@@ -32,6 +32,9 @@ from .store import JobRecord, Store
 
 log = logging.getLogger("dropq.intake")
 
+#: dropping `<id>.cancel` into the inbox cancels job <id>
+CANCEL_SUFFIX = ".cancel"
+
 _FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO",
                stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
@@ -45,6 +48,8 @@ class _Offer:
 class Intake:
     def __init__(self, *, config: Config, store: Store, outbox: Outbox, finish: Callable[[JobRecord], None],
                  notify: Callable[[], None], being_written: Callable[[str], bool] = lambda _: False,
+                 release_abandoned: Callable[[], list[str]] = list,
+                 cancel: Callable[[str], str] = lambda _: "cancelling is not available",
                  now: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
@@ -52,6 +57,8 @@ class Intake:
         self._finish = finish
         self._notify = notify
         self._being_written = being_written
+        self._cancel = cancel
+        self._release_abandoned = release_abandoned
         self._now = now
         self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
         self._waiting: dict[str, float] = {}  # job id -> deadline for its inputs
@@ -60,6 +67,8 @@ class Intake:
         self._next_rescan = 0.0
         self.rescans = 0
         self.claimed = 0
+        #: manifests a rescan found that the watcher never reported (lost events, e.g. an overflow)
+        self.missed = 0
 
     # --- feeding the thread --------------------------------------------------------------------
 
@@ -98,7 +107,9 @@ class Intake:
 
     def _handle(self, item: _Offer | str) -> None:
         if isinstance(item, _Offer):
-            if "/" not in item.rel and is_manifest_name(item.rel):
+            if "/" not in item.rel and item.rel.endswith(CANCEL_SUFFIX) and not item.rel.startswith("."):
+                self._cancel_file(item.rel)
+            elif "/" not in item.rel and is_manifest_name(item.rel):
                 if item.complete:
                     self._settling.pop(item.rel, None)
                     self._claim(item.rel)
@@ -124,6 +135,9 @@ class Intake:
         return min(times)
 
     def _rescan(self) -> None:
+        for rel in self._release_abandoned():
+            log.warning("%s was marked as being written, but nothing has it open: taking it", rel)
+        first = self.rescans == 0
         self.rescans += 1
         self._next_rescan = self._now() + self.config.intake.rescan
         try:
@@ -131,9 +145,32 @@ class Intake:
         except FileNotFoundError:
             log.error("the inbox %s does not exist", self.config.inbox)
             return
+        missed = 0
         for name in names:
             if is_manifest_name(name) and not self._being_written(name) and name not in self._settling:
+                missed += not first and self._settled_since(name, 2.0)
                 self._settle(name)
+            elif name.endswith(CANCEL_SUFFIX) and not name.startswith("."):
+                self._cancel_file(name)
+        if missed:
+            self.missed += missed
+            # events are being lost (an inotify queue overflow, most likely during a burst): look
+            # again soon rather than in a whole rescan interval
+            log.warning("the rescan found %d manifest(s) the watcher did not report (lost events); "
+                        "rescanning again in 1 s", missed)
+            self._next_rescan = min(self._next_rescan, self._now() + 1.0)
+        self._health()
+
+    def _settled_since(self, name: str, seconds: float) -> bool:
+        try:
+            return os.lstat(self.config.inbox / name).st_mtime + seconds <= self._now()
+        except FileNotFoundError:
+            return False
+
+    def _health(self) -> None:
+        self.store.set_meta("watcher_rescans", str(self.rescans))
+        self.store.set_meta("watcher_missed", str(self.missed))
+        self.store.set_meta("watcher_last_rescan", f"{self._now():.3f}")
 
     def _settle(self, name: str) -> None:
         """Claim `name` once it has been unchanged for the settle time (where no close event tells)."""
@@ -151,6 +188,16 @@ class Intake:
             self._claim(name)
         else:
             self._settling[name] = (sig, now + settle)
+
+    def _cancel_file(self, name: str) -> None:
+        """`inbox/<id>.cancel` asks to cancel job <id> (how `dropq cancel` asks, too)."""
+        path = self.config.inbox / name
+        if not os.path.lexists(path):
+            return
+        job_id = name[: -len(CANCEL_SUFFIX)]
+        what = self._cancel(job_id)
+        log.info("job %s: cancel requested (%s): %s", job_id, name, what)
+        os.unlink(path)
 
     # --- claiming ------------------------------------------------------------------------------
 
@@ -201,7 +248,10 @@ class Intake:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
             kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            raise ManifestError(f"{job.source} is {kind}; a manifest must be a regular file")
+            raise ManifestError(f"{job.source} is {kind}; a manifest must be a regular file (it was not read)")
+        if st.st_nlink > 1:
+            raise ManifestError(f"{job.source} has {st.st_nlink} hard links; a manifest must be a file of its "
+                                "own (it was not read)")
         limit = self.config.intake.max_manifest_bytes
         if st.st_size > limit:
             raise ManifestError(f"the manifest is {st.st_size} bytes; the limit is {limit}")

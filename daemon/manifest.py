@@ -22,7 +22,7 @@ from .errors import ManifestError
 from .paths import check_relative
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
-KEYS = ("program", "input", "inputs", "args", "output", "env", "timeout", "retries", "priority")
+KEYS = ("program", "input", "inputs", "args", "output", "env", "timeout", "retries", "priority", "retry_on_exit")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: the daemon sets these itself; a manifest may not override them
 _RESERVED_ENV = frozenset({"DROPQ_OUTPUT", "DROPQ_JOB_ID", "DROPQ_INPUTS"})
@@ -48,6 +48,8 @@ class Manifest:
     timeout: float
     retries: int
     priority: int = 0
+    #: exit codes that mean "try again" (like HTCondor's retry_until): retried up to `retries` times
+    retry_on_exit: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, raw: bytes, *, defaults: JobDefaults, max_bytes: int) -> Manifest:
@@ -85,6 +87,7 @@ class Manifest:
             timeout=_timeout(data.get("timeout", defaults.timeout)),
             retries=_int(data, "retries", defaults.retries, low=0, high=100),
             priority=_int(data, "priority", 0, low=-1_000_000, high=1_000_000),
+            retry_on_exit=_exit_codes(data.get("retry_on_exit")),
         )
 
     def to_json(self) -> str:
@@ -96,7 +99,7 @@ class Manifest:
         data = json.loads(text)
         return cls(
             **{**data, "inputs": tuple(data["inputs"]), "args": tuple(data["args"]),
-               "env": MappingProxyType(data["env"])}
+               "env": MappingProxyType(data["env"]), "retry_on_exit": tuple(data.get("retry_on_exit", ()))}
         )
 
 
@@ -173,6 +176,15 @@ def _timeout(value: object) -> float:
     if value > _MAX_TIMEOUT:
         raise ManifestError(f"`timeout` may be at most {_MAX_TIMEOUT} seconds (a week)")
     return float(value)
+
+
+def _exit_codes(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in items):
+        raise ManifestError("`retry_on_exit` must be an exit code from 1 to 255, or a list of them")
+    return tuple(items)
 
 
 def _int(data: Mapping[Any, Any], key: str, default: int, *, low: int, high: int) -> int:

@@ -9,6 +9,7 @@ the job's key in result.yaml, so a second folder is never made.
 from __future__ import annotations
 
 import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ def iso(ts: float | None) -> str | None:
 
 
 def job_key(job: JobRecord) -> str:
-    """The job's name towards workers and staging folders: unique, and safe in a URL and a path."""
-    return f"j{job.seq}"
+    """The name of a job's current attempt towards workers and staging folders: unique per attempt
+    (a retry on the same worker is never taken for the attempt before it), and safe in a URL and a path."""
+    return f"j{job.seq}-{job.attempts}"
 
 
 class Outbox:
@@ -76,8 +78,9 @@ class Outbox:
         tmp.mkdir(parents=True, exist_ok=True)
         spool = self.spool / job.id
         outcome = dict(job.outcome or {})
-        if os.path.lexists(spool / "manifest.yaml"):
-            move(spool / "manifest.yaml", tmp / "manifest.yaml")
+        dropped_entry = self._place_manifest(spool / "manifest.yaml", tmp)
+        if dropped_entry:
+            outcome["dropped"] = [*outcome.get("dropped", []), dropped_entry]
         if os.path.lexists(spool / "inputs"):
             move(spool / "inputs", tmp / "inputs")
         (tmp / "inputs").mkdir(exist_ok=True)
@@ -99,6 +102,23 @@ class Outbox:
         if staging is not None:
             remove_tree(staging)
         return final
+
+    @staticmethod
+    def _place_manifest(entry: Path, tmp: Path) -> str | None:
+        """The manifest as dropped goes to manifest.yaml when it is a plain file. A directory is kept,
+        as manifest-folder/; a symlink, FIFO, socket or device is removed (never read, never
+        followed: it holds no data of its own). Returns what was not kept as manifest.yaml."""
+        if not os.path.lexists(entry):
+            return None
+        st = os.lstat(entry)
+        if stat.S_ISREG(st.st_mode):
+            move(entry, tmp / "manifest.yaml")
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            move(entry, tmp / "manifest-folder")
+            return None
+        os.unlink(entry)
+        return "manifest.yaml (not a regular file)"
 
     @staticmethod
     def _place(staging: Path | None, name: str, target: Path) -> None:

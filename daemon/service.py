@@ -68,7 +68,8 @@ class Daemon:
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, outbox=self.outbox)
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
         self.intake = Intake(config=config, store=self.store, outbox=self.outbox, finish=self._finish,
-                             notify=self.balancer.notify, being_written=self.watcher.being_written)
+                             notify=self.balancer.notify, being_written=self.watcher.being_written,
+                             cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned)
         self._stop = threading.Event()
 
     def _on_file(self, rel: str, complete: bool) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,32 +47,39 @@ class InboxWatcher(FileSystemEventHandler):
         self.mode = mode
         self._on_file = on_file
         self._writing: set[str] = set()
+        self._since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._observer: BaseObserver | None = None
         self.kind = "none"
 
     def start(self) -> None:
-        observer, self.kind = self._make_observer()
+        if self.mode == "auto" and (fs := network_filesystem(self.inbox)):
+            log.warning("the inbox is on a network filesystem (%s), where inotify misses other hosts' "
+                        "writes; polling it instead", fs)
+            self._start(PollingObserver(timeout=1.0), "polling")
+            return
+        if self.mode in ("auto", "inotify"):
+            try:
+                from watchdog.observers.inotify import InotifyObserver
+
+                self._start(InotifyObserver(generate_full_events=True), "inotify")
+                return
+            except (ImportError, OSError) as exc:
+                # EMFILE: out of inotify instances; ENOSPC: out of watches (fs.inotify.max_user_*)
+                if self.mode == "inotify":
+                    raise
+                log.warning("inotify is unavailable (%s); polling the inbox instead", exc)
+        self._start(PollingObserver(timeout=1.0), "polling")
+
+    def _start(self, observer: BaseObserver, kind: str) -> None:
         filters = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent]
         # Top level only. A recursive watch makes watchdog synthesise IN_CREATE events for the files
         # it finds in a new subfolder, indistinguishable from a writer creating them, which would
         # hold such a file as "being written" for ever. Inputs in subfolders are settled by age.
         observer.schedule(self, str(self.inbox), recursive=False, event_filter=filters)
         observer.start()
-        self._observer = observer
+        self._observer, self.kind = observer, kind
         log.info("watching %s with %s", self.inbox, self.kind)
-
-    def _make_observer(self) -> tuple[BaseObserver, str]:
-        if self.mode in ("auto", "inotify"):
-            try:
-                from watchdog.observers.inotify import InotifyObserver
-
-                return InotifyObserver(generate_full_events=True), "inotify"
-            except (ImportError, OSError) as exc:
-                if self.mode == "inotify":
-                    raise
-                log.warning("inotify is unavailable (%s); polling the inbox instead", exc)
-        return PollingObserver(timeout=1.0), "polling"
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -108,6 +117,7 @@ class InboxWatcher(FileSystemEventHandler):
             src, dest = self._rel(event.src_path), self._rel(event.dest_path)
             with self._lock:
                 self._writing.discard(src or "")
+                self._since.pop(src or "", None)
             if dest is not None:
                 self._on_file(dest, True)
             return
@@ -117,12 +127,89 @@ class InboxWatcher(FileSystemEventHandler):
         if isinstance(event, FileClosedEvent):
             with self._lock:
                 self._writing.discard(rel)
+                self._since.pop(rel, None)
             self._on_file(rel, True)
         elif isinstance(event, FileDeletedEvent):
             with self._lock:
                 self._writing.discard(rel)
+                self._since.pop(rel, None)
         elif self.has_close_events:
+            if isinstance(event, FileCreatedEvent) and not _plain_file(event.src_path):
+                # a symlink, FIFO, socket, device or hard link is made without a close event: it is
+                # as complete as it will ever be
+                self._on_file(rel, True)
+                return
             with self._lock:  # created or modified: a writer has it open; its close event will follow
                 self._writing.add(rel)
+                self._since.setdefault(rel, time.monotonic())
         else:
             self._on_file(rel, False)
+
+    def release_abandoned(self, older_than: float = 60.0) -> list[str]:
+        """Forget "being written" marks that no open file backs any more (a close event lost to an
+        inotify overflow would otherwise hold a file for ever). Checked only for marks older than
+        `older_than` seconds, and only against /proc, so a writer pausing for minutes keeps its mark."""
+        now = time.monotonic()
+        with self._lock:
+            old = [rel for rel in self._writing if now - self._since.get(rel, now) >= older_than]
+        released = []
+        for rel in old:
+            if not _held_open(self.inbox / rel):
+                with self._lock:
+                    self._writing.discard(rel)
+                    self._since.pop(rel, None)
+                released.append(rel)
+        return released
+
+
+def _plain_file(path: str | bytes) -> bool:
+    """A regular file with one link: the only kind a writer may still be filling."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+def _held_open(path: Path) -> bool:
+    """Whether any process we can see has `path` open (read from /proc; root sees every process)."""
+    try:
+        target = os.stat(path)
+    except FileNotFoundError:
+        return False
+    for proc in os.scandir("/proc"):
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{proc.name}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    st = os.stat(fd.path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                    return True
+    return False
+
+
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs",
+                                 "lustre", "gpfs", "beegfs", "fuse.sshfs", "fuse.s3fs", "fuse.rclone"})
+
+
+def network_filesystem(path: Path) -> str | None:
+    """The filesystem type of `path`'s mount if it is a network filesystem, from /proc/self/mountinfo."""
+    real = os.path.realpath(path)
+    best, best_type = "", ""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        point = left.split()[4].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, best_type = point, right.split()[0]
+    return best_type if best_type in NETWORK_FILESYSTEMS else None

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from helpers import dropq_json
+from helpers import dropq, dropq_json
 
 
 def worker_pid_running(ws: Workspace, job_id: str, timeout: float = 10.0) -> int:
@@ -265,3 +265,40 @@ def test_a_job_whose_worker_is_lost_past_its_retries_fails_saying_so(workspace: 
     result = workspace.wait_results(1, timeout=30)["doomed"]
     assert result["status"] == "failed"
     assert "worker running this job was lost" in result["error"] and "1 attempt" in result["error"]
+
+
+def test_cancel_a_queued_and_a_running_job(workspace: Workspace, daemon: DaemonProcess) -> None:
+    workspace.configure(workers={"pool": "local", "count": 1})
+    daemon.start()
+    workspace.drop("running.yaml", {"program": "sleep", "args": ["30"]})
+    worker_pid_running(workspace, "running")
+    workspace.drop("queued.yaml", {"program": "echo"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and '"status": "queued"' not in dropq(workspace.config, "show", "queued",
+                                                                           "--json").stdout:
+        time.sleep(0.05)
+    assert dropq(workspace.config, "cancel", "queued").returncode == 0
+    workspace.put("running.cancel", "")  # the file-based way, without the CLI
+    results = workspace.wait_results(2, timeout=30)
+    assert results["queued"]["status"] == "cancelled" and results["queued"]["attempts"] == 0
+    assert results["running"]["status"] == "cancelled" and results["running"]["duration_seconds"] < 10
+    assert not (workspace.inbox / "running.cancel").exists()
+    done = dropq(workspace.config, "cancel", "queued")
+    assert done.returncode == 0 and "already finished" in done.stdout
+
+
+def test_retry_on_exit_retries_the_listed_codes_only(workspace: Workspace, daemon: DaemonProcess) -> None:
+    (workspace.programs / "flaky.py").write_text(
+        "import os, sys\n"
+        "n = int(sys.argv[1])\n"
+        "count = len(os.listdir(sys.argv[2])) if os.path.isdir(sys.argv[2]) else 0\n"
+        "os.makedirs(os.path.join(sys.argv[2], str(count)))\n"
+        "sys.exit(75 if count < n else 0)\n")
+    tally = workspace.root / "tally"
+    daemon.start()
+    workspace.drop("flaky.yaml", {"program": "flaky", "args": ["2", str(tally)], "retry_on_exit": [75],
+                                  "retries": 3})
+    workspace.drop("fails.yaml", {"program": "fail", "retry_on_exit": [75], "retries": 3})
+    results = workspace.wait_results(2, timeout=30)
+    assert results["flaky"]["status"] == "succeeded" and results["flaky"]["attempts"] == 3
+    assert results["fails"]["status"] == "failed" and results["fails"]["attempts"] == 1, "3 is not listed"

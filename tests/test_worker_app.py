@@ -178,3 +178,12 @@ def test_capped_file_keeps_everything_under_the_cap(tmp_path: Path) -> None:
         f.write(b"x" * 100)
     f.close()
     assert not f.truncated and (tmp_path / "out").read_bytes() == b"x" * 1000
+
+
+def test_a_forgotten_job_id_may_be_posted_again_and_runs_again(client: FlaskClient, settings: Settings) -> None:
+    run(client, {"id": "again", "program": "hello.py"})
+    assert client.delete("/jobs/again").status_code == 200
+    assert client.get("/jobs/again").status_code == 404
+    (settings.jobs / "again" / "stdout.txt").unlink()
+    run(client, {"id": "again", "program": "hello.py"})
+    assert (settings.jobs / "again" / "stdout.txt").read_text() == "hello\n", "it ran a second time"

@@ -164,6 +164,8 @@ class Runner:
     def forget(self, job_id: str) -> bool:
         with self._lock:
             job = self._finished.pop(job_id, None)
+            if self._current is not None and self._current.spec.id == job_id and self._current.done.is_set():
+                self._current = None
         return job is not None
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -29,6 +29,24 @@ from helpers import processes_mentioning, remove_containers  # noqa: E402
 WORKER_IMAGE = "dropq-worker:latest"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--faults-heavy", action="store_true",
+                     help="run the fault-injection suite at its heavier settings (more jobs, more faults)")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from helpers import FAULT_ROWS
+
+    if not FAULT_ROWS:
+        return
+    head = ("fault", "submitted", "faults", "committed", "lost", "duplicated", "stuck")
+    widths = [max(len(str(r[i])) for r in [head, *FAULT_ROWS]) for i in range(len(head))]
+    terminalreporter.section("fault injection: every job must be committed exactly once")
+    for row in [head, *FAULT_ROWS]:
+        terminalreporter.write_line("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                              for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+
+
 def _skip_or_fail(reason: str) -> None:
     # Docker tests may skip on a machine without an engine, but CI (DROPQ_REQUIRE_DOCKER=1) must see
     # them fail instead: a skipped sandbox test proves nothing.

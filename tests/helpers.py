@@ -61,3 +61,21 @@ def containers_of(state: Path) -> dict[str, Any]:
     client = docker.from_env(timeout=10)
     found = client.containers.list(filters={"label": f"io.dropq.state={state.resolve()}"})
     return {c.labels["io.dropq.worker"]: c for c in found}
+
+
+#: rows of the fault-injection table, printed at the end of the run
+FAULT_ROWS: list[tuple[str, int, int, int, int, int, int]] = []
+
+
+def account(name: str, *, workspace: Any, expected: set[str], faults: int) -> dict[str, int]:
+    """Count what became of the `expected` job ids: committed once, lost, duplicated, or stuck."""
+    folders = {n for n in os.listdir(workspace.outbox) if not n.startswith(".")}
+    committed = expected & folders
+    duplicated = len(folders - expected)
+    missing = expected - committed
+    inbox = {n.rsplit(".", 1)[0] for n in os.listdir(workspace.inbox)}
+    spool = set(os.listdir(workspace.state / "spool")) if (workspace.state / "spool").exists() else set()
+    stuck = len(missing & (inbox | spool))
+    lost = len(missing) - stuck
+    FAULT_ROWS.append((name, len(expected), faults, len(committed), lost, duplicated, stuck))
+    return {"committed": len(committed), "lost": lost, "duplicated": duplicated, "stuck": stuck}

@@ -1,0 +1,170 @@
+"""Fault injection: each fault repeated while jobs flow; every job must end committed exactly once.
+
+The table of figures is printed at the end of the run. `--faults-heavy` runs more jobs and faults.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, Workspace
+from helpers import account, containers_of, dropq_json
+
+FAST = "#!/bin/sh\necho \"ok $1\"\n"
+
+
+def scale(request: pytest.FixtureRequest, normal: int, heavy: int) -> int:
+    return heavy if request.config.getoption("--faults-heavy") else normal
+
+
+def fast_program(ws: Workspace) -> None:
+    path = ws.programs / "fast.sh"
+    path.write_text(FAST)
+    path.chmod(0o755)
+
+
+def settle_all(ws: Workspace, expected: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if expected <= {n for n in os.listdir(ws.outbox) if not n.startswith(".")}:
+            time.sleep(0.5)  # a duplicate would show up now, if there were one
+            return
+        time.sleep(0.1)
+
+
+def assert_clean(counts: dict[str, int], expected: int) -> None:
+    assert counts == {"committed": expected, "lost": 0, "duplicated": 0, "stuck": 0}
+
+
+def test_kill_9_of_the_daemon_at_random_moments(workspace: Workspace, daemon: DaemonProcess,
+                                                request: pytest.FixtureRequest) -> None:
+    jobs, kills = scale(request, 200, 1000), scale(request, 20, 60)
+    rng = random.Random(7)
+    daemon.start()
+    expected = set()
+    for i in range(jobs):
+        workspace.drop(f"k{i}.yaml", {"program": "echo", "args": [str(i)]})
+        expected.add(f"k{i}")
+    for _ in range(kills):
+        time.sleep(rng.uniform(0.05, 0.5))
+        daemon.kill()
+        daemon.start()
+    settle_all(workspace, expected, timeout=180)
+    counts = account("kill -9 of the daemon", workspace=workspace, expected=expected, faults=kills)
+    assert_clean(counts, jobs)
+    for i in range(0, jobs, 37):
+        assert (workspace.outbox / f"k{i}" / "stdout.txt").read_text().startswith(f"{i}\n")
+    assert os.listdir(workspace.state / "spool") == []
+
+
+def test_dropped_while_the_daemon_is_down_then_more_while_it_starts(workspace: Workspace, daemon: DaemonProcess,
+                                                                    request: pytest.FixtureRequest) -> None:
+    fast_program(workspace)
+    before, during = scale(request, 200, 2000), scale(request, 200, 2000)
+    expected = set()
+    for i in range(before):
+        workspace.drop(f"d{i}.yaml", {"program": "fast.sh"})
+        expected.add(f"d{i}")
+    daemon.start(wait=False)
+    for i in range(during):
+        workspace.drop(f"s{i}.yaml", {"program": "fast.sh"})
+        expected.add(f"s{i}")
+    daemon.wait_running()
+    settle_all(workspace, expected, timeout=120)
+    assert_clean(account("dropped while down, more during start", workspace=workspace, expected=expected,
+                         faults=1), before + during)
+
+
+def test_a_burst_overflowing_a_small_inotify_queue(workspace: Workspace, daemon: DaemonProcess,
+                                                    request: pytest.FixtureRequest) -> None:
+    fast_program(workspace)
+    burst = scale(request, 5000, 20000)
+    sysctl = Path("/proc/sys/fs/inotify/max_queued_events")
+    try:
+        original = sysctl.read_text().strip()
+        sysctl.write_text("64\n")  # the limit is read when the daemon's inotify instance is made
+    except OSError:
+        pytest.skip("fs.inotify.max_queued_events cannot be changed here (needs root)")
+    try:
+        daemon.start()
+    finally:
+        sysctl.write_text(original + "\n")
+    expected = set()
+    for i in range(burst):
+        workspace.drop(f"b{i}.yaml", {"program": "fast.sh"})
+        expected.add(f"b{i}")
+    settle_all(workspace, expected, timeout=300)
+    counts = account("burst over a 64-event inotify queue", workspace=workspace, expected=expected, faults=1)
+    assert_clean(counts, burst)
+    watcher = dropq_json(workspace.config, "status")["daemon"]
+    assert int(watcher["watcher_missed"]) > 0, "the overflow happened, and rescans made up for it"
+
+
+def test_a_setsid_grandchild_holding_stdout_at_timeout(workspace: Workspace, daemon: DaemonProcess,
+                                                        request: pytest.FixtureRequest) -> None:
+    (workspace.programs / "escape.py").write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(120)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    runs = scale(request, 4, 12)
+    daemon.start()
+    expected = set()
+    for i in range(runs):
+        workspace.drop(f"e{i}.yaml", {"program": "escape", "timeout": 1})
+        expected.add(f"e{i}")
+    settle_all(workspace, expected, timeout=60)
+    assert_clean(account("setsid grandchild at timeout", workspace=workspace, expected=expected, faults=runs), runs)
+    for job_id in expected:
+        result = workspace.result(job_id)
+        assert result["status"] == "timed_out"
+        assert result["duration_seconds"] < 1 + 1 + 1, "within timeout + kill_grace"
+        pid = int((workspace.outbox / job_id / "stdout.txt").read_text())
+        assert not Path(f"/proc/{pid}").exists(), "the escaped grandchild was killed and reaped"
+
+
+def test_a_poison_job_that_kills_its_workers_does_not_stall_the_others(workspace: Workspace,
+                                                                       daemon: DaemonProcess) -> None:
+    (workspace.programs / "poison.py").write_text("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n")
+    daemon.start()
+    workspace.drop("poison.yaml", {"program": "poison", "retries": 2})
+    expected = {"poison"}
+    for i in range(30):
+        workspace.drop(f"n{i}.yaml", {"program": "echo"})
+        expected.add(f"n{i}")
+    settle_all(workspace, expected, timeout=120)
+    assert_clean(account("poison job kills its worker", workspace=workspace, expected=expected, faults=3), 31)
+    poison = workspace.result("poison")
+    assert poison["status"] == "failed" and poison["attempts"] == 3
+    assert "lost 3 time(s)" in poison["error"]
+    assert all(workspace.result(f"n{i}")["status"] == "succeeded" for i in range(30))
+
+
+@pytest.mark.docker
+def test_docker_kill_of_busy_workers(workspace: Workspace, daemon: DaemonProcess, docker_image: str,
+                                     request: pytest.FixtureRequest) -> None:
+    workspace.configure(workers={"pool": "docker", "count": 2, "docker": {"image": docker_image}})
+    jobs, kills = scale(request, 30, 100), scale(request, 5, 20)
+    daemon.start()
+    expected = set()
+    for i in range(jobs):
+        workspace.drop(f"c{i}.yaml", {"program": "sleep", "args": ["0.3"], "retries": 5})
+        expected.add(f"c{i}")
+    done = 0
+    stop = threading.Event()
+    while done < kills and not stop.is_set():
+        time.sleep(0.6)
+        busy = [w["name"] for w in dropq_json(workspace.config, "status")["workers"] if w["state"] == "busy"]
+        containers = containers_of(workspace.state)
+        if busy and busy[0] in containers:
+            containers[busy[0]].kill(signal="SIGKILL")
+            done += 1
+    settle_all(workspace, expected, timeout=180)
+    assert_clean(account("docker kill of a busy worker", workspace=workspace, expected=expected, faults=done), jobs)
+    assert all(workspace.result(j)["status"] == "succeeded" for j in expected)

@@ -1,0 +1,78 @@
+"""Unit tests of the outbox commit: idempotent after a crash at any point, and never following links."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dropq.jobs import JobStatus
+from dropq.outbox import Outbox
+from dropq.paths import collect_tree
+from dropq.store import JobRecord, Store
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Store, Outbox, Path]:
+    store = Store(tmp_path / "db.sqlite3")
+    outbox = Outbox(root=tmp_path / "outbox", spool=tmp_path / "spool", store=store)
+    (tmp_path / "outbox").mkdir()
+    yield store, outbox, tmp_path
+    store.close()
+
+
+def committing_job(store: Store, tmp: Path, job_id: str = "job") -> JobRecord:
+    (tmp / "spool" / job_id).mkdir(parents=True)
+    (tmp / "spool" / job_id / "manifest.yaml").write_text("program: echo\n")
+    store.add(job_id, source=f"{job_id}.yaml")
+    return store.transition(job_id, JobStatus.COMMITTING, outcome={"status": "succeeded", "exit_code": 0})
+
+
+def test_a_commit_run_again_after_the_rename_makes_no_second_folder(setup: tuple[Store, Outbox, Path]) -> None:
+    store, outbox, tmp = setup
+    job = committing_job(store, tmp)
+    outbox.commit(job, staging=None, name="job")  # the crash: published, but the store never heard
+    assert store.get("job").status is JobStatus.COMMITTING
+    outbox.finish(store.get("job"))  # what recovery does at the next start
+    assert sorted(os.listdir(tmp / "outbox")) == ["job"]
+    assert store.get("job").status is JobStatus.SUCCEEDED
+
+
+def test_a_commit_interrupted_half_way_completes_on_the_next_run(setup: tuple[Store, Outbox, Path]) -> None:
+    store, outbox, tmp = setup
+    job = committing_job(store, tmp)
+    half = tmp / "outbox" / ".job.tmp"
+    half.mkdir()
+    os.rename(tmp / "spool" / "job" / "manifest.yaml", half / "manifest.yaml")  # moved, then the crash
+    outbox.finish(job)
+    assert (tmp / "outbox" / "job" / "manifest.yaml").read_text() == "program: echo\n"
+    assert yaml.safe_load((tmp / "outbox" / "job" / "result.yaml").read_text())["status"] == "succeeded"
+    assert not half.exists()
+
+
+def test_a_folder_someone_else_made_with_the_jobs_name_is_left_alone(setup: tuple[Store, Outbox, Path]) -> None:
+    store, outbox, tmp = setup
+    (tmp / "outbox" / "job").mkdir()
+    (tmp / "outbox" / "job" / "theirs.txt").write_text("not ours")
+    outbox.finish(committing_job(store, tmp))
+    assert (tmp / "outbox" / "job" / "theirs.txt").read_text() == "not ours"
+    assert yaml.safe_load((tmp / "outbox" / "job-2" / "result.yaml").read_text())["id"] == "job-2"
+
+
+def test_collecting_output_drops_links_fifos_and_hardlinks_without_following_them(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("host secret")
+    out = tmp_path / "staging"
+    (out / "sub").mkdir(parents=True)
+    (out / "real.txt").write_text("kept")
+    (out / "sub" / "deep.txt").write_text("kept too")
+    os.symlink(outside, out / "link.txt")
+    os.symlink("/", out / "sub" / "root")
+    os.link(outside, out / "hard.txt")
+    os.mkfifo(out / "fifo")
+    dropped = collect_tree(out, tmp_path / "collected")
+    assert dropped == ["fifo", "hard.txt", "link.txt", "sub/root"]
+    assert sorted(p.name for p in (tmp_path / "collected").rglob("*")) == ["deep.txt", "real.txt", "sub"]
+    assert outside.read_text() == "host secret"

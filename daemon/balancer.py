@@ -293,7 +293,8 @@ def outcome_of(status: dict[str, Any], manifest: Manifest | None) -> dict[str, A
     elif kind == "timed_out":
         final = JobStatus.TIMED_OUT
         limit = manifest.timeout if manifest else None
-        error = f"the program ran longer than its timeout of {limit:g} seconds and was stopped"
+        cause = f" ({error})" if error else ""
+        error = f"the program ran longer than its timeout of {limit:g} seconds and was stopped{cause}"
     elif kind == "cancelled":
         final, error = JobStatus.CANCELLED, "the job was cancelled"
     elif kind == "oom":
@@ -302,6 +303,8 @@ def outcome_of(status: dict[str, Any], manifest: Manifest | None) -> dict[str, A
         final = JobStatus.FAILED
         if kind == "exited" and sig:
             error = error or f"the program was killed by signal {_signal_name(sig)}"
+        elif kind == "exited" and error:
+            error = f"the program exited with code {code}: {error}"
         elif kind == "exited":
             error = error or f"the program exited with code {code}"
     keep = ("exit_code", "signal", "started_at", "finished_at", "stdout_truncated", "stderr_truncated")

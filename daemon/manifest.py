@@ -28,6 +28,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_ENV = frozenset({"DROPQ_OUTPUT", "DROPQ_JOB_ID", "DROPQ_INPUTS"})
 _MAX_TIMEOUT = 7 * 24 * 3600
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+#: a manifest needs no YAML aliases at all; a handful is tolerated, an alias bomb ("billion laughs")
+#: is refused before any object is built from it
+MAX_ALIASES = 16
 
 
 def is_manifest_name(name: str) -> bool:
@@ -66,7 +69,7 @@ class Manifest:
 
     @classmethod
     def from_mapping(cls, data: Mapping[Any, Any], *, defaults: JobDefaults) -> Manifest:
-        unknown = sorted(str(k) for k in data if k not in KEYS)
+        unknown = sorted(_short(k) for k in data if not isinstance(k, str) or k not in KEYS)
         if unknown:
             raise ManifestError(f"unknown key `{unknown[0]}`; a manifest may have: {', '.join(KEYS)}")
         if "program" not in data:
@@ -115,6 +118,9 @@ def program_file(value: object) -> str:
 
 def _load_yaml(text: str) -> Any:
     try:
+        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=_SafeLoader))
+        if aliases > MAX_ALIASES:
+            raise ManifestError(f"the manifest uses {aliases} YAML aliases; at most {MAX_ALIASES} are allowed")
         return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - the safe loader, C-accelerated when available
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
@@ -134,7 +140,8 @@ def _str_list(data: Mapping[Any, Any], key: str, *, scalars: bool = False) -> li
         if scalars and isinstance(item, int | float) and not isinstance(item, bool):
             item = str(item)
         if not isinstance(item, str):
-            raise ManifestError(f"every item of `{key}` must be a string; got {item!r}")
+            # the type only: a repr of an untrusted nested value can be enormous
+            raise ManifestError(f"every item of `{key}` must be a string, not {type(item).__name__}")
         if "\x00" in item:
             raise ManifestError(f"an item of `{key}` contains a NUL byte")
         out.append(item)
@@ -158,7 +165,7 @@ def _env(value: object) -> dict[str, str]:
     env = {}
     for name, item in value.items():
         if not isinstance(name, str) or not _ENV_NAME.match(name):
-            raise ManifestError(f"`env` has an invalid variable name {name!r}")
+            raise ManifestError(f"`env` has an invalid variable name {_short(name)}")
         if name in _RESERVED_ENV:
             raise ManifestError(f"`env` may not set {name}; dropq sets it")
         if isinstance(item, bool) or not isinstance(item, str | int | float):
@@ -176,6 +183,15 @@ def _timeout(value: object) -> float:
     if value > _MAX_TIMEOUT:
         raise ManifestError(f"`timeout` may be at most {_MAX_TIMEOUT} seconds (a week)")
     return float(value)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """An untrusted value for an error message: a string, shortened; anything else, its type only."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "..."
+    if isinstance(value, int | float | bool) or value is None:
+        return str(value)
+    return f"<{type(value).__name__}>"
 
 
 def _exit_codes(value: object) -> tuple[int, ...]:

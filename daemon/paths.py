@@ -78,18 +78,21 @@ def collect_tree(src: Path, dst: Path) -> list[str]:
         os.unlink(dst)
         dst.mkdir()
         return ["."]
-    dropped: list[str] = []
+    # Judge every entry from one snapshot taken before anything is removed: dropping one of two hard
+    # links would otherwise leave the other looking like a file of its own.
+    doomed: list[Path] = []
     for folder, dirs, files in os.walk(dst, followlinks=False):
         for name in [*dirs, *files]:
             path = Path(folder, name)
             st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
-                continue
-            os.unlink(path)
-            dropped.append(str(path.relative_to(dst)))
-        # os.walk lists a symlink to a directory among `dirs` but does not descend into it; once
-        # unlinked above it must not be walked either.
-        dirs[:] = [d for d in dirs if os.path.isdir(os.path.join(folder, d))]
+            if not (stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)):
+                doomed.append(path)
+        # os.walk lists a symlink to a directory among `dirs` without descending into it; keep it so
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+    dropped = []
+    for path in doomed:
+        os.unlink(path)
+        dropped.append(str(path.relative_to(dst)))
     return sorted(dropped)
 
 

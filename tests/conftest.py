@@ -35,16 +35,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from helpers import FAULT_ROWS
+    from helpers import FAULT_ROWS, SECURITY_ROWS
 
-    if not FAULT_ROWS:
-        return
-    head = ("fault", "submitted", "faults", "committed", "lost", "duplicated", "stuck")
-    widths = [max(len(str(r[i])) for r in [head, *FAULT_ROWS]) for i in range(len(head))]
-    terminalreporter.section("fault injection: every job must be committed exactly once")
-    for row in [head, *FAULT_ROWS]:
-        terminalreporter.write_line("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                                              for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    tables = [
+        ("fault injection: every job must be committed exactly once", FAULT_ROWS,
+         ("fault", "submitted", "faults", "committed", "lost", "duplicated", "stuck")),
+        ("security: every attack must be contained", SECURITY_ROWS, ("attack", "tried", "contained", "escaped")),
+    ]
+    for title, rows, head in tables:
+        if not rows:
+            continue
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+        terminalreporter.section(title)
+        for row in [head, *rows]:
+            terminalreporter.write_line("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                                  for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def _skip_or_fail(reason: str) -> None:

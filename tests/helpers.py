@@ -79,3 +79,11 @@ def account(name: str, *, workspace: Any, expected: set[str], faults: int) -> di
     lost = len(missing) - stuck
     FAULT_ROWS.append((name, len(expected), faults, len(committed), lost, duplicated, stuck))
     return {"committed": len(committed), "lost": lost, "duplicated": duplicated, "stuck": stuck}
+
+
+#: rows of the security table: (attack, tried, contained, escaped)
+SECURITY_ROWS: list[tuple[str, int, int, int]] = []
+
+
+def record_attack(name: str, tried: int, contained: int) -> None:
+    SECURITY_ROWS.append((name, tried, contained, tried - contained))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-env", default="DROPQ_WORKER_TOKEN",
                    help="environment variable holding the bearer token (removed once read)")
     p.add_argument("--threads", type=int, default=6)
+    p.add_argument("--max-file-bytes", type=int, default=1 << 30,
+                   help="largest file a job may write (RLIMIT_FSIZE; default 1 GiB); 0: no limit")
     return p.parse_args(argv)
 
 
@@ -57,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     _expand(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     token = os.environ.pop(args.token_env, None)
+    if token and not procs.make_undumpable():
+        log.warning("could not make the worker undumpable; jobs of the same uid could read its token")
     if args.listen and not token:
         print(f"dropq-worker: --listen requires a token in ${args.token_env}", file=sys.stderr)
         return 2
+    if args.max_file_bytes:
+        # set here once and inherited by every job; the worker's own files are capped below it anyway
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_bytes, args.max_file_bytes))
     if not procs.become_subreaper():
         log.warning("could not become a child subreaper; a job's escaped grandchildren may outlive it")
     for job_id in reap_abandoned(args.jobs):

@@ -15,12 +15,23 @@ import signal
 from pathlib import Path
 
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_DUMPABLE = 4
 
 
 def become_subreaper() -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def make_undumpable() -> bool:
+    """Keep processes of the same uid (the jobs) out of /proc/<pid>/environ and /proc/<pid>/mem, where
+    the worker's token would be; a job's exec() resets its own flag, so this one process is covered."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
@@ -114,6 +125,33 @@ def memory_limit() -> int | None:
             continue
         if text.isdigit() and int(text) < 1 << 60:
             return int(text)
+    return None
+
+
+_PIDS_EVENTS = ("/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")
+_PIDS_MAX = ("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max")
+
+
+def pids_refusals() -> int | None:
+    """How often this cgroup refused a new process for its pids limit (a fork bomb hits it)."""
+    for path in _PIDS_EVENTS:
+        try:
+            for line in Path(path).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def pids_limit() -> int | None:
+    for path in _PIDS_MAX:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() else None
     return None
 
 

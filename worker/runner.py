@@ -235,7 +235,7 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
         return {"outcome": "error", "exit_code": None, "error": f"the program could not be started: {exc.strerror}"}
     _write_json(job.folder / "pid.json", {"pgid": proc.pid, "start": procs.start_time(proc.pid)})
     procs.make_oom_victim(proc.pid)
-    ooms_before = procs.oom_kills()
+    ooms_before, refusals_before = procs.oom_kills(), procs.pids_refusals()
     try:
         outcome = _supervise(job, proc, out, err)
     finally:
@@ -247,6 +247,12 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
                 pipe.close()
     code = proc.returncode
     error = None
+    refusals = procs.pids_refusals()
+    if refusals_before is not None and refusals is not None and refusals > refusals_before:
+        error = (f"the program tried to start more processes than the worker's limit of {procs.pids_limit()} "
+                 "allows (a fork bomb?)")
+    if code == -signal.SIGXFSZ:
+        error = "the program wrote a file larger than the worker's file size limit and was stopped"
     if outcome == "exited" and code == -signal.SIGKILL and ooms_before is not None:
         after = procs.oom_kills()
         if after is not None and after > ooms_before:

@@ -6,6 +6,8 @@ Every pool (local processes, docker containers, ...) passes the same contract te
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -65,3 +67,18 @@ class Pool(ABC):
 
     def describe(self) -> str:
         return self.kind
+
+
+def worker_token(path: Path) -> str:
+    """The bearer token for one worker, kept in a 0600 file outside every mount a job can see, so a
+    restarted daemon can still talk to the workers it adopts."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token)
+    return token

@@ -19,7 +19,7 @@ from typing import Any
 from ..config import Config
 from ..errors import TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle
+from .base import Pool, WorkerHandle, worker_token
 from .docker import IN_WORK, container_user
 
 log = logging.getLogger("dropq.pool.compose")
@@ -39,6 +39,8 @@ class ComposePool(Pool):
         self.work = config.compose_dir / "work"
         self.inputs = config.compose_dir / "inputs"
         self.client = docker.from_env(timeout=60)
+        # one token for all replicas; docker-compose.yml passes it to them through env_file
+        self.token = worker_token(config.compose_dir / "token")
         self._lock = threading.Lock()
         self._handles: dict[str, WorkerHandle] = {}
         self._ids: dict[str, str] = {}
@@ -52,6 +54,10 @@ class ComposePool(Pool):
     def start(self) -> None:
         for folder in (self.work, self.inputs):
             folder.mkdir(parents=True, exist_ok=True)
+        env_file = self.config.compose_dir / "worker.env"
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"DROPQ_WORKER_TOKEN={self.token}\n")
         uid, _, gid = container_user(self.config).partition(":")
         if os.geteuid() == 0 and uid.isdigit():
             os.chown(self.work, int(uid), int(gid or uid))  # replicas make their own subfolders in it
@@ -84,7 +90,7 @@ class ComposePool(Pool):
                 (self.inputs / host).mkdir(exist_ok=True)
                 os.chmod(self.inputs / host, 0o755)
                 self._handles[host] = WorkerHandle(
-                    name=host, transport=Transport(socket_path=str(self.work / host / "worker.sock")),
+                    name=host, transport=Transport(socket_path=str(self.work / host / "worker.sock"), token=self.token),
                     jobs_dir=self.work / host / "jobs", inputs_dir=self.inputs / host)
                 self._ready[host] = threading.Event()
             self._ids[host] = container.id

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle
+from .base import Pool, WorkerHandle, worker_token
 
 log = logging.getLogger("dropq.pool.docker")
 
@@ -88,8 +88,8 @@ class DockerPool(Pool):
     def _handle(self, name: str) -> WorkerHandle:
         folder = self.config.workers_dir / name
         work = folder / "work"
-        return WorkerHandle(name=name, transport=Transport(socket_path=str(work / "worker.sock"), timeout=10.0),
-                            jobs_dir=work / "jobs", inputs_dir=folder / "inputs")
+        transport = Transport(socket_path=str(work / "worker.sock"), token=worker_token(folder / "token"))
+        return WorkerHandle(name=name, transport=transport, jobs_dir=work / "jobs", inputs_dir=folder / "inputs")
 
     def workers(self) -> list[WorkerHandle]:
         return [self._handles[n] for n in self._names]
@@ -175,6 +175,7 @@ class DockerPool(Pool):
                 cap_drop=["ALL"], security_opt=["no-new-privileges"], pids_limit=s.pids_limit,
                 mem_limit=s.memory, memswap_limit=s.memory, nano_cpus=int(s.cpus * 1e9),
                 network_mode=s.network, runtime=s.runtime, mounts=mounts, restart_policy={"Name": "no"},
+                environment={"DROPQ_WORKER_TOKEN": worker_token(handle.jobs_dir.parent.parent / "token")},
             )
         except docker.errors.DockerException as exc:
             raise PoolError(f"could not start worker container {name} from {s.image}: {exc}") from None

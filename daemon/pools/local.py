@@ -24,7 +24,7 @@ from typing import Any
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle
+from .base import Pool, WorkerHandle, worker_token
 
 log = logging.getLogger("dropq.pool.local")
 
@@ -75,8 +75,8 @@ class LocalPool(Pool):
         if len(str(sock)) > _SOCKET_MAX:
             raise PoolError(f"the worker socket path {sock} is longer than the {_SOCKET_MAX} bytes a Unix "
                             "socket allows; use a shorter state directory")
-        return WorkerHandle(name=name, transport=Transport(socket_path=str(sock), timeout=10.0),
-                            jobs_dir=folder / "jobs", inputs_dir=folder / "inputs")
+        transport = Transport(socket_path=str(sock), token=worker_token(folder / "token"))
+        return WorkerHandle(name=name, transport=transport, jobs_dir=folder / "jobs", inputs_dir=folder / "inputs")
 
     def workers(self) -> list[WorkerHandle]:
         return [self._handles[n] for n in self._names]
@@ -121,7 +121,8 @@ class LocalPool(Pool):
         argv = [sys.executable, "-m", "dropq_worker", "--socket", str(sock), "--name", name,
                 "--programs", str(self.config.programs), "--inputs", str(handle.inputs_dir),
                 "--jobs", str(handle.jobs_dir), "--python", self._python]
-        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: S603
+        env = {**os.environ, "DROPQ_WORKER_TOKEN": worker_token(sock.parent / "token")}
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)  # noqa: S603
         with self._lock:
             self._procs[name] = _Proc(popen.pid, popen)
         log.info("worker %s: started process %d", name, popen.pid)

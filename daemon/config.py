@@ -77,6 +77,8 @@ class JobDefaults:
     kill_grace: float = 5.0
     #: bytes kept of stdout and of stderr each; past that the head and tail are kept
     max_output_bytes: int = 64 * 1024 * 1024
+    #: the largest file a program may write (RLIMIT_FSIZE); past it the program is stopped
+    max_file_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +176,8 @@ def _check_ranges(config: Config) -> None:
         (config.jobs.retries >= 0, "jobs.retries must be 0 or more"),
         (config.jobs.kill_grace >= 0, "jobs.kill_grace must be 0 or more seconds"),
         (config.jobs.max_output_bytes >= 1024, "jobs.max_output_bytes must be at least 1024"),
+        (config.jobs.max_file_bytes >= config.jobs.max_output_bytes,
+         "jobs.max_file_bytes must be at least jobs.max_output_bytes (the worker writes captures that large)"),
         (config.intake.settle >= 0, "intake.settle must be 0 or more seconds"),
         (config.intake.input_grace >= 0, "intake.input_grace must be 0 or more seconds"),
         (config.intake.rescan > 0, "intake.rescan must be a positive number of seconds"),

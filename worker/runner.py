@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -251,8 +252,8 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     if refusals_before is not None and refusals is not None and refusals > refusals_before:
         error = (f"the program tried to start more processes than the worker's limit of {procs.pids_limit()} "
                  "allows (a fork bomb?)")
-    if code == -signal.SIGXFSZ:
-        error = "the program wrote a file larger than the worker's file size limit and was stopped"
+    if code == -signal.SIGXFSZ or (code and _hit_file_limit(job.folder / "output")):
+        error = "a file the program wrote reached the worker's file size limit (jobs.max_file_bytes)"
     if outcome == "exited" and code == -signal.SIGKILL and ooms_before is not None:
         after = procs.oom_kills()
         if after is not None and after > ooms_before:
@@ -332,6 +333,21 @@ def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: Ca
             procs.kill_group(proc.pid)
             proc.wait()
     return outcome
+
+
+def _hit_file_limit(folder: Path) -> bool:
+    """Whether a file below `folder` reached RLIMIT_FSIZE. Python and many programs ignore SIGXFSZ and
+    fail with EFBIG instead, so the file's size is the reliable sign."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return False
+    for path in folder.rglob("*"):
+        try:
+            if not path.is_symlink() and path.is_file() and path.stat().st_size >= limit:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -169,7 +169,8 @@ class DockerPool(Pool):
             container = self.client.containers.run(
                 s.image, detach=True, name=self.container_name(name), hostname=name, labels=self.labels(name),
                 command=["--socket", f"{IN_WORK}/worker.sock", "--programs", IN_PROGRAMS, "--inputs", IN_INPUTS,
-                         "--jobs", f"{IN_WORK}/jobs", "--name", name],
+                         "--jobs", f"{IN_WORK}/jobs", "--name", name,
+                         "--max-file-bytes", str(self.config.jobs.max_file_bytes)],
                 user=container_user(self.config), read_only=True,
                 tmpfs={"/tmp": f"rw,nosuid,nodev,size={s.tmpfs_size},mode=1777"},
                 cap_drop=["ALL"], security_opt=["no-new-privileges"], pids_limit=s.pids_limit,

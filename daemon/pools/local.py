@@ -120,7 +120,8 @@ class LocalPool(Pool):
             sock.unlink()
         argv = [sys.executable, "-m", "dropq_worker", "--socket", str(sock), "--name", name,
                 "--programs", str(self.config.programs), "--inputs", str(handle.inputs_dir),
-                "--jobs", str(handle.jobs_dir), "--python", self._python]
+                "--jobs", str(handle.jobs_dir), "--python", self._python,
+                "--max-file-bytes", str(self.config.jobs.max_file_bytes)]
         env = {**os.environ, "DROPQ_WORKER_TOKEN": worker_token(sock.parent / "token")}
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)  # noqa: S603
         with self._lock:

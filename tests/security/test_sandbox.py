@@ -222,3 +222,17 @@ def test_api_calls_from_the_host_without_or_with_a_wrong_token_are_refused(sandb
         raise AssertionError(exc) from exc
     finally:
         right.close()
+
+
+def test_a_file_past_the_size_limit_stops_the_program_saying_so(sandbox: Workspace, daemon: DaemonProcess) -> None:
+    sandbox.configure(jobs={"max_file_bytes": 4 * 1024 * 1024, "max_output_bytes": 1024 * 1024})
+    daemon.start()
+    sandbox.drop("big.yaml", {"program": "big_file", "timeout": 60})
+    sandbox.drop("bystander.yaml", {"program": "echo"})
+    results = sandbox.wait_results(2, timeout=60)
+    big = results["big"]
+    contained = big["status"] == "failed" and "file size limit" in big["error"]
+    contained = contained and (sandbox.outbox / "big" / "output" / "big.bin").stat().st_size <= 4 * 1024 * 1024
+    record_attack("disk fill (one file in the staging folder)", 1, int(contained))
+    assert contained, big
+    assert results["bystander"]["status"] == "succeeded"

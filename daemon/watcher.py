@@ -37,6 +37,21 @@ from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger("dropq.watcher")
 
+
+def _no_move_pairing_delay() -> None:
+    """watchdog holds every IN_MOVED_FROM for 0.5 s, in a FIFO queue, hoping to pair it with its
+    IN_MOVED_TO. Each claim renames a manifest out of the inbox, an IN_MOVED_FROM that never pairs,
+    so every event behind it waited up to half a second: that was most of dropq's pick-up latency.
+    dropq needs no pairing (any IN_MOVED_TO means "renamed in, complete"), so the delay is 0. The
+    attribute lives on the move grouper in watchdog >= 7, and on the inotify buffer before."""
+    for module, cls in (("watchdog.observers.inotify_move_event_grouper", "InotifyMoveEventGrouper"),
+                        ("watchdog.observers.inotify_buffer", "InotifyBuffer")):
+        try:
+            owner = getattr(__import__(module, fromlist=[cls]), cls)
+        except (ImportError, AttributeError):
+            continue
+        owner.delay = 0.0
+
 #: called with (path relative to the inbox, complete): complete=False asks for the settle check
 Listener = Callable[[str, bool], None]
 
@@ -62,6 +77,7 @@ class InboxWatcher(FileSystemEventHandler):
             try:
                 from watchdog.observers.inotify import InotifyObserver
 
+                _no_move_pairing_delay()
                 self._start(InotifyObserver(generate_full_events=True), "inotify")
                 return
             except (ImportError, OSError) as exc:

@@ -1,0 +1,311 @@
+"""dropq benchmarks, side by side with the baseline a user would pick instead.
+
+    python -m bench            the full suite (under 10 minutes on 2 cores)
+    python -m bench --smoke    a few jobs per figure, to check that it runs (the test suite does this)
+    python -m bench --only 1,2 some figures only
+
+Each figure runs both arms in this process tree, interleaved, several times, and prints medians and
+ratios. The baselines: GNU parallel -j2 running the same programs with the same interpreter (on the
+host for the local pool; for the docker pool, xargs -P2 inside a worker-image container on the same
+bind mount, as the image carries no GNU parallel), and one `docker run --rm` per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = subprocess.run(["python3", "-c", "import sys; print(sys.executable)"], capture_output=True,
+                        text=True, check=True).stdout.strip()
+IMAGE = "dropq-worker:latest"
+
+
+@dataclass
+class Figure:
+    name: str
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # what, dropq, baseline, ratio
+
+
+# --- a workspace with a running daemon ---------------------------------------------------------------
+
+class Bench:
+    def __init__(self, *, pool: str = "local", count: int = 2) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="dqbench-"))
+        self.inbox, self.outbox, self.programs = self.root / "inbox", self.root / "outbox", self.root / "programs"
+        for folder in (self.inbox, self.outbox, self.programs):
+            folder.mkdir()
+        (self.programs / "pass.py").write_text("")
+        (self.programs / "sleep.py").write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
+        config = {"workers": {"pool": pool, "count": count, "docker": {"image": IMAGE, "on_shutdown": "remove"}},
+                  "intake": {"rescan": 30}, "log_level": "info"}
+        (self.root / "config.yaml").write_text(yaml.safe_dump(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seq = 0
+
+    def start(self) -> float:
+        self.log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
+        started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "dropq", "-c", str(self.root / "config.yaml"), "run"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        while b"dropq is running" not in (self.root / "daemon.log").read_bytes():
+            if self.proc.poll() is not None or time.perf_counter() - started > 120:
+                raise RuntimeError((self.root / "daemon.log").read_text()[-3000:])
+            time.sleep(0.01)
+        return started
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self.log.close()
+
+    def close(self) -> None:
+        self.stop()
+        subprocess.run(["docker", "rm", "-f", *self._containers()], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _containers(self) -> list[str]:
+        out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=io.dropq.state={self.root / 'state'}"],
+                             capture_output=True, text=True)
+        return out.stdout.split()
+
+    def drop(self, program: str, args: list[str] | None = None) -> str:
+        self.seq += 1
+        name = f"b{self.seq}"
+        tmp = self.inbox / f".{name}.tmp"
+        tmp.write_text(yaml.safe_dump({"program": program, "args": args or []}))
+        os.rename(tmp, self.inbox / f"{name}.yaml")
+        return name
+
+    def committed(self) -> int:
+        return sum(1 for n in os.listdir(self.outbox) if not n.startswith("."))
+
+    def wait_committed(self, n: int, timeout: float = 600) -> None:
+        deadline = time.perf_counter() + timeout
+        while self.committed() < n:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"only {self.committed()} of {n} committed")
+            time.sleep(0.002)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the daemon and its worker processes."""
+        assert self.proc is not None
+        pids = [self.proc.pid, *_pids_mentioning(str(self.root / "state" / "workers"))]
+        return sum(_cpu(pid) for pid in pids)
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+@contextmanager
+def bench(**kw: object) -> Iterator[Bench]:
+    b = Bench(**kw)  # type: ignore[arg-type]
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def _cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if text in Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def timed(fn: Callable[..., object], *args: object) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def run_batch(b: Bench, program: str, args: list[str], n: int) -> None:
+    """Drop n manifests and wait until all are committed."""
+    base = b.committed()
+    for _ in range(n):
+        b.drop(program, args)
+    b.wait_committed(base + n)
+
+
+def run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def parallel(argv: list[str], n: int, jobs: int = 2) -> None:
+    """GNU parallel -jN running argv once per job (argv gets the job number as its last argument)."""
+    seq = "\n".join(str(i) for i in range(n)) + "\n"
+    subprocess.run(["parallel", f"-j{jobs}", *argv], input=seq, text=True, check=True, capture_output=True)
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 0.1 else f"{seconds * 1000:.2f} ms"
+
+
+# --- the figures ---------------------------------------------------------------------------------------
+
+def fig_throughput(reps: int, scale: float) -> Figure:
+    fig = Figure("1. Throughput, local pool, 2 warm workers (drop -> committed outbox folder)")
+    for label, program, args, n in (("trivial jobs", "pass.py", [], int(1000 * scale)),
+                                    ("100 ms jobs", "sleep.py", ["0.1"], int(100 * scale))):
+        d_times, p_times, cpu = [], [], []
+        with bench() as b:
+            b.start()
+            b.drop(program, args)
+            b.wait_committed(1)  # warm
+            for _ in range(reps):
+                daemon_cpu = _cpu(b.proc.pid) if b.proc else 0.0
+                d_times.append(timed(run_batch, b, program, args, n))
+                cpu.append((_cpu(b.proc.pid) if b.proc else 0.0) - daemon_cpu)
+                p_times.append(timed(parallel, [PYTHON, str(b.programs / program), *args], n))
+        d, p = statistics.median(d_times), statistics.median(p_times)
+        fig.rows.append((f"{n} {label}", fmt(d), fmt(p), f"{p / d:.2f}"))
+        fig.rows.append((f"  daemon CPU for those {n}", f"{statistics.median(cpu):.2f} s", "", ""))
+    return fig
+
+
+def fig_latency(reps: int, scale: float) -> Figure:
+    fig = Figure("2. Added latency on an idle system (drop by rename -> commit, minus the program's own run time)")
+    n = int(200 * scale)
+    direct = statistics.median(timed(run, [PYTHON, os.devnull]) for _ in range(20))
+    with bench() as b:
+        b.start()
+        b.drop("pass.py")
+        b.wait_committed(1)
+        added = []
+        for _ in range(n):
+            added.append(timed(run_batch, b, "pass.py", [], 1) - direct)
+    added.sort()
+    p50, p99 = added[len(added) // 2], added[min(len(added) - 1, int(len(added) * 0.99))]
+    fig.rows.append((f"p50 over {n} jobs", fmt(p50), f"program alone {fmt(direct)}", "goal <= 10 ms"))
+    fig.rows.append((f"p99 over {n} jobs", fmt(p99), "", "goal <= 50 ms"))
+    return fig
+
+
+def docker_ready() -> bool:
+    probe = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True)
+    return probe.returncode == 0
+
+
+def fig_docker(reps: int, scale: float) -> Figure:
+    fig = Figure("3. Docker pool: warm workers vs a baseline in a container, and vs one `docker run --rm` per job")
+    if not docker_ready():
+        fig.rows.append(("skipped", "no Docker engine or no image", "", ""))
+        return fig
+    n_fast, n_run = max(2, int(300 * scale)), max(2, int(40 * scale))
+    d_fast, x_fast, d_run, r_run = [], [], [], []
+    with bench(pool="docker") as b:
+        b.start()
+        b.drop("pass.py")
+        b.wait_committed(1)
+        mount = ["-v", f"{b.programs}:/dropq/programs:ro", "--network", "none", "--user", "65534:65534"]
+        script = f"seq {n_fast} | xargs -P 2 -n 1 python3 /dropq/programs/pass.py"
+        in_container = ["docker", "run", "--rm", *mount, "--entrypoint", "sh", IMAGE, "-c", script]
+        per_job = ["docker", "run", "--rm", *mount, "--entrypoint", "python3", IMAGE, "/dropq/programs/pass.py"]
+        for _ in range(reps):
+            d_fast.append(timed(run_batch, b, "pass.py", [], n_fast))
+            x_fast.append(timed(run, in_container))
+            d_run.append(timed(run_batch, b, "pass.py", [], n_run))
+            r_run.append(timed(parallel, per_job, n_run))
+    d, x = statistics.median(d_fast), statistics.median(x_fast)
+    fig.rows.append((f"{n_fast} trivial jobs vs xargs -P2 in a container", fmt(d), fmt(x), f"{x / d:.2f}"))
+    d, r = statistics.median(d_run), statistics.median(r_run)
+    fig.rows.append((f"{n_run} trivial jobs vs parallel -j2 docker run --rm", fmt(d), fmt(r), f"{r / d:.1f}"))
+    return fig
+
+
+def fig_backlog(reps: int, scale: float) -> Figure:
+    fig = Figure("4. Backlog present at start (first dispatch, steady throughput, daemon peak RSS)")
+    for backlog in (int(10_000 * scale), int(100_000 * scale)):
+        with bench() as b:
+            for _ in range(backlog):
+                b.drop("pass.py")
+            started = b.start()
+            while b.committed() < 1:
+                time.sleep(0.002)
+            first = time.perf_counter() - started
+            window = max(50, int(1000 * scale))
+            b.wait_committed(50)
+            t0, c0 = time.perf_counter(), b.committed()
+            b.wait_committed(c0 + window)
+            rate = window / (time.perf_counter() - t0)
+            fig.rows.append((f"{backlog} queued: first commit after start", fmt(first), "", "goal <= 2 s"))
+            fig.rows.append((f"{backlog} queued: steady throughput", f"{rate:.0f} jobs/s", "", ""))
+            fig.rows.append((f"{backlog} queued: daemon peak RSS", f"{b.peak_rss_mb():.0f} MB", "", "goal < 200 MB"))
+    return fig
+
+
+def fig_idle(reps: int, scale: float) -> Figure:
+    fig = Figure("5. Idle cost: the daemon and 4 idle workers")
+    seconds = max(5.0, 60 * scale)
+    with bench(count=4) as b:
+        b.start()
+        time.sleep(2)
+        before = b.cpu_seconds()
+        time.sleep(seconds)
+        used = b.cpu_seconds() - before
+    fig.rows.append((f"CPU seconds over {seconds:.0f} s", f"{used:.2f} s", "",
+                     f"{used * 60 / seconds:.2f} s/min (goal < 0.5)"))
+    return fig
+
+
+FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="a few jobs per figure: checks that it runs")
+    p.add_argument("--only", default="1,2,3,4,5", help="figures to run, e.g. 1,2")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args(argv)
+    scale, reps = (0.02, 1) if args.smoke else (1.0, args.reps)
+    if shutil.which("parallel") is None:
+        print("bench: GNU parallel is needed for the baselines (apt-get install parallel)", file=sys.stderr)
+        return 2
+    begun = time.perf_counter()
+    start_up = statistics.median(timed(run, [PYTHON, "-c", "pass"]) for _ in range(20))
+    print(f"machine: {os.cpu_count()} cores; `python3 -c pass` takes {fmt(start_up)}")
+    for key in args.only.split(","):
+        fig = FIGURES[key.strip()](reps, scale)
+        print(f"\n{fig.name}")
+        widths = [max(len(r[i]) for r in [("what", "dropq", "baseline", "ratio"), *fig.rows]) for i in range(4)]
+        for row in [("what", "dropq", "baseline", "ratio (baseline/dropq)"), *fig.rows]:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)))
+        sys.stdout.flush()
+    print(f"\nsuite took {time.perf_counter() - begun:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -49,6 +50,11 @@ class Balancer:
         self._threads: dict[str, threading.Thread] = {}
         self._started = False
         self._cancel_requested: set[str] = set()
+        # Publishing (moves, fsyncs) happens on its own thread, so a worker starts its next job as
+        # soon as the last one's outcome is recorded; the store has it as committing meanwhile, and
+        # a restart finishes any such commit.
+        self._commits: queue.SimpleQueue[tuple[WorkerHandle, JobRecord] | None] = queue.SimpleQueue()
+        self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
         pool.on_change(self._pool_changed)
 
     def notify(self) -> None:
@@ -62,6 +68,7 @@ class Balancer:
         for job in self.store.with_status(JobStatus.RUNNING):
             if job.worker not in names:
                 self._retry_or_fail(job, f"its worker {job.worker} no longer exists")
+        self._committer.start()
         with self._cond:
             self._started = True
             for handle in handles:
@@ -93,6 +100,20 @@ class Balancer:
         deadline = time.monotonic() + timeout
         for thread in list(self._threads.values()):
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._committer.is_alive():
+            self._commits.put(None)  # after the slots: every outcome they recorded is published first
+            self._committer.join(max(0.0, deadline - time.monotonic()))
+
+    def _commit_loop(self) -> None:
+        while (item := self._commits.get()) is not None:
+            worker, job = item
+            key = job_key(job)
+            try:
+                self.outbox.finish(job, staging=worker.jobs_dir / key)
+                remove_tree(worker.inputs_dir / key)
+                worker.transport.forget(key)
+            except Exception:  # noqa: BLE001 - the job stays committing; the next start publishes it
+                log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job wherever it is; says what happened, in words for the log."""
@@ -126,6 +147,7 @@ class Balancer:
     # --- one slot per worker -------------------------------------------------------------------
 
     def _slot(self, worker: WorkerHandle) -> None:
+        health: dict[str, Any] | None = None
         try:
             for job in self.store.with_status(JobStatus.RUNNING):
                 if job.worker == worker.name:
@@ -134,15 +156,18 @@ class Balancer:
                         return
                     log.info("job %s: re-attaching to worker %s", job.id, worker.name)
                     self._follow(worker, job, health)
+            health = None
             while not self._stopping:
-                health = self.pool.ensure(worker.name)
-                if health is None:
-                    return
+                if health is None:  # at start, and after anything went wrong with this worker
+                    health = self.pool.ensure(worker.name)
+                    if health is None:
+                        return
                 self.store.set_worker(worker.name, "idle", detail=f"pid {health.get('pid')}")
                 ready = self._next(worker)
                 if ready is None:
                     return
-                self._run(worker, ready, health)
+                if not self._run(worker, ready, health):
+                    health = None
         except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
             self.store.set_worker(worker.name, "broken", detail="see the daemon's log")
@@ -157,7 +182,8 @@ class Balancer:
                 self._cond.wait(None if due is None else max(0.0, due - self._now()))
         return None
 
-    def _run(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> None:
+    def _run(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> bool:
+        """Run one job on `worker`; False if the worker misbehaved (it is then checked before reuse)."""
         key = job_key(job)
         assert job.manifest is not None
         manifest = Manifest.from_json(job.manifest)
@@ -176,10 +202,10 @@ class Balancer:
                 worker.transport.cancel(key)  # cancelled while it was being handed over
         except TransportError as exc:
             self._lost(worker, job, str(exc))
-            return
-        self._follow(worker, job, health)
+            return False
+        return self._follow(worker, job, health)
 
-    def _follow(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> None:
+    def _follow(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> bool:
         """Long-poll the worker until the job ends, then commit it."""
         key = job_key(job)
         while True:
@@ -187,22 +213,23 @@ class Balancer:
                 status = worker.transport.status(key, wait=POLL_WAIT)
             except UnknownJob as exc:
                 self._lost(worker, job, str(exc))
-                return
+                return False
             except TransportError as exc:
                 if self._stopping:
                     self._lost(worker, job, "the daemon is shutting down")
-                    return
+                    return False
                 again = self.pool.ensure(worker.name)
                 if again is None or again.get("pid") != health.get("pid"):
                     self._lost(worker, job, f"worker {worker.name} stopped answering ({exc})")
-                    return
+                    return False
                 continue
             if status.get("state") == "done":
                 break
         if status.get("outcome") == "stopped":
             self._lost(worker, job, "the worker was stopped")
-            return
+            return False
         self._commit(worker, job, status)
+        return True
 
     def _commit(self, worker: WorkerHandle, job: JobRecord, status: dict[str, Any]) -> None:
         manifest = Manifest.from_json(job.manifest) if job.manifest else None
@@ -223,9 +250,7 @@ class Balancer:
         except StoreError:
             log.exception("job %s: could not record its outcome", job.id)
             return
-        self.outbox.finish(job, staging=worker.jobs_dir / key)
-        remove_tree(worker.inputs_dir / key)
-        worker.transport.forget(key)
+        self._commits.put((worker, job))
         log.info("job %s: %s", job.id, outcome["status"] if not outcome.get("error")
                  else f"{outcome['status']}: {outcome['error']}")
 

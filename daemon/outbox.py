@@ -20,6 +20,8 @@ from .jobs import JobStatus
 from .paths import collect_tree, move, remove_tree
 from .store import JobRecord, Store
 
+_SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 
 def iso(ts: float | None) -> str | None:
     if ts is None:
@@ -72,11 +74,15 @@ class Outbox:
     def commit(self, job: JobRecord, *, staging: Path | None, name: str) -> Path:
         """Publish `job` (its outcome already recorded) as outbox/<name>; returns the folder."""
         final = self.root / name
+        spool = self.spool / job.id
         if self.committed_here(job, name):
+            # published before a crash: only the clean-up after the rename may be missing
+            remove_tree(spool)
+            if staging is not None:
+                remove_tree(staging)
             return final
         tmp = self.root / f".{name}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        spool = self.spool / job.id
         outcome = dict(job.outcome or {})
         dropped_entry = self._place_manifest(spool / "manifest.yaml", tmp)
         if dropped_entry:
@@ -94,7 +100,8 @@ class Outbox:
         self._place(staging, "stderr.txt", tmp / "stderr.txt")
         if stdout_name:
             (tmp / "stdout.txt").touch()
-        _write_atomic(tmp / "result.yaml", yaml.safe_dump(result_document(job, outcome, name), sort_keys=False))
+        _write_atomic(tmp / "result.yaml", yaml.dump(result_document(job, outcome, name), Dumper=_SafeDumper,
+                                                     sort_keys=False))
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(self.root)

@@ -35,8 +35,10 @@ def test_a_commit_run_again_after_the_rename_makes_no_second_folder(setup: tuple
     job = committing_job(store, tmp)
     outbox.commit(job, staging=None, name="job")  # the crash: published, but the store never heard
     assert store.get("job").status is JobStatus.COMMITTING
+    (tmp / "spool" / "job").mkdir()  # the clean-up after the rename had not run either
     outbox.finish(store.get("job"))  # what recovery does at the next start
     assert sorted(os.listdir(tmp / "outbox")) == ["job"]
+    assert not (tmp / "spool" / "job").exists()
     assert store.get("job").status is JobStatus.SUCCEEDED
 
 

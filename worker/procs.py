@@ -37,8 +37,24 @@ def make_undumpable() -> bool:
 
 
 def children(pid: int) -> list[int]:
-    """The direct children of `pid`, read from /proc."""
-    found = []
+    """The direct children of `pid`. The kernel lists them per thread in /proc/PID/task/TID/children
+    (a few tiny reads); where that file is missing, every process's stat is read instead, which was
+    a third of a worker's CPU time per job on a busy host."""
+    found: list[int] = []
+    listed = False
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tasks = []
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        listed = True
+        found.extend(int(child) for child in text.split())
+    if listed:
+        return found
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue

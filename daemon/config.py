@@ -105,6 +105,9 @@ class IntakeConfig:
     rescan: float = 30.0
     #: manifests larger than this are rejected unread
     max_manifest_bytes: int = 64 * 1024
+    #: claim no more while this many jobs are queued; the rest wait in the inbox (where they are just
+    #: as safe) and are claimed as the queue drains, so a huge backlog does not compete with the jobs
+    max_queued: int = 2000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,6 +184,7 @@ def _check_ranges(config: Config) -> None:
         (config.intake.settle >= 0, "intake.settle must be 0 or more seconds"),
         (config.intake.input_grace >= 0, "intake.input_grace must be 0 or more seconds"),
         (config.intake.rescan > 0, "intake.rescan must be a positive number of seconds"),
+        (config.intake.max_queued >= 1, "intake.max_queued must be at least 1"),
         (config.retry.base >= 0 and config.retry.factor >= 1, "retry.base must be >= 0 and retry.factor >= 1"),
         (config.workers.docker.cpus > 0, "workers.docker.cpus must be positive"),
     ]

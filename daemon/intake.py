@@ -11,6 +11,7 @@ deadlines, the periodic rescan), so no two claims ever race.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -65,6 +66,11 @@ class Intake:
         self._settling: dict[str, tuple[tuple[int, int], float]] = {}  # name -> (size, mtime_ns), due
         self._thread: threading.Thread | None = None
         self._next_rescan = 0.0
+        #: names a rescan found but left in the inbox because the queue was full (intake.max_queued)
+        self._backlog: collections.deque[str] = collections.deque()
+        self._queued_estimate = 0
+        self._since_count = 0
+        self._full = False
         self.rescans = 0
         self.claimed = 0
         #: manifests a rescan found that the watcher never reported (lost events, e.g. an overflow)
@@ -119,7 +125,9 @@ class Intake:
                 self._check_waiting()
             return
         now = self._now()
-        if item == "rescan" or now >= self._next_rescan:
+        if self._backlog:
+            self._drain_backlog()
+        if item == "rescan" or (now >= self._next_rescan and not self._backlog):
             self._rescan()
         for name, (_, due) in list(self._settling.items()):
             if due <= now:
@@ -129,6 +137,8 @@ class Intake:
 
     def _next_wakeup(self) -> float:
         times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values())]
+        if self._backlog:
+            times.append(self._now() + 0.5)  # see whether the queue has drained enough to claim more
         if self._waiting:
             # inputs in subfolders, or on a polled filesystem, raise no event we act on: look again soon
             times.append(self._now() + 0.25)
@@ -146,8 +156,14 @@ class Intake:
             log.error("the inbox %s does not exist", self.config.inbox)
             return
         missed = 0
+        backlog = set(self._backlog)
         for name in names:
             if is_manifest_name(name) and not self._being_written(name) and name not in self._settling:
+                if name in backlog:
+                    continue
+                if self._full:
+                    self._backlog.append(name)
+                    continue
                 missed += not first and self._settled_since(name, 2.0)
                 self._settle(name)
             elif name.endswith(CANCEL_SUFFIX) and not name.startswith("."):
@@ -160,6 +176,30 @@ class Intake:
                         "rescanning again in 1 s", missed)
             self._next_rescan = min(self._next_rescan, self._now() + 1.0)
         self._health()
+
+    def _queue_full(self) -> bool:
+        """Whether intake.max_queued jobs are queued. An estimate, counted again every 50 claims (a
+        COUNT per claim would cost more than the claim); once full, full until the backlog drains."""
+        if self._full:
+            return True
+        self._since_count += 1
+        if self._since_count >= 50:
+            self._queued_estimate, self._since_count = self.store.queued(), 0
+        else:
+            self._queued_estimate += 1
+        if self._queued_estimate >= self.config.intake.max_queued:
+            self._full = True
+            log.info("%d jobs are queued (intake.max_queued): further manifests wait in the inbox until the "
+                     "queue drains", self._queued_estimate)
+        return self._full
+
+    def _drain_backlog(self) -> None:
+        self._queued_estimate, self._since_count = self.store.queued(), 0
+        self._full = self._queued_estimate >= self.config.intake.max_queued
+        while self._backlog and not self._full:
+            name = self._backlog.popleft()
+            if not self._being_written(name):
+                self._settle(name)
 
     def _settled_since(self, name: str, seconds: float) -> bool:
         try:
@@ -185,6 +225,9 @@ class Intake:
         previous = self._settling.get(name)
         if (previous is not None and previous[0] == sig and previous[1] <= now) or st.st_mtime_ns / 1e9 + settle <= now:
             self._settling.pop(name, None)
+            if self._queue_full():
+                self._backlog.appendleft(name)
+                return
             self._claim(name)
         else:
             self._settling[name] = (sig, now + settle)

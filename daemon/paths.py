@@ -98,6 +98,13 @@ def collect_tree(src: Path, dst: Path) -> list[str]:
 
 def remove_tree(path: Path) -> None:
     """Remove a folder and everything in it; a folder already gone is fine."""
+    try:
+        os.rmdir(path)  # most are empty by now (their content was moved out): one syscall
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
     if os.path.lexists(path):
         shutil.rmtree(path)
 

@@ -151,6 +151,10 @@ class Store:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status: n for status, n in rows}
 
+    def queued(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0])
+
     def by_source(self, source: str, *, after_seq: int = 0) -> JobRecord | None:
         with self._lock:
             row = self._db.execute(

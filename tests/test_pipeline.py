@@ -302,3 +302,16 @@ def test_retry_on_exit_retries_the_listed_codes_only(workspace: Workspace, daemo
     results = workspace.wait_results(2, timeout=30)
     assert results["flaky"]["status"] == "succeeded" and results["flaky"]["attempts"] == 3
     assert results["fails"]["status"] == "failed" and results["fails"]["attempts"] == 1, "3 is not listed"
+
+
+def test_a_backlog_larger_than_max_queued_is_claimed_as_the_queue_drains(workspace: Workspace,
+                                                                        daemon: DaemonProcess) -> None:
+    workspace.configure(workers={"pool": "local", "count": 2}, intake={"max_queued": 5})
+    for i in range(40):
+        workspace.drop(f"bk{i}.yaml", {"program": "echo", "args": [str(i)]})
+    daemon.start()
+    time.sleep(0.3)
+    assert len(os.listdir(workspace.inbox)) > 20, "most of the backlog waits in the inbox"
+    results = workspace.wait_results(40, timeout=60)
+    assert all(r["status"] == "succeeded" for r in results.values())
+    assert "further manifests wait in the inbox until the queue drains" in daemon.log_text()

@@ -111,7 +111,8 @@ class Balancer:
             try:
                 self.outbox.finish(job, staging=worker.jobs_dir / key)
                 remove_tree(worker.inputs_dir / key)
-                worker.transport.forget(key)
+                # no DELETE to make the worker forget it: keys are per attempt, and the worker keeps
+                # only its last 64 results anyway; one request less per job
             except Exception:  # noqa: BLE001 - the job stays committing; the next start publishes it
                 log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
 
@@ -162,8 +163,7 @@ class Balancer:
                     health = self.pool.ensure(worker.name)
                     if health is None:
                         return
-                self.store.set_worker(worker.name, "idle", detail=f"pid {health.get('pid')}")
-                ready = self._next(worker)
+                ready = self._next(worker, detail=f"pid {health.get('pid')}")
                 if ready is None:
                     return
                 if not self._run(worker, ready, health):
@@ -172,12 +172,16 @@ class Balancer:
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
             self.store.set_worker(worker.name, "broken", detail="see the daemon's log")
 
-    def _next(self, worker: WorkerHandle) -> JobRecord | None:
+    def _next(self, worker: WorkerHandle, *, detail: str) -> JobRecord | None:
+        idle = False
         with self._cond:
             while not self._stopping:
-                job = self.store.take_next(worker.name)
+                job = self.store.take_next(worker.name, detail=detail)  # also marks the worker busy
                 if job is not None:
                     return job
+                if not idle:  # written only when the slot is about to sleep: one write less per job
+                    self.store.set_worker(worker.name, "idle", detail=detail)
+                    idle = True
                 due = self.store.next_due()
                 self._cond.wait(None if due is None else max(0.0, due - self._now()))
         return None
@@ -187,7 +191,6 @@ class Balancer:
         key = job_key(job)
         assert job.manifest is not None
         manifest = Manifest.from_json(job.manifest)
-        self.store.set_worker(worker.name, "busy", job=job.id, detail=f"pid {health.get('pid')}")
         log.info("job %s: attempt %d on worker %s", job.id, job.attempts, worker.name)
         try:
             self._stage_inputs(worker, job, manifest)

@@ -223,8 +223,9 @@ class Store:
                 raise StoreError(f"job {job_id!r} cannot go from {state} to {target.value}")
         return self.get(job_id)
 
-    def take_next(self, worker: str) -> JobRecord | None:
-        """Give the highest-priority, oldest ready job to `worker`: it becomes running, one more attempt."""
+    def take_next(self, worker: str, *, detail: str | None = None) -> JobRecord | None:
+        """Give the highest-priority, oldest ready job to `worker`: it becomes running, one more attempt,
+        and the worker is recorded as busy with it, in the same transaction."""
         now = self._now()
         with self._tx() as db:
             row = db.execute(
@@ -238,6 +239,12 @@ class Store:
                 "UPDATE jobs SET status = 'running', worker = ?, attempts = attempts + 1, started_at = ?, "
                 "updated_at = ? WHERE id = ?",
                 (worker, now, now, row[0]),
+            )
+            db.execute(
+                "INSERT INTO workers (name, state, job, detail, updated_at) VALUES (?, 'busy', ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET state = 'busy', job = excluded.job, detail = excluded.detail, "
+                "updated_at = excluded.updated_at",
+                (worker, row[0], detail, now),
             )
         return self.get(row[0])
 

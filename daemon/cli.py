@@ -306,12 +306,16 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def cmd_show(config: Config, args: argparse.Namespace) -> int:
+def _get_job(config: Config, job_id: str) -> JobRecord:
     store = _open_store(config)
     try:
-        job = store.get(args.id)
+        return store.get(job_id)
     finally:
         store.close()
+
+
+def cmd_show(config: Config, args: argparse.Namespace) -> int:
+    job = _get_job(config, args.id)
     if args.json:
         print(json.dumps(_job_summary(job), indent=2))
     elif job.status in FINAL:
@@ -322,11 +326,7 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
-    store = _open_store(config)
-    try:
-        job = store.get(args.id)
-    finally:
-        store.close()
+    job = _get_job(config, args.id)
     if job.status in FINAL:
         print(f"{job.id} has already finished: {job.status}")
         return Exit.OK

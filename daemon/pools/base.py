@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import TransportError
 from ..transport import Transport
 
 
@@ -82,3 +84,18 @@ def worker_token(path: Path) -> str:
     with os.fdopen(fd, "w") as fh:
         fh.write(token)
     return token
+
+
+def wait_answering(transport: Transport, deadline: float, *, give_up: Callable[[], bool] = lambda: False,
+                   max_delay: float = 0.25) -> bool:
+    """Poll a starting worker's health, backing off, until it answers (True) or the deadline passes or
+    `give_up()` says to stop (False). Start-up only: the worker is importing Python and Flask."""
+    delay = 0.01
+    while time.monotonic() < deadline and not give_up():
+        try:
+            transport.health(timeout=2.0)
+            return True
+        except TransportError:
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
+    return False

@@ -19,7 +19,7 @@ from typing import Any
 from ..config import Config
 from ..errors import TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle, worker_token
+from .base import Pool, WorkerHandle, wait_answering, worker_token
 from .docker import IN_WORK, container_user
 
 log = logging.getLogger("dropq.pool.compose")
@@ -99,23 +99,16 @@ class ComposePool(Pool):
 
     def _mark_ready(self, host: str, limit: float = 60.0) -> None:
         """Ready once it answers: a container's start event comes before its worker listens."""
-        deadline = time.monotonic() + limit
-        delay = 0.02
-        while time.monotonic() < deadline and not self._stopping.is_set():
-            with self._lock:
-                handle, ready = self._handles.get(host), self._ready.get(host)
-            if handle is None or ready is None:
-                return
-            try:
-                handle.transport.health(timeout=2.0)
-            except TransportError:
-                time.sleep(delay)  # start-up only
-                delay = min(delay * 2, 0.5)
-                continue
+        with self._lock:
+            handle, ready = self._handles.get(host), self._ready.get(host)
+        if handle is None or ready is None:
+            return
+        gone = lambda: self._stopping.is_set() or host not in self._handles  # noqa: E731
+        if wait_answering(handle.transport, time.monotonic() + limit, give_up=gone, max_delay=0.5):
             ready.set()
             self._changed()
-            return
-        log.error("worker %s: its compose container never answered on its socket", host)
+        elif not gone():
+            log.error("worker %s: its compose container never answered on its socket", host)
 
     def workers(self) -> list[WorkerHandle]:
         with self._lock:

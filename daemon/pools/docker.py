@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle, worker_token
+from .base import Pool, WorkerHandle, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.docker")
 
@@ -184,16 +184,9 @@ class DockerPool(Pool):
         log.info("worker %s: started container %s", name, container.short_id)
 
     def _wait_answering(self, name: str, deadline: float) -> None:
-        handle = self._handles[name]
-        delay = 0.02
-        while time.monotonic() < deadline:
-            try:
-                handle.transport.health(timeout=2.0)
-                self._ready[name].set()
-                return
-            except TransportError:
-                time.sleep(delay)  # start-up only: the container is starting Python
-                delay = min(delay * 2, 0.25)
+        if wait_answering(self._handles[name].transport, deadline):
+            self._ready[name].set()
+            return
         logs = self._container_logs(name)
         raise PoolError(f"worker container {name} did not answer within 60 seconds{logs}")
 

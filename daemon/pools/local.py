@@ -24,7 +24,7 @@ from typing import Any
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle, worker_token
+from .base import Pool, WorkerHandle, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.local")
 
@@ -130,18 +130,17 @@ class LocalPool(Pool):
 
     def _wait_answering(self, name: str, deadline: float) -> None:
         handle = self._handles[name]
-        delay = 0.01
-        while time.monotonic() < deadline:
-            try:
-                handle.transport.health(timeout=2.0)
-                self._ready[name].set()
-                return
-            except TransportError:
-                proc = self._procs.get(name)
-                if proc and proc.popen is not None and proc.popen.poll() is not None:
-                    raise PoolError(f"worker {name} exited at start with code {proc.popen.returncode}") from None
-                time.sleep(delay)  # start-up only: the worker is importing Flask
-                delay = min(delay * 2, 0.2)
+
+        def exited() -> bool:
+            proc = self._procs.get(name)
+            return bool(proc and proc.popen is not None and proc.popen.poll() is not None)
+
+        if wait_answering(handle.transport, deadline, give_up=exited, max_delay=0.2):
+            self._ready[name].set()
+            return
+        proc = self._procs.get(name)
+        if proc and proc.popen is not None and proc.popen.returncode is not None:
+            raise PoolError(f"worker {name} exited at start with code {proc.popen.returncode}")
         raise PoolError(f"worker {name} did not answer on {handle.transport.socket_path} within 30 seconds")
 
     def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:

@@ -119,28 +119,27 @@ _OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_
 _LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def oom_kills() -> int | None:
-    """How many processes the kernel's OOM killer has killed in this cgroup (v2 or v1), if it says."""
-    for path in _OOM_FILES:
+def _counter(paths: tuple[str, ...], key: str) -> int | None:
+    """The value of `key` in the first of these cgroup files (v2, then v1) that has it."""
+    for path in paths:
         try:
             for line in Path(path).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
+                name, _, value = line.partition(" ")
+                if name == key:
                     return int(value)
         except (OSError, ValueError):
             continue
     return None
 
 
-def memory_limit() -> int | None:
-    """This cgroup's memory limit in bytes, or None when there is none."""
-    for path in _LIMIT_FILES:
+def _limit(paths: tuple[str, ...]) -> int | None:
+    """The first of these cgroup limit files that holds a number ("max" and huge values mean none)."""
+    for path in paths:
         try:
             text = Path(path).read_text().strip()
         except OSError:
             continue
-        if text.isdigit() and int(text) < 1 << 60:
-            return int(text)
+        return int(text) if text.isdigit() and int(text) < 1 << 60 else None
     return None
 
 
@@ -148,27 +147,23 @@ _PIDS_EVENTS = ("/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")
 _PIDS_MAX = ("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max")
 
 
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this cgroup, if it says."""
+    return _counter(_OOM_FILES, "oom_kill")
+
+
+def memory_limit() -> int | None:
+    """This cgroup's memory limit in bytes, or None when there is none."""
+    return _limit(_LIMIT_FILES)
+
+
 def pids_refusals() -> int | None:
     """How often this cgroup refused a new process for its pids limit (a fork bomb hits it)."""
-    for path in _PIDS_EVENTS:
-        try:
-            for line in Path(path).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "max":
-                    return int(value)
-        except (OSError, ValueError):
-            continue
-    return None
+    return _counter(_PIDS_EVENTS, "max")
 
 
 def pids_limit() -> int | None:
-    for path in _PIDS_MAX:
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        return int(text) if text.isdigit() else None
-    return None
+    return _limit(_PIDS_MAX)
 
 
 def make_oom_victim(pid: int) -> None:

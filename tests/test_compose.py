@@ -30,11 +30,19 @@ def compose_command() -> list[str]:
 @pytest.fixture
 def compose(workspace: Workspace, docker_image: str) -> Iterator[list[str]]:
     shutil.copy(ROOT / "docker-compose.yml", workspace.root / "docker-compose.yml")
+    # compose v1 checks that the service's build folder exists even for `down`
+    os.symlink(ROOT / "worker", workspace.root / "worker")
     workspace.configure(workers={"pool": "docker", "docker": {"managed_by": "compose", "image": docker_image}})
     project = f"dq{uuid.uuid4().hex[:10]}"
     base = [*compose_command(), "-p", project, "-f", str(workspace.root / "docker-compose.yml")]
     yield base
-    subprocess.run([*base, "down", "-t", "1"], capture_output=True, env={**os.environ, "DROPQ_IMAGE": docker_image})
+    down = subprocess.run([*base, "down", "-t", "1"], capture_output=True, text=True,
+                          env={**os.environ, "DROPQ_IMAGE": docker_image})
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+                          capture_output=True, text=True).stdout.split()
+    if left:  # whatever happened above, nothing of this test may keep running
+        subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
+    assert down.returncode == 0 and not left, f"compose down failed: {down.stderr[-2000:]}"
 
 
 def test_the_daemon_adopts_scaled_compose_workers_and_runs_jobs_on_them(

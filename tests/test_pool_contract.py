@@ -39,11 +39,13 @@ def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
         from dropq.pools.local import LocalPool
 
         made = LocalPool(config)
-    made.start()
-    yield made
-    made.stop()
-    remove_containers(config.state)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        made.start()
+        yield made
+    finally:  # also when start() failed: nothing of this test may be left behind
+        made.stop()
+        remove_containers(config.state)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def kill(pool: Pool, name: str, health: dict[str, object]) -> None:

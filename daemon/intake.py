@@ -47,7 +47,7 @@ class _Offer:
 
 
 class Intake:
-    def __init__(self, *, config: Config, store: Store, outbox: Outbox, finish: Callable[[JobRecord], None],
+    def __init__(self, *, config: Config, store: Store, outbox: Outbox,
                  notify: Callable[[], None], being_written: Callable[[str], bool] = lambda _: False,
                  release_abandoned: Callable[[], list[str]] = list,
                  cancel: Callable[[str], str] = lambda _: "cancelling is not available",
@@ -55,7 +55,6 @@ class Intake:
         self.config = config
         self.store = store
         self.outbox = outbox
-        self._finish = finish
         self._notify = notify
         self._being_written = being_written
         self._cancel = cancel
@@ -373,7 +372,7 @@ class Intake:
         except StoreError:
             log.exception("job %s could not be rejected", job.id)
             return
-        self._finish(job)
+        self.outbox.finish(job)
 
     # --- recovery ------------------------------------------------------------------------------
 

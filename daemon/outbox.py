@@ -90,10 +90,8 @@ class Outbox:
         if os.path.lexists(spool / "inputs"):
             move(spool / "inputs", tmp / "inputs")
         (tmp / "inputs").mkdir(exist_ok=True)
-        dropped = outcome.get("dropped", [])
         if staging is not None and os.path.lexists(staging / "output"):
-            dropped = collect_tree(staging / "output", tmp / "output")
-            outcome["dropped"] = dropped
+            outcome["dropped"] = [*outcome.get("dropped", []), *collect_tree(staging / "output", tmp / "output")]
         (tmp / "output").mkdir(exist_ok=True)
         stdout_name = outcome.get("stdout_as")
         self._place(staging, "stdout.txt", tmp / ("output/" + stdout_name if stdout_name else "stdout.txt"))

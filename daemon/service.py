@@ -67,16 +67,13 @@ class Daemon:
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, outbox=self.outbox)
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
-        self.intake = Intake(config=config, store=self.store, outbox=self.outbox, finish=self._finish,
+        self.intake = Intake(config=config, store=self.store, outbox=self.outbox,
                              notify=self.balancer.notify, being_written=self.watcher.being_written,
                              cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned)
         self._stop = threading.Event()
 
     def _on_file(self, rel: str, complete: bool) -> None:
         self.intake.offer(rel, complete)
-
-    def _finish(self, job: object) -> None:
-        self.outbox.finish(job)  # type: ignore[arg-type]
 
     def recover(self) -> None:
         """Bring every job the last run left half-way to a consistent state, before any thread starts."""

@@ -6,6 +6,7 @@ Every pool (local processes, docker containers, ...) passes the same contract te
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..errors import TransportError
 from ..transport import Transport
+
+log = logging.getLogger("dropq.pool")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,44 @@ class Pool(ABC):
 
     def describe(self) -> str:
         return self.kind
+
+
+class RestartingPool(Pool):
+    """A pool that replaces a worker itself when it fails its health check (local processes and
+    daemon-managed containers; compose-managed workers are restarted by compose instead)."""
+
+    config: Config
+    _handles: dict[str, WorkerHandle]
+    _ready: dict[str, threading.Event]
+
+    @abstractmethod
+    def _restart(self, name: str) -> None:
+        """Replace worker `name` and wait until the new one answers (or give up, logging why)."""
+
+    def _incarnation(self, name: str, health: dict[str, Any]) -> dict[str, Any]:
+        """The health document as ensure() returns it; its "pid" must name this incarnation."""
+        return health
+
+    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        handle = self._handles[name]
+        while not self._stopping.is_set():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            # a bounded wait, so that a stop is noticed within a second
+            if not self._ready[name].wait(min(remaining, 1.0) if remaining is not None else 1.0):
+                continue
+            try:
+                health = handle.transport.health(timeout=self.config.workers.health_timeout)
+            except TransportError as exc:
+                if self._stopping.is_set():
+                    return None
+                log.warning("worker %s: failed its health check (%s); replacing it", name, exc)
+                self._restart(name)
+                continue
+            return self._incarnation(name, health)
+        return None
 
 
 def worker_token(path: Path) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle, wait_answering, worker_token
+from .base import RestartingPool, WorkerHandle, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.docker")
 
@@ -62,7 +62,7 @@ def container_user(config: Config) -> str:
     return "65534:65534" if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}"
 
 
-class DockerPool(Pool):
+class DockerPool(RestartingPool):
     kind = "docker"
 
     def __init__(self, config: Config) -> None:
@@ -214,25 +214,8 @@ class DockerPool(Pool):
             if not self._stopping.is_set():
                 log.error("lost the Docker event stream (%s); deaths are now noticed by health checks", exc)
 
-    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        handle = self._handles[name]
-        while not self._stopping.is_set():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
-            if not self._ready[name].wait(min(remaining, 1.0) if remaining is not None else 1.0):
-                continue
-            try:
-                health = handle.transport.health(timeout=self.config.workers.health_timeout)
-            except TransportError as exc:
-                if self._stopping.is_set():
-                    return None
-                log.warning("worker %s: failed its health check (%s); replacing it", name, exc)
-                self._restart(name)
-                continue
-            return {**health, "pid": self._ids.get(name)}  # the container id names the incarnation
-        return None
+    def _incarnation(self, name: str, health: dict[str, Any]) -> dict[str, Any]:
+        return {**health, "pid": self._ids.get(name)}  # the container id names the incarnation
 
     def _restart(self, name: str) -> None:
         lock = self._restarting[name]

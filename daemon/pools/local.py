@@ -19,12 +19,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle, wait_answering, worker_token
+from .base import RestartingPool, WorkerHandle, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.local")
 
@@ -52,7 +51,7 @@ class _Proc:
             pass
 
 
-class LocalPool(Pool):
+class LocalPool(RestartingPool):
     kind = "local"
 
     def __init__(self, config: Config) -> None:
@@ -142,24 +141,6 @@ class LocalPool(Pool):
         if proc and proc.popen is not None and proc.popen.returncode is not None:
             raise PoolError(f"worker {name} exited at start with code {proc.popen.returncode}")
         raise PoolError(f"worker {name} did not answer on {handle.transport.socket_path} within 30 seconds")
-
-    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        handle = self._handles[name]
-        while not self._stopping.is_set():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
-            if not self._ready[name].wait(remaining if remaining is not None else 1.0):
-                continue
-            try:
-                return handle.transport.health(timeout=self.config.workers.health_timeout)
-            except TransportError as exc:
-                if self._stopping.is_set():
-                    return None
-                log.warning("worker %s: failed its health check (%s); replacing it", name, exc)
-                self._restart(name)
-        return None
 
     def _restart(self, name: str) -> None:
         lock = self._restarting[name]

@@ -48,6 +48,7 @@ class Balancer:
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: dict[str, threading.Thread] = {}
+        self._broken: set[str] = set()
         self._started = False
         self._cancel_requested: set[str] = set()
         # Publishing (moves, fsyncs) happens on its own thread, so a worker starts its next job as
@@ -56,6 +57,14 @@ class Balancer:
         self._commits: queue.SimpleQueue[tuple[WorkerHandle, JobRecord] | None] = queue.SimpleQueue()
         self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
         pool.on_change(self._pool_changed)
+
+    def trouble(self) -> str | None:
+        """Why the balancer cannot go on by itself (and the daemon should be restarted), or None."""
+        if self._broken:
+            return f"the slot of worker(s) {', '.join(sorted(self._broken))} failed"
+        if self._committer.ident is not None and not self._committer.is_alive() and not self._stopping:
+            return "the committer thread ended"
+        return None
 
     def notify(self) -> None:
         with self._cond:
@@ -170,6 +179,7 @@ class Balancer:
                     health = None
         except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
+            self._broken.add(worker.name)
             self.store.set_worker(worker.name, "broken", detail="see the daemon's log")
 
     def _next(self, worker: WorkerHandle, *, detail: str) -> JobRecord | None:

@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground (stops cleanly on SIGTERM/Ctrl-C)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="overrides log_level in the config")
+    run.add_argument("--log-format", choices=["text", "json"],
+                     help="text (readable; journald adds the time) or json (one object per line, for log "
+                          "shippers); overrides log_format in the config")
 
     submit = sub.add_parser("submit", help="drop a job into the inbox (atomically)",
                             description="Drop a manifest, or build one from PROGRAM and INPUT files. "
@@ -133,12 +137,10 @@ def _fail(code: Exit, message: str) -> int:
 # --- run ---------------------------------------------------------------------------------------
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from . import logs
     from .service import run
 
-    level = (args.log_level or config.log_level).upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    logging.getLogger("watchdog").setLevel(max(logging.INFO, logging.getLogger().level))
+    logs.setup(args.log_level or config.log_level, args.log_format or config.log_format)
     return run(config)
 
 

@@ -111,6 +111,19 @@ class IntakeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    """The dashboard, the JSON API and /metrics, served by the daemon (read-only, no login)."""
+
+    enabled: bool = True
+    #: the address to listen on; keep it on loopback unless a proxy in front adds authentication
+    host: str = "127.0.0.1"
+    #: the TCP port; 0 picks a free one (the address in use is shown by `dropq status`)
+    port: int = 8787
+    #: requests served at once
+    threads: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     inbox: Path
     outbox: Path
@@ -121,7 +134,10 @@ class Config:
     jobs: JobDefaults = field(default_factory=JobDefaults)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: text: one readable line per event (journald adds the time); json: one object per line
+    log_format: Literal["text", "json"] = "text"
     #: the file this was read from (not a key of the file)
     source: Path | None = None
 
@@ -187,6 +203,8 @@ def _check_ranges(config: Config) -> None:
         (config.intake.max_queued >= 1, "intake.max_queued must be at least 1"),
         (config.retry.base >= 0 and config.retry.factor >= 1, "retry.base must be >= 0 and retry.factor >= 1"),
         (config.workers.docker.cpus > 0, "workers.docker.cpus must be positive"),
+        (0 <= config.http.port <= 65535, "http.port must be between 0 and 65535"),
+        (1 <= config.http.threads <= 64, "http.threads must be between 1 and 64"),
     ]
     for ok, message in checks:
         if not ok:

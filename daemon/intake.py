@@ -51,6 +51,7 @@ class Intake:
                  notify: Callable[[], None], being_written: Callable[[str], bool] = lambda _: False,
                  release_abandoned: Callable[[], list[str]] = list,
                  cancel: Callable[[str], str] = lambda _: "cancelling is not available",
+                 heartbeat: Callable[[], None] | None = None, heartbeat_every: float = 5.0,
                  now: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
@@ -59,6 +60,10 @@ class Intake:
         self._being_written = being_written
         self._cancel = cancel
         self._release_abandoned = release_abandoned
+        #: called from every turn of the loop, and at least every `heartbeat_every` seconds: the
+        #: systemd watchdog is fed from here, so a stuck intake gets the daemon restarted
+        self._heartbeat = heartbeat
+        self._heartbeat_every = heartbeat_every
         self._now = now
         self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
         self._waiting: dict[str, float] = {}  # job id -> deadline for its inputs
@@ -106,6 +111,8 @@ class Intake:
             if item is None:
                 return
             try:
+                if self._heartbeat is not None:
+                    self._heartbeat()
                 self._handle(item)
             except Exception:  # noqa: BLE001 - one bad file must never stop the intake
                 log.exception("intake failed on %r; it will be retried at the next rescan", item)
@@ -136,6 +143,8 @@ class Intake:
 
     def _next_wakeup(self) -> float:
         times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values())]
+        if self._heartbeat is not None:
+            times.append(self._now() + self._heartbeat_every)
         if self._backlog:
             times.append(self._now() + 0.5)  # see whether the queue has drained enough to claim more
         if self._waiting:

@@ -8,8 +8,10 @@ the job's key in result.yaml, so a second folder is never made.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ import yaml
 from .jobs import JobStatus
 from .paths import collect_tree, move, remove_tree
 from .store import JobRecord, Store
+
+log = logging.getLogger("dropq.outbox")
 
 _SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
@@ -36,18 +40,23 @@ def job_key(job: JobRecord) -> str:
 
 
 class Outbox:
-    def __init__(self, *, root: Path, spool: Path, store: Store) -> None:
+    def __init__(self, *, root: Path, spool: Path, store: Store,
+                 on_published: Callable[[JobRecord], None] | None = None) -> None:
         self.root = root
         self.spool = spool
         self.store = store
+        self._on_published = on_published
 
     def finish(self, job: JobRecord, *, staging: Path | None = None) -> Path:
         """Publish a job in COMMITTING state and record its final status; safe to run again."""
         name = self._folder_name(job)
         folder = self.commit(job, staging=staging, name=name)
         outcome = dict(job.outcome or {}, folder=name)
-        self.store.transition(job.id, JobStatus(outcome["status"]), outcome=outcome,
-                              error=outcome.get("error"), finished_at=outcome.get("finished_at"))
+        final = self.store.transition(job.id, JobStatus(outcome["status"]), outcome=outcome,
+                                      error=outcome.get("error"), finished_at=outcome.get("finished_at"))
+        log.info("job %s: %s, published as %s", job.id, final.status, name)
+        if self._on_published is not None:
+            self._on_published(final)
         return folder
 
     def _folder_name(self, job: JobRecord) -> str:

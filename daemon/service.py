@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -20,10 +21,13 @@ from .config import Config
 from .errors import DaemonRunning, PoolError
 from .intake import Intake
 from .jobs import JobStatus
+from .metrics import Metrics
 from .outbox import Outbox, job_key
-from .pools import Pool
+from .pools import Pool, find_staging
 from .store import Store
+from .systemd import Notifier
 from .watcher import InboxWatcher
+from .web import WebServer
 
 log = logging.getLogger("dropq.daemon")
 
@@ -57,20 +61,49 @@ def make_pool(config: Config) -> Pool:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, pool: Pool | None = None) -> None:
+    def __init__(self, config: Config, *, pool: Pool | None = None, notifier: Notifier | None = None) -> None:
         self.config = config
         for folder in (config.inbox, config.outbox, config.state, config.spool, config.workers_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_state(config.state)
+        self.notifier = notifier or Notifier()
         self.store = Store(config.database)
-        self.outbox = Outbox(root=config.outbox, spool=config.spool, store=self.store)
+        self.metrics = Metrics(self.store)
+        # bound before anything starts, so a port in use stops the daemon at once with a clear message
+        self.web = WebServer(config, self.metrics) if config.http.enabled else None
+        self.outbox = Outbox(root=config.outbox, spool=config.spool, store=self.store,
+                             on_published=self.metrics.observe)
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, outbox=self.outbox)
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
+        every = min(5.0, self.notifier.watchdog_interval or 5.0)
         self.intake = Intake(config=config, store=self.store, outbox=self.outbox,
                              notify=self.balancer.notify, being_written=self.watcher.being_written,
-                             cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned)
+                             cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned,
+                             heartbeat=self._heartbeat, heartbeat_every=every)
         self._stop = threading.Event()
+        self._next_status = 0.0
+        self._trouble_logged = False
+
+    def status_line(self) -> str:
+        counts = self.store.active_counts()
+        return (f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running; "
+                f"{len(self.pool.workers())} {self.pool.kind} worker(s)")
+
+    def _heartbeat(self) -> None:
+        """From the intake's loop: feed the systemd watchdog while the daemon can do its work."""
+        trouble = self.balancer.trouble()
+        if trouble is not None:
+            # no more WATCHDOG=1: systemd restarts the daemon (WatchdogSec), which is the cure
+            if not self._trouble_logged:
+                log.error("%s; no longer feeding the systemd watchdog, so that the service is restarted", trouble)
+                self._trouble_logged = True
+            return
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if self.notifier.enabled and now >= self._next_status:
+            self._next_status = now + 2.0
+            self.notifier.status(self.status_line())
 
     def _on_file(self, rel: str, complete: bool) -> None:
         self.intake.offer(rel, complete)
@@ -79,9 +112,8 @@ class Daemon:
         """Bring every job the last run left half-way to a consistent state, before any thread starts."""
         committing = self.store.with_status(JobStatus.COMMITTING)
         for job in committing:
-            staging = None
-            if job.worker:
-                staging = self.config.workers_dir / job.worker / "jobs" / job_key(job)
+            # the docker pool's staging is not under workers/<name>/jobs, so ask where it is
+            staging = find_staging(self.config, job.worker, job_key(job)) if job.worker else None
             log.info("job %s: finishing the commit an earlier run began", job.id)
             self.outbox.finish(job, staging=staging)
         pending = {j.id for j in self.store.with_status(JobStatus.COMMITTING)}
@@ -98,18 +130,27 @@ class Daemon:
         self.store.set_meta("pool", self.pool.describe())
         self.store.set_meta("watcher", self.watcher.kind)
         self.store.set_meta("pid", str(os.getpid()))
+        self.store.set_meta("started_at", f"{time.time():.3f}")
+        if self.web is not None:
+            self.web.start()
+        self.store.set_meta("http", self.web.url if self.web is not None else "")
         log.info("dropq is running: inbox %s, outbox %s, %d %s worker(s)", self.config.inbox,
                  self.config.outbox, len(self.pool.workers()), self.pool.describe())
+        self.notifier.ready(self.status_line())
 
     def stop(self) -> None:
         log.info("shutting down")
+        self.notifier.stopping()
         self.watcher.stop()
         self.intake.stop()
         self.balancer.stop()
         # stopping the pool ends the long-polls of slots still following a job; they requeue it
         self.pool.stop()
         self.balancer.join()
+        if self.web is not None:
+            self.web.stop()
         self.store.set_meta("pid", "")
+        self.store.set_meta("http", "")
         self.store.close()
         os.close(self._lock_fd)
         log.info("stopped")

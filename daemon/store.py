@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at    REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (status, priority DESC, seq);
+-- the dashboard's and the API's pages of jobs by status, newest first, and the throughput chart
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS workers (
     name        TEXT PRIMARY KEY,
     state       TEXT NOT NULL,
@@ -146,9 +149,37 @@ class Store:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [JobRecord.from_row(r) for r in rows]
 
+    def page(self, statuses: Sequence[JobStatus] = (), *, limit: int, offset: int = 0
+             ) -> tuple[list[JobRecord], int]:
+        """Jobs newest first, optionally only those in `statuses`, and how many there are in all."""
+        where, params = "", [s.value for s in statuses]
+        if statuses:
+            where = f"WHERE status IN ({','.join('?' * len(statuses))})"
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",  # noqa: S608
+                                    (*params, limit, offset)).fetchall()
+            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()[0]  # noqa: S608
+        return [JobRecord.from_row(r) for r in rows], int(total)
+
+    def finished_per_minute(self, since: float) -> list[tuple[int, str, int]]:
+        """(minute since the epoch, final status, jobs) for jobs finished at or after `since`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT CAST(finished_at / 60 AS INTEGER) AS minute, status, COUNT(*) FROM jobs "
+                "WHERE finished_at >= ? GROUP BY minute, status", (since,)).fetchall()
+        return [(int(m), str(s), int(n)) for m, s, n in rows]
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {status: n for status, n in rows}
+
+    def active_counts(self) -> dict[str, int]:
+        """Jobs not yet finished, by status; uses the status index, so it stays cheap with a long history."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, COUNT(*) FROM jobs WHERE status IN ('waiting', 'queued', 'running', 'committing') "
+                "GROUP BY status").fetchall()
         return {status: n for status, n in rows}
 
     def queued(self) -> int:

@@ -98,6 +98,8 @@ class Workspace:
             "jobs": {"kill_grace": 1},
             "retry": {"base": 0.1, "factor": 2, "cap": 1},
             "log_level": "debug",
+            # a free port each: tests run daemons side by side, and never on the operator's 8787
+            "http": {"port": 0},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):

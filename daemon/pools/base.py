@@ -36,6 +36,23 @@ class WorkerHandle:
     inputs_dir: Path
 
 
+def staging_dirs(config: Config, worker: str) -> list[Path]:
+    """Where a worker's jobs_dir is under each pool kind (local, docker, compose), for readers that have no
+    pool: recovery at start, and `dropq logs` or the dashboard showing a running job's output. Worker
+    names never collide across kinds' layouts; the pool contract test checks that every pool's handles
+    are listed here."""
+    return [config.workers_dir / worker / "jobs", config.workers_dir / worker / "work" / "jobs",
+            config.compose_dir / "work" / worker / "jobs"]
+
+
+def find_staging(config: Config, worker: str, key: str) -> Path | None:
+    """The staging folder of the job attempt `key` on `worker`, if it is there."""
+    for folder in staging_dirs(config, worker):
+        if os.path.isdir(folder / key):
+            return folder / key
+    return None
+
+
 class Pool(ABC):
     kind: str = "abstract"
     #: True when stop() leaves the workers running: a job running at shutdown then stays assigned to

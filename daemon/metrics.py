@@ -1,0 +1,82 @@
+"""Prometheus metrics for /metrics.
+
+Counts and gauges are read from the store at each scrape, so they agree with `dropq status` and survive
+a restart of the daemon. The two histograms (wait and run time) are observed as each job is published:
+they start from zero with each daemon run, which Prometheus's rate() and histogram_quantile() expect of
+any process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .jobs import FINAL, JobStatus
+from .store import JobRecord, Store
+
+#: seconds; from a few milliseconds (trivial jobs on a warm pool) to an hour (a long backlog or a long job)
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+ACTIVE = (JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.COMMITTING)
+
+
+class Metrics:
+    def __init__(self, store: Store) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.wait = Histogram("dropq_job_wait_seconds", "Time from a manifest's claim to its job's start on a "
+                              "worker (the last attempt's start)", buckets=BUCKETS, registry=self.registry)
+        self.run = Histogram("dropq_job_run_seconds", "Time the program ran, as its worker measured it",
+                             buckets=BUCKETS, registry=self.registry)
+        self.registry.register(StoreCollector(store))
+
+    def observe(self, job: JobRecord) -> None:
+        """Called once per published job."""
+        outcome = job.outcome or {}
+        if job.started_at is not None:
+            self.wait.observe(max(0.0, job.started_at - job.submitted_at))
+        started, finished = outcome.get("started_at"), outcome.get("finished_at")
+        if isinstance(started, int | float) and isinstance(finished, int | float):
+            self.run.observe(max(0.0, finished - started))
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.store.counts()
+        meta = self.store.meta()
+        workers = self.store.workers()
+        finished = CounterMetricFamily("dropq_jobs", "Jobs finished, by final status", labels=["status"])
+        for status in sorted(FINAL, key=lambda s: s.value):
+            finished.add_metric([status.value], counts.get(status.value, 0))
+        yield finished
+        active = GaugeMetricFamily("dropq_jobs_active", "Jobs not yet finished, by status", labels=["status"])
+        for status in ACTIVE:
+            active.add_metric([status.value], counts.get(status.value, 0))
+        yield active
+        yield GaugeMetricFamily("dropq_queue_depth", "Jobs queued and waiting for a worker",
+                                value=counts.get(JobStatus.QUEUED.value, 0))
+        by_state = GaugeMetricFamily("dropq_workers", "Workers, by state", labels=["state"])
+        states: dict[str, int] = {"idle": 0, "busy": 0}
+        for w in workers:
+            states[w["state"]] = states.get(w["state"], 0) + 1
+        for state, n in sorted(states.items()):
+            by_state.add_metric([state], n)
+        yield by_state
+        yield CounterMetricFamily("dropq_watcher_rescans", "Full rescans of the inbox",
+                                  value=_number(meta.get("watcher_rescans")))
+        yield CounterMetricFamily("dropq_watcher_missed", "Manifests the watcher's events missed (an inotify "
+                                  "queue overflow, most often) that a rescan found",
+                                  value=_number(meta.get("watcher_missed")))
+        yield InfoMetricFamily("dropq", "The daemon's pool and watcher",
+                               value={"pool": meta.get("pool", ""), "watcher": meta.get("watcher", "")})
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text or 0)
+    except ValueError:
+        return 0.0

@@ -1,0 +1,54 @@
+"""Where a job's stdout and stderr are (in its worker's staging folder while it runs, in its outbox folder
+once published), and reading their head and tail without loading the whole file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import Config
+from .jobs import FINAL, JobStatus
+from .outbox import job_key
+from .pools.base import find_staging
+from .store import JobRecord
+
+Stream = Literal["stdout", "stderr"]
+
+
+def stream_path(config: Config, job: JobRecord, stream: Stream) -> Path | None:
+    """The file holding `stream` of `job` now, or None while there is none (queued, or gone)."""
+    outcome = job.outcome or {}
+    if job.status in FINAL:
+        folder = config.outbox / str(outcome.get("folder", job.id))
+        saved_as = outcome.get("stdout_as")
+        path = folder / "output" / saved_as if stream == "stdout" and saved_as else folder / f"{stream}.txt"
+    elif job.status in (JobStatus.RUNNING, JobStatus.COMMITTING) and job.worker:
+        staging = find_staging(config, job.worker, job_key(job))
+        if staging is None:
+            return None
+        path = staging / f"{stream}.txt"
+    else:
+        return None
+    # opened by name only if it is a plain file: a program may have left a link where its output was
+    return path if path.is_file() and not path.is_symlink() else None
+
+
+def head_and_tail(path: Path | None, limit: int) -> dict[str, Any]:
+    """Up to `limit` bytes from the start and, when there is more, `limit` from the end, as text."""
+    if path is None:
+        return {"size": 0, "head": "", "tail": "", "omitted": 0}
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(limit)
+            tail = b""
+            if size > 2 * limit:
+                fh.seek(size - limit)
+                tail = fh.read(limit)
+            elif size > limit:
+                tail = fh.read(size - limit)
+    except FileNotFoundError:  # published or removed between the lookup and the open
+        return {"size": 0, "head": "", "tail": "", "omitted": 0}
+    return {"size": size, "head": head.decode("utf-8", "replace"), "tail": tail.decode("utf-8", "replace"),
+            "omitted": max(0, size - len(head) - len(tail))}

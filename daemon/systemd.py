@@ -1,0 +1,222 @@
+"""systemd integration: the sd_notify protocol (READY, STATUS, WATCHDOG, STOPPING) and the unit file.
+
+The protocol is one datagram per message to the socket named by $NOTIFY_SOCKET (sd_notify(3)); it is
+short enough to speak directly rather than depend on a binding. Without $NOTIFY_SOCKET (not started by
+systemd) every call does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import Config
+from .errors import DropqError
+
+log = logging.getLogger("dropq.systemd")
+
+UNIT_DIR = Path("/etc/systemd/system")
+HOME_LIKE = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+class Notifier:
+    def __init__(self, environ: dict[str, str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        # an abstract socket is written "@name" and means a leading NUL byte
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._sock: socket.socket | None = None
+        if self._address:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        # WATCHDOG_PID names the process meant to ping; a child that inherited the variables is not it
+        wanted = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
+        #: how often WATCHDOG=1 must be sent; half the timeout systemd will wait, as sd_watchdog_enabled(3) advises
+        self.watchdog_interval: float | None = int(usec) / 1e6 / 2 if wanted else None
+        self._clock = clock
+        self._last_ping = float("-inf")
+        self._lock = threading.Lock()
+        self._last_status = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def send(self, *fields: str) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto("\n".join(fields).encode(), self._address)
+        except OSError as exc:
+            # systemd gone or the socket unreadable: the daemon works on, only unsupervised
+            log.warning("could not notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc.strerror)
+
+    def ready(self, status: str) -> None:
+        self._last_status = status
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def status(self, text: str) -> None:
+        if text != self._last_status:
+            self._last_status = text
+            self.send(f"STATUS={text}")
+
+    def watchdog(self) -> None:
+        """Ping the watchdog if it is due; cheap to call from a loop that turns often."""
+        if self.watchdog_interval is None:
+            return
+        now = self._clock()
+        with self._lock:
+            if now - self._last_ping < self.watchdog_interval:
+                return
+            self._last_ping = now
+        self.send("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1", "STATUS=shutting down")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+# --- the unit file ----------------------------------------------------------------------------------
+
+def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_sec: int = 30) -> str:
+    """A unit for `dropq run` on `config`, sandboxed to the workspace it names."""
+    if config.source is None:
+        raise DropqError("the unit needs the configuration's file (Config.load sets it)")
+    writable = _unique([config.inbox, config.outbox, config.state])
+    readable = _unique([config.programs, config.source.parent, _install_root(exe)])
+    lines = [
+        "# Installed by `dropq service install`. Re-run that command after changing paths in the config.",
+        "[Unit]",
+        f"Description=dropq drop-folder batch processor ({config.source})",
+        "Documentation=https://github.com/dropq/dropq#running-as-a-systemd-service",
+        # the docker pool wants the engine up first; with the local pool this orders nothing
+        "After=network.target docker.service",
+        "",
+        "[Service]",
+        # READY=1 is sent once the inbox is watched and the pool is up; WATCHDOG=1 comes from the intake
+        # loop, so a daemon whose loop is stuck stops pinging and is restarted
+        "Type=notify",
+        "NotifyAccess=main",
+        f"ExecStart={shlex.join([str(exe), '--config', str(config.source), 'run'])}",
+        f"WorkingDirectory={config.source.parent}",
+        "Restart=on-failure",
+        "RestartSec=2",
+        f"WatchdogSec={watchdog_sec}",
+        # building or adopting worker containers can take a while at the first start
+        "TimeoutStartSec=180",
+        # a running job is requeued or left for adoption on SIGTERM; give the slots time to say so
+        f"TimeoutStopSec={int(max(30, config.jobs.kill_grace + 20))}",
+        # SIGTERM goes to the daemon alone, which stops its local workers itself and leaves docker
+        # containers running for the next start to adopt (they are in dockerd's cgroup, not ours);
+        # only what is still in our cgroup when the stop times out is killed
+        "KillMode=mixed",
+        "Environment=PYTHONUNBUFFERED=1",
+    ]
+    if user:
+        lines.append(f"User={user}")
+        if _group_exists("docker"):
+            lines.append("SupplementaryGroups=docker")  # the docker pool talks to the engine's socket
+    lines += [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=" + " ".join(_quote(p) for p in writable),
+        "PrivateTmp=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectControlGroups=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+    ]
+    under_home = [p for p in writable + readable if _is_under_home(p)]
+    if under_home:
+        # ProtectHome=yes would hide the workspace; a tmpfs over the homes with the workspace bound
+        # back in keeps every other home out of reach
+        lines.append("ProtectHome=tmpfs")
+        rw = [p for p in writable if _is_under_home(p)]
+        ro = [p for p in readable if _is_under_home(p) and not any(p.is_relative_to(w) for w in rw)]
+        if rw:
+            lines.append("BindPaths=" + " ".join(_quote(p) for p in rw))
+        if ro:
+            lines.append("BindReadOnlyPaths=" + " ".join(_quote(p) for p in ro))
+    else:
+        lines.append("ProtectHome=yes")
+    lines += ["", "[Install]", "WantedBy=multi-user.target", ""]
+    return "\n".join(lines)
+
+
+def install(config: Config, *, name: str = "dropq", unit_dir: Path = UNIT_DIR, user: str | None = None,
+            exe: Path | None = None, start: bool = False) -> Path:
+    """Write the unit; with `start`, also reload systemd, enable the unit and (re)start it."""
+    exe = exe or _dropq_executable()
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    path = unit_dir / f"{name}.service"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(unit_text(config, exe=exe, user=user))
+    os.replace(tmp, path)
+    if start:
+        systemctl = shutil.which("systemctl")
+        if systemctl is None:
+            raise DropqError("systemctl is not on PATH; the unit is written, but cannot be started here")
+        for argv in ([systemctl, "daemon-reload"], [systemctl, "enable", f"{name}.service"],
+                     [systemctl, "restart", f"{name}.service"]):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise DropqError(f"{shlex.join(argv)} failed: {done.stderr.strip() or done.returncode}")
+    return path
+
+
+def _dropq_executable() -> Path:
+    """The `dropq` script of the environment this runs in (the unit must not depend on PATH)."""
+    candidate = Path(sys.executable).parent / "dropq"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("dropq")
+    if found is None:
+        raise DropqError("cannot find the dropq command to put in the unit; pass --exe")
+    return Path(found).resolve()
+
+
+def _install_root(exe: Path) -> Path:
+    # .venv/bin/dropq -> .venv: the interpreter and the packages must stay readable
+    return exe.parent.parent if exe.parent.name == "bin" else exe.parent
+
+
+def _is_under_home(path: Path) -> bool:
+    return any(path.is_relative_to(home) for home in HOME_LIKE)
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _quote(path: Path) -> str:
+    # systemd splits these lists on spaces; it takes C-style quotes around a path that has one
+    text = str(path)
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
+def _group_exists(group: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        return False
+    return True

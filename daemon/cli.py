@@ -11,15 +11,17 @@ import sys
 import time
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
 from .config import Config
+from .console import Screen, bar, duration, table
 from .errors import ConfigError, DaemonRunning, DropqError, PoolError, StoreError
 from .jobs import FINAL, JobStatus
 from .manifest import is_manifest_name
 from .store import JobRecord, Store
+from .streams import Stream, stream_path
 
 
 class Exit(IntEnum):
@@ -42,9 +44,14 @@ examples:
   dropq submit job.yaml                       drop an existing manifest into the inbox
   dropq submit sleep --timeout 5 -- 30        arguments after -- go to the program
   dropq status                                the queue and the workers at a glance
+  dropq status --watch                        the same, live, with the backlog's progress
+  dropq workers                               each worker, its state and its job
   dropq show moby                             one job's result
+  dropq logs moby --follow                    a job's stdout and stderr, as it runs
   dropq cancel moby                           cancel a queued or running job
+  dropq retry moby --wait                     run a finished job again, on the same inputs
   dropq image build --offline                 build the worker image without a registry
+  sudo dropq service install                  run the daemon on this config under systemd
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
             6 daemon could not start
@@ -81,7 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
 
     status = sub.add_parser("status", help="the queue and the workers at a glance")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="everything as one JSON document")
+    status.add_argument("--watch", action="store_true",
+                        help="redraw every --interval seconds, with a progress bar of the backlog (Ctrl-C ends)")
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    status.add_argument("--until-idle", action="store_true",
+                        help="with --watch: end once nothing is queued, running or waiting in the inbox")
+
+    workers = sub.add_parser("workers", help="each worker, its state and the job it runs")
+    workers.add_argument("--json", action="store_true")
+
+    logs = sub.add_parser("logs", help="a job's stdout and stderr (while it runs, too)",
+                          description="Print a job's stdout (to stdout) and stderr (to stderr). With --follow, "
+                                      "keep printing as the program writes, until the job ends; the exit code is "
+                                      "then 0 if it succeeded, else 1.")
+    logs.add_argument("id")
+    logs.add_argument("-f", "--follow", action="store_true")
+    which = logs.add_mutually_exclusive_group()
+    which.add_argument("--stdout", action="store_true", help="only stdout")
+    which.add_argument("--stderr", action="store_true", help="only stderr")
+
+    retry = sub.add_parser("retry", help="run a finished job again, as a new job on the same inputs",
+                           description="Drop the job's manifest into the inbox again, with copies of its inputs "
+                                       "from its outbox folder. The new job is named ID-retry (or ID-retry-2, ...); "
+                                       "the old result stays as it is.")
+    retry.add_argument("id")
+    retry.add_argument("--wait", action="store_true", help="wait for the result; exit 1 unless it succeeded")
+    retry.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
+
+    service = sub.add_parser("service", help="run the daemon under systemd")
+    service_sub = service.add_subparsers(dest="service_command", required=True, metavar="ACTION")
+    install = service_sub.add_parser(
+        "install", help="write a systemd unit for this config (and with --now, enable and start it)",
+        description="Write UNIT_DIR/NAME.service, which runs `dropq run` on this config with Type=notify, a "
+                    "watchdog, and the filesystem closed except for the workspace. Run it again after moving "
+                    "the workspace or upgrading into another virtualenv.")
+    install.add_argument("--name", default="dropq", help="unit name (default: dropq)")
+    install.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    install.add_argument("--user", help="run the daemon as this user (default: root)")
+    install.add_argument("--now", action="store_true", help="also daemon-reload, enable and (re)start it")
+    service_sub.add_parser("unit", help="print the unit that install would write")
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job",
                             description="Cancel a job by dropping ID.cancel into the inbox (which works "
@@ -237,26 +283,40 @@ def _last_seq(config: Config) -> int:
 
 
 def _wait(config: Config, name: str, since: int, timeout: float | None) -> int:
+    """Follow the job made from inbox/`name` to its end, with one line of progress on stderr."""
     deadline = None if timeout is None else time.monotonic() + timeout
     store: Store | None = None
-    shown = None
+    screen = Screen(sys.stderr)
+    shown = ""
     try:
         while deadline is None or time.monotonic() < deadline:
             if store is None and config.database.exists():
                 store = Store(config.database, readonly=True)
             job = store.by_source(name, after_seq=since) if store else None
-            if job is not None and job.status != shown:
-                shown = job.status
-                print(f"{job.id}: {job.status}", file=sys.stderr)
+            line = _progress(store, job) if store is not None and job is not None else f"{name}: in the inbox"
+            # on a terminal the line updates in place; in a log, only changes of state are written
+            if line != shown and (screen.tty or line.split(",")[0] != shown.split(",")[0]):
+                screen.line(line)
+                shown = line
             if job is not None and job.status in FINAL:
+                screen.end_line()
                 _print_result(config, job)
                 return Exit.OK if job.status is JobStatus.SUCCEEDED else Exit.JOB_FAILED
             time.sleep(0.1)
     finally:
         if store is not None:
             store.close()
+    screen.end_line()
     print(f"dropq: gave up waiting for {name} after {timeout:g} seconds", file=sys.stderr)
     return Exit.TIMEOUT
+
+
+def _progress(store: Store, job: JobRecord) -> str:
+    if job.status is JobStatus.QUEUED:
+        return f"{job.id}: queued, {store.ahead_of(job)} ahead"
+    if job.status is JobStatus.RUNNING and job.started_at:
+        return f"{job.id}: running on {job.worker} (attempt {job.attempts}), {duration(time.time() - job.started_at)}"
+    return f"{job.id}: {job.status}"
 
 
 def _result_path(config: Config, job: JobRecord) -> Path:
@@ -276,35 +336,125 @@ def _open_store(config: Config) -> Store:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch(config, args.interval, until_idle=args.until_idle)
     store = _open_store(config)
     try:
-        counts = store.counts()
-        workers = store.workers()
-        meta = store.meta()
-        recent = store.recent(10)
+        snap = _snapshot(store)
     finally:
         store.close()
-    running = _daemon_alive(meta.get("pid", ""))
     if args.json:
-        print(json.dumps({"daemon": {"running": running, **meta}, "jobs": counts, "workers": workers,
-                          "recent": [_job_summary(j) for j in recent]}, indent=2))
+        print(json.dumps({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
+                          "workers": snap.workers, "recent": [_job_summary(j) for j in snap.recent]}, indent=2))
         return Exit.OK
-    print(f"daemon   {'running (pid ' + meta['pid'] + ')' if running else 'not running'}"
-          f"   pool: {meta.get('pool', '?')}")
-    print(f"watcher  {meta.get('watcher', '?')}, {meta.get('watcher_rescans', '0')} rescans, "
-          f"{meta.get('watcher_missed', '0')} manifests missed by events and found by a rescan")
+    print("\n".join(_status_lines(snap)))
+    return Exit.OK
+
+
+class _Snapshot:
+    def __init__(self, store: Store, recent: int = 10) -> None:
+        self.now = time.time()
+        self.counts = store.counts()
+        self.workers = store.workers()
+        self.meta = store.meta()
+        self.recent = store.recent(recent)
+        self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
+        self.running = _daemon_alive(self.meta.get("pid", ""))
+
+
+def _snapshot(store: Store) -> _Snapshot:
+    return _Snapshot(store)
+
+
+def _status_lines(snap: _Snapshot) -> list[str]:
+    meta = snap.meta
+    lines = [f"daemon   {'running (pid ' + meta['pid'] + ')' if snap.running else 'not running'}"
+             f"   pool: {meta.get('pool', '?')}"
+             + (f"   dashboard: {meta['http']}" if snap.running and meta.get("http") else ""),
+             f"watcher  {meta.get('watcher', '?')}, {meta.get('watcher_rescans', '0')} rescans, "
+             f"{meta.get('watcher_missed', '0')} manifests missed by events and found by a rescan"]
     order = [s.value for s in JobStatus]
-    print("jobs     " + "   ".join(f"{s}: {counts.get(s, 0)}" for s in order if counts.get(s)) or "jobs     none")
-    print()
-    print(f"{'WORKER':<10} {'STATE':<8} {'JOB':<24} DETAIL")
-    for w in workers:
-        state = w["state"] if running else "stopped"
-        print(f"{w['name']:<10} {state:<8} {w['job'] or '-':<24} {w['detail'] or ''}")
-    if recent:
-        print()
-        print(f"{'RECENT JOB':<28} {'STATUS':<11} {'ATTEMPTS':>8}  ERROR")
-        for j in recent:
-            print(f"{j.id[:28]:<28} {j.status.value:<11} {j.attempts:>8}  {(j.error or '')[:60]}")
+    lines.append("jobs     " + ("   ".join(f"{s}: {snap.counts[s]}" for s in order if snap.counts.get(s)) or "none"))
+    lines += ["", *_worker_lines(snap)]
+    if snap.recent:
+        lines.append("")
+        lines += table(["RECENT JOB", "STATUS", "ATTEMPTS", "TOOK", "ERROR"],
+                       [[j.id[:28], j.status.value, j.attempts, duration(_took(j)), (j.error or "")[:60]]
+                        for j in snap.recent], right=[2, 3])
+    return lines
+
+
+def _worker_lines(snap: _Snapshot) -> list[str]:
+    rows = []
+    for w in snap.workers:
+        job = snap.jobs.get(w["job"]) if w["job"] else None
+        elapsed = snap.now - job.started_at if job and job.started_at and w["state"] == "busy" else None
+        rows.append([w["name"], w["state"] if snap.running else "stopped", w["job"] or "-", duration(elapsed),
+                     w["detail"] or ""])
+    return table(["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"], rows, right=[3])
+
+
+def _took(job: JobRecord) -> float | None:
+    outcome = job.outcome or {}
+    started, finished = outcome.get("started_at"), outcome.get("finished_at")
+    return finished - started if started and finished else None
+
+
+def _inbox_manifests(config: Config) -> int:
+    """Manifests still in the inbox: the part of a backlog the daemon has not claimed yet."""
+    try:
+        with os.scandir(config.inbox) as entries:
+            return sum(1 for e in entries if not e.name.startswith(".") and is_manifest_name(e.name))
+    except FileNotFoundError:
+        return 0
+
+
+def _watch(config: Config, interval: float, *, until_idle: bool) -> int:
+    screen = Screen()
+    screen.start()
+    store: Store | None = None
+    first_done: int | None = None
+    started = time.monotonic()
+    try:
+        while True:
+            if store is None and config.database.exists():
+                store = _open_store(config)
+            if store is None:
+                screen.draw([f"waiting for the daemon to create {config.database} ..."])
+                time.sleep(interval)
+                continue
+            snap = _snapshot(store)
+            done = sum(n for s, n in snap.counts.items() if JobStatus(s) in FINAL)
+            first_done = done if first_done is None else first_done
+            remaining = (sum(n for s, n in snap.counts.items() if JobStatus(s) not in FINAL)
+                         + _inbox_manifests(config))
+            finished_here = done - first_done
+            rate = finished_here / max(1e-9, time.monotonic() - started)
+            eta = f", about {duration(remaining / rate)} to go" if rate > 0 and remaining else ""
+            progress = (f"backlog  {bar(finished_here, finished_here + remaining)}  {finished_here} done, "
+                        f"{remaining} to go ({rate:.1f} jobs/s{eta})")
+            screen.draw([time.strftime("%H:%M:%S") + "  dropq status --watch (Ctrl-C ends)", progress,
+                         *_status_lines(snap)])
+            if until_idle and remaining == 0:
+                return Exit.OK
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return Exit.OK
+    finally:
+        if store is not None:
+            store.close()
+
+
+def cmd_workers(config: Config, args: argparse.Namespace) -> int:
+    store = _open_store(config)
+    try:
+        snap = _snapshot(store)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(snap.workers, indent=2))
+    else:
+        print("\n".join(_worker_lines(snap)))
     return Exit.OK
 
 
@@ -337,6 +487,87 @@ def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_logs(config: Config, args: argparse.Namespace) -> int:
+    streams: list[tuple[Stream, BinaryIO]] = []
+    if not args.stderr:
+        streams.append(("stdout", sys.stdout.buffer))
+    if not args.stdout:
+        streams.append(("stderr", sys.stderr.buffer))
+    store = _open_store(config)
+    offsets = {name: 0 for name, _ in streams}
+    try:
+        while True:
+            job = store.get(args.id)
+            for name, out in streams:
+                offsets[name] = _copy_from(stream_path(config, job, name), offsets[name], out)
+            if job.status in FINAL or not args.follow:
+                if args.follow:
+                    return Exit.OK if job.status is JobStatus.SUCCEEDED else Exit.JOB_FAILED
+                return Exit.OK
+            time.sleep(0.2)
+    finally:
+        store.close()
+
+
+def _copy_from(path: Path | None, offset: int, out: BinaryIO) -> int:
+    """Write what `path` holds past `offset` to `out`; returns the new offset."""
+    if path is None:
+        return offset
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            while chunk := fh.read(1 << 16):
+                out.write(chunk)
+                offset += len(chunk)
+    except FileNotFoundError:  # moved into the outbox between the lookup and the open: next turn
+        return offset
+    out.flush()
+    return offset
+
+
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    job = _get_job(config, args.id)
+    if job.status not in FINAL:
+        raise DropqError(f"{job.id} has not finished ({job.status}); only a finished job can be retried")
+    folder = config.outbox / str((job.outcome or {}).get("folder", job.id))
+    manifest = folder / "manifest.yaml"
+    if not manifest.is_file():
+        raise DropqError(f"{job.id} cannot be retried: its manifest is not in {folder}")
+    inputs = folder / "inputs"
+    names = [p.relative_to(inputs) for p in sorted(inputs.rglob("*")) if p.is_file() and not p.is_symlink()]
+    taken = [str(n) for n in names if os.path.lexists(config.inbox / n)]
+    if taken:
+        raise DropqError(f"inbox/{taken[0]} exists; the retry puts {job.id}'s input there, so move it away first")
+    for rel in names:
+        target = config.inbox / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        shutil.copyfile(inputs / rel, tmp)
+        os.rename(tmp, target)
+    name = _free_name(config, f"{job.id}-retry.yaml")
+    since = _last_seq(config)
+    _drop(config.inbox, name, manifest.read_bytes())
+    print(f"submitted {config.inbox / name} (a retry of {job.id})", file=sys.stderr)
+    if not args.wait:
+        return Exit.OK
+    return _wait(config, name, since, args.wait_timeout)
+
+
+def cmd_service(config: Config, args: argparse.Namespace) -> int:
+    from . import systemd
+
+    if args.service_command == "unit":
+        print(systemd.unit_text(config, exe=systemd.dropq_executable()), end="")
+        return Exit.OK
+    path = systemd.install(config, name=args.name, unit_dir=args.unit_dir, user=args.user, start=args.now)
+    print(f"wrote {path}")
+    if args.now:
+        print(f"started {args.name}.service; follow it with: journalctl -u {args.name} -f")
+    else:
+        print(f"start it with: systemctl daemon-reload && systemctl enable --now {args.name}")
+    return Exit.OK
+
+
 def cmd_image(config: Config, args: argparse.Namespace) -> int:
     from .image import build
 
@@ -365,4 +596,5 @@ def _daemon_alive(pid: str) -> bool:
 
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image,
-            "cancel": cmd_cancel}
+            "cancel": cmd_cancel, "workers": cmd_workers, "logs": cmd_logs, "retry": cmd_retry,
+            "service": cmd_service}

@@ -76,7 +76,8 @@ class Daemon:
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, outbox=self.outbox)
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
-        every = min(5.0, self.notifier.watchdog_interval or 5.0)
+        # the loop turns at least twice per ping interval, so no ping is ever later than 3/4 of the timeout
+        every = min(5.0, (self.notifier.watchdog_interval or 10.0) / 2)
         self.intake = Intake(config=config, store=self.store, outbox=self.outbox,
                              notify=self.balancer.notify, being_written=self.watcher.being_written,
                              cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned,
@@ -97,6 +98,7 @@ class Daemon:
             # no more WATCHDOG=1: systemd restarts the daemon (WatchdogSec), which is the cure
             if not self._trouble_logged:
                 log.error("%s; no longer feeding the systemd watchdog, so that the service is restarted", trouble)
+                self.notifier.status(f"unhealthy: {trouble}")
                 self._trouble_logged = True
             return
         self.notifier.watchdog()

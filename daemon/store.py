@@ -182,6 +182,14 @@ class Store:
                 "GROUP BY status").fetchall()
         return {status: n for status, n in rows}
 
+    def ahead_of(self, job: JobRecord) -> int:
+        """Queued jobs that a worker will take before `job` (higher priority, or as high and older)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > ? OR (priority = ? AND seq < ?))",
+                (job.priority, job.priority, job.seq)).fetchone()
+        return int(row[0])
+
     def queued(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0])

@@ -160,7 +160,7 @@ def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_se
 def install(config: Config, *, name: str = "dropq", unit_dir: Path = UNIT_DIR, user: str | None = None,
             exe: Path | None = None, start: bool = False) -> Path:
     """Write the unit; with `start`, also reload systemd, enable the unit and (re)start it."""
-    exe = exe or _dropq_executable()
+    exe = exe or dropq_executable()
     unit_dir.mkdir(parents=True, exist_ok=True)
     path = unit_dir / f"{name}.service"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -178,7 +178,7 @@ def install(config: Config, *, name: str = "dropq", unit_dir: Path = UNIT_DIR, u
     return path
 
 
-def _dropq_executable() -> Path:
+def dropq_executable() -> Path:
     """The `dropq` script of the environment this runs in (the unit must not depend on PATH)."""
     candidate = Path(sys.executable).parent / "dropq"
     if candidate.exists():

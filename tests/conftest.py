@@ -166,13 +166,14 @@ class DaemonProcess:
         self.log = ws.root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, wait: bool = True) -> DaemonProcess:
+    def start(self, *, wait: bool = True, env: dict[str, str] | None = None,
+              run_args: tuple[str, ...] = ()) -> DaemonProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._offset = self.log.stat().st_size if self.log.exists() else 0
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dropq", "--config", str(self.ws.config), "run"],
-            stdout=self._log_fh, stderr=subprocess.STDOUT, cwd=self.ws.root,
+            [sys.executable, "-m", "dropq", "--config", str(self.ws.config), "run", *run_args],
+            stdout=self._log_fh, stderr=subprocess.STDOUT, cwd=self.ws.root, env={**os.environ, **(env or {})},
         )
         if wait:
             self.wait_running()
@@ -201,6 +202,25 @@ class DaemonProcess:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    @property
+    def url(self) -> str:
+        """The dashboard's address, as the daemon published it (http.port is 0 in tests)."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.ws.state / 'dropq.sqlite3'}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'http'").fetchone()
+        finally:
+            db.close()
+        assert row and row[0], "the daemon published no dashboard address"
+        return str(row[0])
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        """GET from the daemon's HTTP API (on loopback)."""
+        import requests
+
+        return requests.get(self.url.rstrip("/") + path, timeout=10, **kwargs)
 
 
 @pytest.fixture

@@ -1,0 +1,161 @@
+"""systemd: the unit file passes systemd-analyze, and the daemon speaks sd_notify to a real socket."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, Workspace
+from dropq.config import Config
+from dropq.service import Daemon
+from dropq.systemd import Notifier, unit_text
+from helpers import dropq
+
+
+class NotifySocket:
+    """What systemd listens on: a datagram socket; every message is a newline-separated list of fields."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+
+    def receive(self, timeout: float) -> dict[str, str] | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return None
+        message = dict(line.split("=", 1) for line in data.decode().splitlines())
+        self.messages.append(message)
+        return message
+
+    def wait_for(self, key: str, timeout: float = 30.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.receive(max(0.01, deadline - time.monotonic()))
+            if message is not None and key in message:
+                return message
+        raise AssertionError(f"no {key} within {timeout}s; got {self.messages}")
+
+    def count(self, key: str, seconds: float) -> int:
+        deadline, n = time.monotonic() + seconds, 0
+        while (left := deadline - time.monotonic()) > 0:
+            message = self.receive(left)
+            n += message is not None and key in message
+        return n
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(workspace: Workspace) -> Iterator[NotifySocket]:
+    sock = NotifySocket(workspace.root / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def test_the_installed_unit_passes_systemd_analyze_verify(workspace: Workspace, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    done = dropq(workspace.config, "service", "install", "--unit-dir", str(tmp_path), "--name", "dropq-test")
+    assert done.returncode == 0, done.stderr
+    unit = tmp_path / "dropq-test.service"
+    text = unit.read_text()
+    for line in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "KillMode=mixed", "NoNewPrivileges=yes",
+                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+                 f"ReadWritePaths={workspace.inbox} {workspace.outbox} {workspace.state}",
+                 f"--config {workspace.config} run"):
+        assert line in text, line
+    verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # verify exits 0 even for unknown keys and bad values; what it says about them goes to stderr
+    assert verified.returncode == 0 and verified.stderr == "", verified.stderr
+    printed = dropq(workspace.config, "service", "unit")
+    assert printed.returncode == 0 and printed.stdout == text
+
+
+def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("")
+    config = Config.from_mapping({"inbox": "/home/ann/dq/inbox", "outbox": "/home/ann/dq/outbox",
+                                  "state": "/home/ann/dq/state", "programs": "/home/ann/dq/programs"},
+                                 base=tmp_path, source=Path("/home/ann/dq/config.yaml"))
+    text = unit_text(config, exe=Path("/home/ann/dq/.venv/bin/dropq"))
+    assert "ProtectHome=tmpfs" in text and "ProtectHome=yes" not in text
+    assert "BindPaths=/home/ann/dq/inbox /home/ann/dq/outbox /home/ann/dq/state" in text
+    assert "BindReadOnlyPaths=/home/ann/dq/programs /home/ann/dq /home/ann/dq/.venv" in text
+
+
+def test_the_daemon_notifies_ready_status_watchdog_and_stopping(
+        workspace: Workspace, daemon: DaemonProcess, notify_socket: NotifySocket) -> None:
+    daemon.start(wait=False, env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"})
+    ready = notify_socket.wait_for("READY")
+    # READY only once the pool is up and the inbox watched: the log says so before it is sent
+    assert "dropq is running" in daemon.log_text()
+    assert ready["READY"] == "1" and ready["MAINPID"] == str(daemon.proc.pid if daemon.proc else 0)
+    assert ready["STATUS"] == "0 queued, 0 running; 2 local worker(s)"
+    # WATCHDOG_USEC of 1 s: a ping every half second
+    assert notify_socket.count("WATCHDOG", 3.0) >= 4
+    for n in range(4):
+        workspace.drop(f"nap{n}.yaml", {"program": "sleep", "args": ["3"]})
+    busy = notify_socket.wait_for("STATUS")
+    while busy["STATUS"] != "2 queued, 2 running; 2 local worker(s)":
+        busy = notify_socket.wait_for("STATUS", timeout=10)
+    daemon.stop(signal.SIGTERM)
+    assert notify_socket.wait_for("STOPPING")["STOPPING"] == "1"
+
+
+def test_an_abstract_notify_socket_is_reached(workspace: Workspace) -> None:
+    name = f"dropq-test-{workspace.root.name}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
+        notifier.ready("starting")
+        assert sock.recv(4096).decode().startswith("READY=1\nSTATUS=starting\n")
+        notifier.close()
+
+
+def test_without_notify_socket_nothing_is_sent() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled and notifier.watchdog_interval is None
+    notifier.ready("x")  # must not raise
+    notifier.watchdog()
+
+
+def test_a_watchdog_meant_for_another_process_is_ignored(tmp_path: Path) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "n.sock"), "WATCHDOG_USEC": "1000000",
+                         "WATCHDOG_PID": "1"})
+    assert notifier.watchdog_interval is None
+    notifier.close()
+
+
+def test_a_daemon_whose_slot_died_stops_feeding_the_watchdog(
+        workspace: Workspace, notify_socket: NotifySocket) -> None:
+    """A real daemon in this process: once a balancer slot has died, no more WATCHDOG=1 (systemd then
+    restarts the service), and STATUS says why."""
+    notifier = Notifier({"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"})
+    daemon = Daemon(Config.load(workspace.config), notifier=notifier)
+    daemon.start()
+    try:
+        notify_socket.wait_for("READY")
+        assert notify_socket.count("WATCHDOG", 1.5) >= 3
+        daemon.balancer._broken.add("w1")  # what a slot's crash handler records
+        said = notify_socket.wait_for("STATUS", timeout=5)
+        while not said["STATUS"].startswith("unhealthy"):
+            said = notify_socket.wait_for("STATUS", timeout=5)
+        assert said["STATUS"] == "unhealthy: the slot of worker(s) w1 failed"
+        notify_socket.messages.clear()
+        assert notify_socket.count("WATCHDOG", 2.0) == 0
+    finally:
+        daemon.stop()
+        notifier.close()

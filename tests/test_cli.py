@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import yaml
 
 from conftest import DaemonProcess, Workspace
 from helpers import dropq, dropq_json
+
+
+def wait_until_running(workspace: Workspace, job_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = dropq(workspace.config, "show", job_id, "--json")
+        if shown.returncode == 0 and '"status": "running"' in shown.stdout:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id} never ran")
 
 
 def test_help_lists_the_commands_with_examples() -> None:
@@ -75,3 +86,102 @@ def test_a_second_daemon_on_the_same_state_refuses_to_start(workspace: Workspace
     done = dropq(workspace.config, "run", timeout=30)
     assert done.returncode == 6
     assert "another dropq daemon is already running" in done.stderr
+
+
+def test_logs_follow_prints_output_while_the_job_runs(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    workspace.drop("tick.yaml", {"program": "ticker", "args": ["15", "0.2"]})
+    follow = subprocess.Popen([sys.executable, "-m", "dropq", "--config", str(workspace.config), "logs", "tick",
+                               "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == "tick 1 of 15\n"
+        # the first line arrived while the program still had 14 to print
+        assert dropq_json(workspace.config, "show", "tick")["status"] == "running"
+        rest, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0
+    assert rest == "".join(f"tick {n} of 15\n" for n in range(2, 16))
+    assert err == "ticker: done\n"
+    assert dropq(workspace.config, "logs", "tick", "--stderr").stdout == ""
+
+
+def test_logs_of_a_failed_job_and_of_an_unknown_one(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    assert dropq(workspace.config, "submit", "fail", "--wait").returncode == 1
+    shown = dropq(workspace.config, "logs", "fail")
+    assert shown.returncode == 0 and "something went wrong" in shown.stderr
+    assert dropq(workspace.config, "logs", "fail", "--follow").returncode == 1  # ended, and not well
+    missing = dropq(workspace.config, "logs", "nope")
+    assert missing.returncode == 4 and missing.stderr == "dropq: no job with id 'nope'\n"
+
+
+def test_retry_runs_a_finished_job_again_on_copies_of_its_inputs(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    workspace.put("words.txt", "b a b\n")
+    workspace.drop("count.yaml", {"program": "wordcount", "input": "words.txt"})
+    first = workspace.wait_results(1)["count"]
+    done = dropq(workspace.config, "retry", "count", "--wait")
+    assert done.returncode == 0, done.stderr
+    again = yaml.safe_load(done.stdout)
+    assert again["id"] == "count-retry" and again["status"] == "succeeded"
+    assert (workspace.outbox / "count-retry" / "stdout.txt").read_text() == \
+        (workspace.outbox / "count" / "stdout.txt").read_text()
+    assert (workspace.outbox / "count-retry" / "inputs" / "words.txt").read_text() == "b a b\n"
+    assert (workspace.outbox / "count" / "inputs" / "words.txt").exists(), "the first result is left as it was"
+    assert workspace.result("count") == first
+    assert dropq(workspace.config, "retry", "count").returncode == 0
+    assert "count-retry-2" in workspace.wait_results(3)
+
+
+def test_retry_refuses_a_job_that_has_not_finished(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    workspace.drop("nap.yaml", {"program": "sleep", "args": ["20"]})
+    wait_until_running(workspace, "nap")
+    done = dropq(workspace.config, "retry", "nap")
+    assert done.returncode == 2
+    assert done.stderr == "dropq: nap has not finished (running); only a finished job can be retried\n"
+
+
+def test_workers_lists_each_worker_and_its_job(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    workspace.drop("nap.yaml", {"program": "sleep", "args": ["20"]})
+    wait_until_running(workspace, "nap")
+    assert [w["job"] for w in dropq_json(workspace.config, "workers") if w["state"] == "busy"] == ["nap"]
+    table = dropq(workspace.config, "workers").stdout.splitlines()
+    assert table[0].split() == ["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"]
+    busy = [line.split() for line in table[1:] if " nap " in line]
+    assert len(busy) == 1 and busy[0][1] == "busy" and busy[0][3].endswith(("ms", "s"))
+
+
+def test_status_watch_shows_the_backlog_draining_until_idle(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    for n in range(8):
+        workspace.drop(f"nap{n}.yaml", {"program": "sleep", "args": ["0.3"]})
+    done = dropq(workspace.config, "status", "--watch", "--interval", "0.2", "--until-idle", timeout=60)
+    assert done.returncode == 0, done.stderr
+    frames = [f for f in done.stdout.split("\n\n") if "backlog" in f]
+    assert len(frames) >= 3, "one frame per interval while 8 jobs of 0.3 s run on 2 workers"
+    assert "[" in frames[0] and "to go" in frames[0]
+    assert "8 to go" not in frames[-1] and ", 0 to go" in frames[-1] and "100.0%" in frames[-1]
+
+
+def test_submit_wait_shows_where_the_job_is(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    workspace.drop("hold1.yaml", {"program": "sleep", "args": ["1"]})
+    workspace.drop("hold2.yaml", {"program": "sleep", "args": ["1"]})
+    workspace.drop("hold3.yaml", {"program": "sleep", "args": ["1"]})
+    done = dropq(workspace.config, "submit", "sleep", "--name", "last", "--wait", "--", "0.6")
+    assert done.returncode == 0
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("last: queued, ") and line.endswith(" ahead") for line in lines), lines
+    assert any(line.startswith("last: running on w") for line in lines), lines
+    assert lines[-1] == "last: succeeded"
+
+
+def test_one_clear_line_for_a_command_on_a_workspace_that_never_ran(workspace: Workspace) -> None:
+    for command in (["status"], ["workers"], ["logs", "x"], ["retry", "x"]):
+        done = dropq(workspace.config, *command)
+        assert done.returncode == 4, command
+        assert done.stderr.startswith("dropq: no job database at ") and done.stderr.count("\n") == 1

@@ -1,0 +1,40 @@
+"""The daemon's log: JSON lines for shippers, priority-prefixed lines for journald."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from conftest import DaemonProcess, Workspace
+
+
+def test_json_logs_are_one_object_per_line_with_the_job_id(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start(run_args=("--log-format", "json"))
+    workspace.drop("hello.yaml", {"program": "echo", "args": ["hi"]})
+    workspace.drop("bad.yaml", {"program": "no-such-program"})
+    workspace.wait_results(2)
+    daemon.stop()
+    records = [json.loads(line) for line in daemon.log_text().splitlines()]  # every line is JSON
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    hello = [re.sub(r"worker w\d", "worker W", r["message"]) for r in records if r.get("job") == "hello"]
+    # one line per transition: claimed, queued, running on a worker, its outcome, published
+    assert hello == ["job hello: claimed hello.yaml", "job hello: queued", "job hello: attempt 1 on worker W",
+                     "job hello: succeeded", "job hello: succeeded, published as hello"]
+    bad = [r for r in records if r.get("job") == "bad"]
+    assert bad[-1]["message"] == "job bad: rejected, published as bad"
+    assert any(r["level"] == "warning" and "rejected" in r["message"] for r in bad)
+
+
+def test_under_journald_lines_carry_a_priority_and_no_time(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.log.touch()
+    st = os.stat(daemon.log)
+    # systemd names the stream it connected to stderr by device and inode
+    daemon.start(env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    workspace.drop("bad.yaml", "program: [unclosed\n")
+    workspace.wait_results(1)
+    daemon.stop()
+    lines = daemon.log_text().splitlines()
+    assert "<6>dropq.daemon: dropq is running: inbox " + str(workspace.inbox) in "\n".join(lines)
+    assert any(line.startswith("<4>dropq.intake: job bad: rejected: ") for line in lines), lines
+    assert all(line.startswith("<") for line in lines)

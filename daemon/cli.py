@@ -35,6 +35,8 @@ class Exit(IntEnum):
     TIMEOUT = 5
     #: the daemon could not start (another one runs, workers would not start)
     DAEMON = 6
+    #: the system refused: a permission, a full disk, a missing folder
+    SYSTEM = 7
 
 
 EPILOG = """\
@@ -54,7 +56,7 @@ examples:
   sudo dropq service install                  run the daemon on this config under systemd
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
-            6 daemon could not start
+            6 daemon could not start, 7 the system refused (permission, disk full)
 """
 
 
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(Exit.NOT_FOUND, str(exc))
     except DropqError as exc:
         return _fail(Exit.USAGE, str(exc))
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(Exit.SYSTEM, f"{exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         return 130
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -185,3 +186,12 @@ def test_one_clear_line_for_a_command_on_a_workspace_that_never_ran(workspace: W
         done = dropq(workspace.config, *command)
         assert done.returncode == 4, command
         assert done.stderr.startswith("dropq: no job database at ") and done.stderr.count("\n") == 1
+
+
+def test_a_refusal_by_the_system_is_one_line_and_exit_7(workspace: Workspace, tmp_path: Path) -> None:
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    (unit_dir / "dropq.service").mkdir()  # where the unit file should go: the rename onto it fails
+    done = dropq(workspace.config, "service", "install", "--unit-dir", str(unit_dir))
+    assert done.returncode == 7
+    assert done.stderr.startswith("dropq: Is a directory: ") and done.stderr.count("\n") == 1

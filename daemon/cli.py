@@ -345,7 +345,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         return _watch(config, args.interval, until_idle=args.until_idle)
     store = _open_store(config)
     try:
-        snap = _snapshot(store)
+        snap = _Snapshot(store)
     finally:
         store.close()
     if args.json:
@@ -365,10 +365,6 @@ class _Snapshot:
         self.recent = store.recent(recent)
         self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
         self.running = _daemon_alive(self.meta.get("pid", ""))
-
-
-def _snapshot(store: Store) -> _Snapshot:
-    return _Snapshot(store)
 
 
 def _status_lines(snap: _Snapshot) -> list[str]:
@@ -428,7 +424,7 @@ def _watch(config: Config, interval: float, *, until_idle: bool) -> int:
                 screen.draw([f"waiting for the daemon to create {config.database} ..."])
                 time.sleep(interval)
                 continue
-            snap = _snapshot(store)
+            snap = _Snapshot(store)
             done = sum(n for s, n in snap.counts.items() if JobStatus(s) in FINAL)
             first_done = done if first_done is None else first_done
             remaining = (sum(n for s, n in snap.counts.items() if JobStatus(s) not in FINAL)
@@ -453,7 +449,7 @@ def _watch(config: Config, interval: float, *, until_idle: bool) -> int:
 def cmd_workers(config: Config, args: argparse.Namespace) -> int:
     store = _open_store(config)
     try:
-        snap = _snapshot(store)
+        snap = _Snapshot(store)
     finally:
         store.close()
     if args.json:

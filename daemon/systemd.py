@@ -25,6 +25,8 @@ from .errors import DropqError
 log = logging.getLogger("dropq.systemd")
 
 UNIT_DIR = Path("/etc/systemd/system")
+#: the README of the checkout this runs from (an editable install), which has the service's section
+README = Path(__file__).resolve().parent.parent / "README.md"
 HOME_LIKE = (Path("/home"), Path("/root"), Path("/run/user"))
 
 
@@ -59,7 +61,7 @@ class Notifier:
             self._sock.sendto("\n".join(fields).encode(), self._address)
         except OSError as exc:
             # systemd gone or the socket unreadable: the daemon works on, only unsupervised
-            log.warning("could not notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc.strerror)
+            log.warning("could not notify systemd at %s: %s", self._address.replace("\0", "@"), exc.strerror)
 
     def ready(self, status: str) -> None:
         self._last_status = status
@@ -102,9 +104,9 @@ def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_se
         "# Installed by `dropq service install`. Re-run that command after changing paths in the config.",
         "[Unit]",
         f"Description=dropq drop-folder batch processor ({config.source})",
-        "Documentation=https://github.com/dropq/dropq#running-as-a-systemd-service",
         # the docker pool wants the engine up first; with the local pool this orders nothing
         "After=network.target docker.service",
+        *([f"Documentation=file://{README}"] if README.is_file() else []),
         "",
         "[Service]",
         # READY=1 is sent once the inbox is watched and the pool is up; WATCHDOG=1 comes from the intake

@@ -86,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", type=int, help="higher runs first")
     submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     submit.add_argument("--name", help="the manifest's file name in the inbox (and so the job's id)")
-    submit.add_argument("--wait", action="store_true", help="wait for the result; exit 1 unless it succeeded")
-    submit.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
+    _add_wait(submit)
 
     status = sub.add_parser("status", help="the queue and the workers at a glance")
     status.add_argument("--json", action="store_true", help="everything as one JSON document")
@@ -115,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "from its outbox folder. The new job is named ID-retry (or ID-retry-2, ...); "
                                        "the old result stays as it is.")
     retry.add_argument("id")
-    retry.add_argument("--wait", action="store_true", help="wait for the result; exit 1 unless it succeeded")
-    retry.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
+    _add_wait(retry)
 
     service = sub.add_parser("service", help="run the daemon under systemd")
     service_sub = service.add_subparsers(dest="service_command", required=True, metavar="ACTION")
@@ -152,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help="show where the job is until it ends, then print its result.yaml; exit 1 unless it "
+                             "succeeded")
+    parser.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                        help="with --wait: give up after this long (exit 5)")
 
 
 def main(argv: list[str] | None = None) -> int:

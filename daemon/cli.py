@@ -331,8 +331,7 @@ def _progress(store: Store, job: JobRecord) -> str:
 
 
 def _result_path(config: Config, job: JobRecord) -> Path:
-    folder = (job.outcome or {}).get("folder", job.id)
-    return config.outbox / folder / "result.yaml"
+    return config.outbox / job.folder / "result.yaml"
 
 
 def _print_result(config: Config, job: JobRecord) -> None:
@@ -356,7 +355,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         store.close()
     if args.json:
         print(json.dumps({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
-                          "workers": snap.workers, "recent": [_job_summary(j) for j in snap.recent]}, indent=2))
+                          "workers": snap.workers, "recent": [j.summary() for j in snap.recent]}, indent=2))
         return Exit.OK
     print("\n".join(_status_lines(snap)))
     return Exit.OK
@@ -386,7 +385,7 @@ def _status_lines(snap: _Snapshot) -> list[str]:
     if snap.recent:
         lines.append("")
         lines += table(["RECENT JOB", "STATUS", "ATTEMPTS", "TOOK", "ERROR"],
-                       [[j.id[:28], j.status.value, j.attempts, duration(_took(j)), (j.error or "")[:60]]
+                       [[j.id[:28], j.status.value, j.attempts, duration(j.run_seconds), (j.error or "")[:60]]
                         for j in snap.recent], right=[2, 3])
     return lines
 
@@ -399,12 +398,6 @@ def _worker_lines(snap: _Snapshot) -> list[str]:
         rows.append([w["name"], w["state"] if snap.running else "stopped", w["job"] or "-", duration(elapsed),
                      w["detail"] or ""])
     return table(["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"], rows, right=[3])
-
-
-def _took(job: JobRecord) -> float | None:
-    outcome = job.outcome or {}
-    started, finished = outcome.get("started_at"), outcome.get("finished_at")
-    return finished - started if started and finished else None
 
 
 def _inbox_manifests(config: Config) -> int:
@@ -476,11 +469,11 @@ def _get_job(config: Config, job_id: str) -> JobRecord:
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     job = _get_job(config, args.id)
     if args.json:
-        print(json.dumps(_job_summary(job), indent=2))
+        print(json.dumps(job.summary(), indent=2))
     elif job.status in FINAL:
         _print_result(config, job)
     else:
-        print(yaml.safe_dump(_job_summary(job), sort_keys=False), end="")
+        print(yaml.safe_dump(job.summary(), sort_keys=False), end="")
     return Exit.OK
 
 
@@ -536,7 +529,7 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     job = _get_job(config, args.id)
     if job.status not in FINAL:
         raise DropqError(f"{job.id} has not finished ({job.status}); only a finished job can be retried")
-    folder = config.outbox / str((job.outcome or {}).get("folder", job.id))
+    folder = config.outbox / job.folder
     manifest = folder / "manifest.yaml"
     if not manifest.is_file():
         raise DropqError(f"{job.id} cannot be retried: its manifest is not in {folder}")
@@ -582,12 +575,6 @@ def cmd_image(config: Config, args: argparse.Namespace) -> int:
     print(build(args.tag or config.workers.docker.image, offline=args.offline, mirror=args.mirror,
                 force=args.force))
     return Exit.OK
-
-
-def _job_summary(job: JobRecord) -> dict[str, Any]:
-    return {"id": job.id, "status": job.status.value, "priority": job.priority, "attempts": job.attempts,
-            "worker": job.worker, "error": job.error, "manifest": job.source,
-            "submitted_at": job.submitted_at, "started_at": job.started_at, "finished_at": job.finished_at}
 
 
 def _daemon_alive(pid: str) -> bool:

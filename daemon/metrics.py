@@ -33,12 +33,10 @@ class Metrics:
 
     def observe(self, job: JobRecord) -> None:
         """Called once per published job."""
-        outcome = job.outcome or {}
         if job.started_at is not None:
             self.wait.observe(max(0.0, job.started_at - job.submitted_at))
-        started, finished = outcome.get("started_at"), outcome.get("finished_at")
-        if isinstance(started, int | float) and isinstance(finished, int | float):
-            self.run.observe(max(0.0, finished - started))
+        if job.run_seconds is not None:
+            self.run.observe(job.run_seconds)
 
 
 class StoreCollector(Collector):

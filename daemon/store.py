@@ -86,6 +86,26 @@ class JobRecord:
         data["outcome"] = json.loads(data["outcome"]) if data["outcome"] else None
         return cls(**data)
 
+    @property
+    def folder(self) -> str:
+        """The job's folder in the outbox: its id, or the free name the outbox chose when that was taken."""
+        return str((self.outcome or {}).get("folder", self.id))
+
+    @property
+    def run_seconds(self) -> float | None:
+        """How long the program ran, as its worker measured it; None before it has run."""
+        outcome = self.outcome or {}
+        started, finished = outcome.get("started_at"), outcome.get("finished_at")
+        if isinstance(started, int | float) and isinstance(finished, int | float):
+            return max(0.0, finished - started)
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """The job as `dropq show --json`, `dropq status --json` and the API give it."""
+        return {"id": self.id, "status": self.status.value, "priority": self.priority, "attempts": self.attempts,
+                "worker": self.worker, "error": self.error, "manifest": self.source,
+                "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at}
+
 
 class Store:
     def __init__(self, path: Path, *, readonly: bool = False, now: Callable[[], float] = time.time) -> None:

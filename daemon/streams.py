@@ -20,7 +20,7 @@ def stream_path(config: Config, job: JobRecord, stream: Stream) -> Path | None:
     """The file holding `stream` of `job` now, or None while there is none (queued, or gone)."""
     outcome = job.outcome or {}
     if job.status in FINAL:
-        folder = config.outbox / str(outcome.get("folder", job.id))
+        folder = config.outbox / job.folder
         saved_as = outcome.get("stdout_as")
         path = folder / "output" / saved_as if stream == "stdout" and saved_as else folder / f"{stream}.txt"
     elif job.status in (JobStatus.RUNNING, JobStatus.COMMITTING) and job.worker:

@@ -36,16 +36,12 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 def job_summary(job: JobRecord, now: float | None = None) -> dict[str, Any]:
-    outcome = job.outcome or {}
-    doc: dict[str, Any] = {
-        "id": job.id, "status": job.status.value, "priority": job.priority, "attempts": job.attempts,
-        "worker": job.worker, "error": job.error, "manifest": job.source, "exit_code": outcome.get("exit_code"),
-        "submitted_at": job.submitted_at, "started_at": job.started_at, "finished_at": job.finished_at,
-    }
+    doc = job.summary()
+    doc["exit_code"] = (job.outcome or {}).get("exit_code")
     if job.status in FINAL:
-        doc["folder"] = outcome.get("folder", job.id)
-        if outcome.get("started_at") and outcome.get("finished_at"):
-            doc["run_seconds"] = round(outcome["finished_at"] - outcome["started_at"], 3)
+        doc["folder"] = job.folder
+        if job.run_seconds is not None:
+            doc["run_seconds"] = round(job.run_seconds, 3)
     elif job.status is JobStatus.RUNNING and job.started_at and now is not None:
         doc["elapsed_seconds"] = round(now - job.started_at, 3)
     return doc

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import Config
-from .errors import StoreError, TransportError, UnknownJob
+from .errors import JobRefused, StoreError, TransportError, UnknownJob, WorkerBusy
 from .jobs import JobStatus
 from .manifest import Manifest
 from .outbox import Outbox, job_key
@@ -118,7 +118,7 @@ class Balancer:
             worker, job = item
             key = job_key(job)
             try:
-                self.outbox.finish(job, staging=worker.jobs_dir / key)
+                self.outbox.finish(job, staging=worker.staging(key))
                 remove_tree(worker.inputs_dir / key)
                 # no DELETE to make the worker forget it: keys are per attempt, and the worker keeps
                 # only its last 64 results anyway; one request less per job
@@ -150,7 +150,7 @@ class Balancer:
                 try:
                     handle.transport.cancel(job_key(job))
                 except TransportError:
-                    pass  # not started there yet: _run cancels it right after the start
+                    pass  # not there yet: the worker keeps the cancel, and the start ends as cancelled
             return f"cancelling it on worker {job.worker}"
         return f"it is {job.status.value}"
 
@@ -203,41 +203,53 @@ class Balancer:
         manifest = Manifest.from_json(job.manifest)
         log.info("job %s: attempt %d on worker %s", job.id, job.attempts, worker.name)
         try:
-            self._stage_inputs(worker, job, manifest)
+            if manifest.inputs:
+                self._stage_inputs(worker, job, manifest)
             spec = {
                 "id": key, "program": manifest.program, "args": list(manifest.args),
                 "inputs": [f"{key}/{rel}" for rel in manifest.inputs], "env": dict(manifest.env),
                 "timeout": manifest.timeout, "kill_grace": self.config.jobs.kill_grace,
                 "max_output_bytes": self.config.jobs.max_output_bytes,
             }
-            worker.transport.start(spec)
-            if job.id in self._cancel_requested:
-                worker.transport.cancel(key)  # cancelled while it was being handed over
-        except TransportError as exc:
+            # started and waited for in one request; a cancel that overtakes it is kept by the worker
+            status: dict[str, Any] | None = worker.transport.start(spec, wait=POLL_WAIT)
+        except (JobRefused, WorkerBusy) as exc:
             self._lost(worker, job, str(exc))
             return False
-        return self._follow(worker, job, health)
+        except TransportError as exc:
+            # the job may have started before the connection failed: the worker, if still the same,
+            # tells (the long-poll below finds it, or answers that it never came)
+            if not self._still_there(worker, job, health, exc):
+                return False
+            status = None
+        return self._follow(worker, job, health, status)
 
-    def _follow(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> bool:
-        """Long-poll the worker until the job ends, then commit it."""
+    def _still_there(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any],
+                     exc: TransportError) -> bool:
+        """After a failed request: whether the same worker process answers again (else the job is lost)."""
+        if self._stopping:
+            self._lost(worker, job, "the daemon is shutting down")
+            return False
+        again = self.pool.ensure(worker.name)
+        if again is None or again.get("pid") != health.get("pid"):
+            self._lost(worker, job, f"worker {worker.name} stopped answering ({exc})")
+            return False
+        return True
+
+    def _follow(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any],
+                status: dict[str, Any] | None = None) -> bool:
+        """Long-poll the worker until the job ends (unless `status` says it has), then commit it."""
         key = job_key(job)
-        while True:
+        while status is None or status.get("state") != "done":
             try:
                 status = worker.transport.status(key, wait=POLL_WAIT)
             except UnknownJob as exc:
                 self._lost(worker, job, str(exc))
                 return False
             except TransportError as exc:
-                if self._stopping:
-                    self._lost(worker, job, "the daemon is shutting down")
+                if not self._still_there(worker, job, health, exc):
                     return False
-                again = self.pool.ensure(worker.name)
-                if again is None or again.get("pid") != health.get("pid"):
-                    self._lost(worker, job, f"worker {worker.name} stopped answering ({exc})")
-                    return False
-                continue
-            if status.get("state") == "done":
-                break
+                status = None
         if status.get("outcome") == "stopped":
             self._lost(worker, job, "the worker was stopped")
             return False
@@ -252,7 +264,7 @@ class Balancer:
         if (manifest is not None and code in manifest.retry_on_exit and job.attempts <= job.retries
                 and job.id not in self._cancel_requested):
             remove_tree(worker.inputs_dir / key)
-            remove_tree(worker.jobs_dir / key)
+            worker.staging(key).remove()
             worker.transport.forget(key)
             self._retry_or_fail(job, f"the program exited with code {code}, which its manifest retries",
                                 lost=False)
@@ -264,8 +276,8 @@ class Balancer:
             log.exception("job %s: could not record its outcome", job.id)
             return
         self._commits.put((worker, job))
-        log.info("job %s: %s", job.id, outcome["status"] if not outcome.get("error")
-                 else f"{outcome['status']}: {outcome['error']}")
+        if outcome.get("error"):  # a success needs no line of its own: the outbox logs the publish
+            log.info("job %s: %s: %s", job.id, outcome["status"], outcome["error"])
 
     # --- losing a worker -----------------------------------------------------------------------
 
@@ -276,7 +288,7 @@ class Balancer:
             log.info("job %s: left running on worker %s for the next start", job.id, worker.name)
             return
         remove_tree(worker.inputs_dir / key)
-        remove_tree(worker.jobs_dir / key)
+        worker.staging(key).remove()
         if self._stopping:
             # interrupted by our own shutdown, not the job's fault: this attempt does not count
             self.store.transition(job.id, JobStatus.QUEUED, attempts=max(0, job.attempts - 1), worker=None)

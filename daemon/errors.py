@@ -35,6 +35,10 @@ class WorkerBusy(TransportError):
     """The worker already runs another job (HTTP 409)."""
 
 
+class JobRefused(TransportError):
+    """The worker refused the job's description (HTTP 400): a program or path it cannot run."""
+
+
 class UnknownJob(TransportError):
     """The worker does not know the job asked for (HTTP 404): it restarted, or never received it."""
 

@@ -353,7 +353,7 @@ class Intake:
             return
         self._waiting.pop(job_id, None)
         self.store.transition(job_id, JobStatus.QUEUED)
-        log.info("job %s: queued", job_id)
+        log.debug("job %s: queued", job_id)
         self._notify()
 
     def _settled(self, st: os.stat_result) -> bool:

@@ -8,6 +8,7 @@ the job's key in result.yaml, so a second folder is never made.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -20,6 +21,7 @@ import yaml
 
 from .jobs import JobStatus
 from .paths import collect_tree, move, remove_tree
+from .pools.base import Staging
 from .store import JobRecord, Store
 
 log = logging.getLogger("dropq.outbox")
@@ -47,7 +49,7 @@ class Outbox:
         self.store = store
         self._on_published = on_published
 
-    def finish(self, job: JobRecord, *, staging: Path | None = None) -> Path:
+    def finish(self, job: JobRecord, *, staging: Staging | None = None) -> Path:
         """Publish a job in COMMITTING state and record its final status; safe to run again."""
         name = self._folder_name(job)
         folder = self.commit(job, staging=staging, name=name)
@@ -80,7 +82,7 @@ class Outbox:
             return False
         return isinstance(data, dict) and data.get("key") == job_key(job)
 
-    def commit(self, job: JobRecord, *, staging: Path | None, name: str) -> Path:
+    def commit(self, job: JobRecord, *, staging: Staging | None, name: str) -> Path:
         """Publish `job` (its outcome already recorded) as outbox/<name>; returns the folder."""
         final = self.root / name
         spool = self.spool / job.id
@@ -88,23 +90,21 @@ class Outbox:
             # published before a crash: only the clean-up after the rename may be missing
             remove_tree(spool)
             if staging is not None:
-                remove_tree(staging)
+                staging.remove()
             return final
         tmp = self.root / f".{name}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
         outcome = dict(job.outcome or {})
-        dropped_entry = self._place_manifest(spool / "manifest.yaml", tmp)
+        dropped_entry = self._gather(spool, tmp)
         if dropped_entry:
             outcome["dropped"] = [*outcome.get("dropped", []), dropped_entry]
-        if os.path.lexists(spool / "inputs"):
-            move(spool / "inputs", tmp / "inputs")
-        (tmp / "inputs").mkdir(exist_ok=True)
-        if staging is not None and os.path.lexists(staging / "output"):
-            outcome["dropped"] = [*outcome.get("dropped", []), *collect_tree(staging / "output", tmp / "output")]
-        (tmp / "output").mkdir(exist_ok=True)
+        if staging is not None and os.path.lexists(staging.output):
+            outcome["dropped"] = [*outcome.get("dropped", []), *collect_tree(staging.output, tmp / "output")]
+        if not os.path.lexists(tmp / "output"):
+            (tmp / "output").mkdir()
         stdout_name = outcome.get("stdout_as")
-        self._place(staging, "stdout.txt", tmp / ("output/" + stdout_name if stdout_name else "stdout.txt"))
-        self._place(staging, "stderr.txt", tmp / "stderr.txt")
+        stdout_to = tmp / ("output/" + stdout_name if stdout_name else "stdout.txt")
+        self._place(staging.stdout if staging else None, stdout_to)
+        self._place(staging.stderr if staging else None, tmp / "stderr.txt")
         if stdout_name:
             (tmp / "stdout.txt").touch()
         _write_atomic(tmp / "result.yaml", yaml.dump(result_document(job, outcome, name), Dumper=_SafeDumper,
@@ -114,29 +114,49 @@ class Outbox:
         _fsync_dir(self.root)
         remove_tree(spool)
         if staging is not None:
-            remove_tree(staging)
+            staging.remove()
         return final
 
+    @classmethod
+    def _gather(cls, spool: Path, tmp: Path) -> str | None:
+        """Make `tmp` hold the job's manifest and inputs/; returns what of the manifest was not kept."""
+        if not os.path.lexists(tmp):
+            # The job's spool folder (manifest.yaml, inputs/) becomes the new folder by one rename:
+            # no folder to make, nothing to move piece by piece, nothing left to remove.
+            try:
+                os.rename(spool, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EXDEV):
+                    raise
+                tmp.mkdir(parents=True)
+        # what is still in the spool: it is on another filesystem, or a commit stopped half-way
+        for piece in ("manifest.yaml", "inputs"):
+            if os.path.lexists(spool / piece) and not os.path.lexists(tmp / piece):
+                move(spool / piece, tmp / piece)
+        dropped = cls._keep_manifest(tmp)
+        if not os.path.lexists(tmp / "inputs"):
+            (tmp / "inputs").mkdir()
+        return dropped
+
     @staticmethod
-    def _place_manifest(entry: Path, tmp: Path) -> str | None:
-        """The manifest as dropped goes to manifest.yaml when it is a plain file. A directory is kept,
+    def _keep_manifest(tmp: Path) -> str | None:
+        """The manifest as dropped stays as manifest.yaml when it is a plain file. A directory is kept,
         as manifest-folder/; a symlink, FIFO, socket or device is removed (never read, never
         followed: it holds no data of its own). Returns what was not kept as manifest.yaml."""
+        entry = tmp / "manifest.yaml"
         if not os.path.lexists(entry):
             return None
         st = os.lstat(entry)
         if stat.S_ISREG(st.st_mode):
-            move(entry, tmp / "manifest.yaml")
             return None
         if stat.S_ISDIR(st.st_mode):
-            move(entry, tmp / "manifest-folder")
+            os.rename(entry, tmp / "manifest-folder")
             return None
         os.unlink(entry)
         return "manifest.yaml (not a regular file)"
 
     @staticmethod
-    def _place(staging: Path | None, name: str, target: Path) -> None:
-        source = staging / name if staging is not None else None
+    def _place(source: Path | None, target: Path) -> None:
         if source is not None and os.path.lexists(source):
             move(source, target)
             if not target.is_file() or target.is_symlink():

@@ -27,7 +27,7 @@ def stream_path(config: Config, job: JobRecord, stream: Stream) -> Path | None:
         staging = find_staging(config, job.worker, job_key(job))
         if staging is None:
             return None
-        path = staging / f"{stream}.txt"
+        path = staging.stdout if stream == "stdout" else staging.stderr
     else:
         return None
     # opened by name only if it is a plain file: a program may have left a link where its output was

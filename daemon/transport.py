@@ -13,7 +13,7 @@ import socket
 import threading
 from typing import Any
 
-from .errors import TransportError, UnknownJob, WorkerBusy
+from .errors import JobRefused, TransportError, UnknownJob, WorkerBusy
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -130,13 +130,16 @@ class Transport:
             raise TransportError(f"worker at {self} is not healthy ({status})")
         return body
 
-    def start(self, spec: dict[str, Any]) -> dict[str, Any]:
-        status, body = self.request("POST", "/jobs", spec)
+    def start(self, spec: dict[str, Any], *, wait: float = 0.0) -> dict[str, Any]:
+        """Start a job; with `wait`, wait up to that many seconds for its end. Its status document."""
+        path = f"/jobs?wait={wait}" if wait else "/jobs"
+        status, body = self.request("POST", path, spec, timeout=wait + self.timeout)
         if status == 409:
             raise WorkerBusy(f"worker at {self} is busy")
-        if status != 202:
+        if status not in (200, 202):
             error = body.get("error") if isinstance(body, dict) else body
-            raise TransportError(f"worker at {self} refused the job ({status}): {error}")
+            kind = JobRefused if status == 400 else TransportError
+            raise kind(f"worker at {self} refused the job ({status}): {error}")
         return dict(body)
 
     def status(self, job_id: str, *, wait: float = 0.0) -> dict[str, Any]:

@@ -17,10 +17,12 @@ def test_json_logs_are_one_object_per_line_with_the_job_id(workspace: Workspace,
     daemon.stop()
     records = [json.loads(line) for line in daemon.log_text().splitlines()]  # every line is JSON
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
-    hello = [re.sub(r"worker w\d", "worker W", r["message"]) for r in records if r.get("job") == "hello"]
-    # one line per transition: claimed, queued, running on a worker, its outcome, published
-    assert hello == ["job hello: claimed hello.yaml", "job hello: queued", "job hello: attempt 1 on worker W",
-                     "job hello: succeeded", "job hello: succeeded, published as hello"]
+    hello = [re.sub(r"worker w\d", "worker W", r["message"]) for r in records
+             if r.get("job") == "hello" and r["level"] != "debug"]
+    # three lines for a job that went well: claimed, running on a worker, its outcome as published
+    # ("queued" is a debug line: it follows the claim at once unless inputs are awaited)
+    assert hello == ["job hello: claimed hello.yaml", "job hello: attempt 1 on worker W",
+                     "job hello: succeeded, published as hello"]
     bad = [r for r in records if r.get("job") == "bad"]
     assert bad[-1]["message"] == "job bad: rejected, published as bad"
     assert any(r["level"] == "warning" and "rejected" in r["message"] for r in bad)

@@ -11,6 +11,7 @@ import yaml
 from dropq.jobs import JobStatus
 from dropq.outbox import Outbox
 from dropq.paths import collect_tree
+from dropq.pools.base import Staging
 from dropq.store import JobRecord, Store
 
 
@@ -52,6 +53,26 @@ def test_a_commit_interrupted_half_way_completes_on_the_next_run(setup: tuple[St
     assert (tmp / "outbox" / "job" / "manifest.yaml").read_text() == "program: echo\n"
     assert yaml.safe_load((tmp / "outbox" / "job" / "result.yaml").read_text())["status"] == "succeeded"
     assert not half.exists()
+
+
+def test_the_spool_folder_and_the_staged_files_become_the_job_folder_by_renames(
+        setup: tuple[Store, Outbox, Path]) -> None:
+    store, outbox, tmp = setup
+    job = committing_job(store, tmp)
+    staging = Staging(tmp / "jobs", "j1-1")
+    staging.output.mkdir(parents=True)
+    (staging.output / "made.txt").write_text("made\n")
+    staging.stdout.write_text("out\n")
+    staging.stderr.write_text("err\n")
+    moved = {name: os.stat(path).st_ino for name, path in (
+        ("manifest.yaml", tmp / "spool" / "job" / "manifest.yaml"), ("output/made.txt", staging.output / "made.txt"),
+        ("stdout.txt", staging.stdout), ("stderr.txt", staging.stderr))}
+    outbox.finish(job, staging=staging)
+    folder = tmp / "outbox" / "job"
+    assert sorted(os.listdir(folder)) == ["inputs", "manifest.yaml", "output", "result.yaml", "stderr.txt",
+                                          "stdout.txt"]
+    assert {name: os.stat(folder / name).st_ino for name in moved} == moved, "moved, not copied"
+    assert not (tmp / "spool" / "job").exists() and os.listdir(tmp / "jobs") == [], "nothing left behind"
 
 
 def test_a_folder_someone_else_made_with_the_jobs_name_is_left_alone(setup: tuple[Store, Outbox, Path]) -> None:

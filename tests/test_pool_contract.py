@@ -70,9 +70,9 @@ def test_a_job_runs_and_its_files_appear_in_the_workers_jobs_dir(pool: Pool) -> 
     worker.transport.start({"id": "c1", "program": "wordcount.py", "inputs": ["c1/in.txt"]})
     status = worker.transport.status("c1", wait=30)
     assert (status["state"], status["outcome"], status["exit_code"]) == ("done", "exited", 0)
-    assert (worker.jobs_dir / "c1" / "stdout.txt").read_text() == "2 two\n1 one\n"
+    assert (worker.jobs_dir / "c1.stdout").read_text() == "2 two\n1 one\n"
     # readers without a pool (recovery at start, `dropq logs`, the dashboard) find it too
-    assert find_staging(pool.config, worker.name, "c1") == worker.jobs_dir / "c1"
+    assert find_staging(pool.config, worker.name, "c1") == worker.staging("c1")
 
 
 def test_one_job_at_a_time(pool: Pool) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,10 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from dropq_worker import procs
 from dropq_worker.app import create_app
 from dropq_worker.capture import CappedFile
-from dropq_worker.runner import Runner, Settings
+from dropq_worker.runner import Runner, Settings, reap_abandoned
 
 PROGRAMS = {
     "hello.py": "print('hello', flush=True)\n",
@@ -67,18 +70,18 @@ def test_health(client: FlaskClient) -> None:
 def test_a_job_runs_and_its_stdout_is_captured(client: FlaskClient, settings: Settings) -> None:
     body = run(client, {"id": "j1", "program": "hello.py"})
     assert (body["outcome"], body["exit_code"]) == ("exited", 0)
-    assert (settings.jobs / "j1" / "stdout.txt").read_text() == "hello\n"
+    assert (settings.jobs / "j1.stdout").read_text() == "hello\n"
 
 
 def test_the_job_gets_its_env_and_cwd(client: FlaskClient, settings: Settings) -> None:
     run(client, {"id": "j2", "program": "env.py", "env": {"GREETING": "hi"}})
-    job_id, greeting, cwd = (settings.jobs / "j2" / "stdout.txt").read_text().split()
-    assert (job_id, greeting, cwd) == ("j2", "hi", str(settings.jobs / "j2" / "output"))
+    job_id, greeting, cwd = (settings.jobs / "j2.stdout").read_text().split()
+    assert (job_id, greeting, cwd) == ("j2", "hi", str(settings.jobs / "j2"))
 
 
 def test_inputs_are_resolved_under_the_inputs_folder(client: FlaskClient, settings: Settings) -> None:
     run(client, {"id": "j9", "program": "cat.py", "inputs": ["j9/data.txt"]})
-    assert (settings.jobs / "j9" / "stdout.txt").read_text() == "input data\n"
+    assert (settings.jobs / "j9.stdout").read_text() == "input data\n"
 
 
 @pytest.mark.parametrize("spec", [
@@ -122,7 +125,7 @@ def test_a_timeout_kills_the_group(client: FlaskClient) -> None:
 
 def test_flooding_output_keeps_head_and_tail(client: FlaskClient, settings: Settings) -> None:
     body = run(client, {"id": "f", "program": "flood.py", "max_output_bytes": 4096})
-    text = (settings.jobs / "f" / "stdout.txt").read_text()
+    text = (settings.jobs / "f.stdout").read_text()
     assert body["stdout_truncated"] is True and body["stdout_bytes"] == 50007
     assert text.startswith("A" * 2048) and text.endswith("THE END") and "dropq cut" in text
 
@@ -147,7 +150,7 @@ def test_an_escaped_setsid_grandchild_does_not_outlive_its_job(settings: Setting
             time.sleep(0.05)
         transport.start({"id": "o", "program": "orphan.py"})
         assert transport.status("o", wait=20)["state"] == "done"
-        pid = int((settings.jobs / "o" / "stdout.txt").read_text())
+        pid = int((settings.jobs / "o.stdout").read_text())
         assert procs.start_time(pid) is None, "the grandchild that called setsid was killed and reaped"
         transport.close()
     finally:
@@ -155,6 +158,44 @@ def test_an_escaped_setsid_grandchild_does_not_outlive_its_job(settings: Setting
         proc.wait(10)
         sock.unlink(missing_ok=True)
         sock.parent.rmdir()
+
+
+def test_a_start_may_wait_for_the_end_in_the_same_request(client: FlaskClient, settings: Settings) -> None:
+    resp = client.post("/jobs?wait=20", json={"id": "one", "program": "hello.py"})
+    body = resp.get_json()
+    assert resp.status_code == 200 and body["state"] == "done" and body["exit_code"] == 0, body
+    assert (settings.jobs / "one.stdout").read_text() == "hello\n"
+    resp = client.post("/jobs?wait=0.2", json={"id": "slow", "program": "sleep.py", "args": ["5"]})
+    assert resp.status_code == 202 and resp.get_json()["state"] == "running"
+    client.delete("/jobs/slow")
+
+
+def test_a_cancel_that_overtakes_the_start_is_kept_and_the_job_never_runs(client: FlaskClient,
+                                                                          settings: Settings) -> None:
+    assert client.delete("/jobs/early").status_code == 404  # not here yet
+    resp = client.post("/jobs?wait=5", json={"id": "early", "program": "hello.py"})
+    body = resp.get_json()
+    assert resp.status_code == 200 and body["outcome"] == "cancelled", body
+    assert not (settings.jobs / "early.stdout").exists() and not (settings.jobs / "early").exists()
+    run(client, {"id": "later", "program": "hello.py"})  # the worker is free for the next job
+
+
+def test_the_abandoned_job_of_a_dead_worker_is_killed_by_its_pid_file(settings: Settings) -> None:
+    settings.jobs.mkdir(parents=True)
+    running = settings.jobs / "running.pid"
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        running.write_text("")  # a worker killed between open and write
+        assert reap_abandoned(settings.jobs) == []
+        running.write_text(json.dumps({"id": "gone", "pgid": orphan.pid, "start": 1}))  # a reused pid
+        assert reap_abandoned(settings.jobs) == [] and orphan.poll() is None
+        running.write_text(json.dumps({"id": "gone", "pgid": orphan.pid, "start": procs.start_time(orphan.pid)}))
+        assert reap_abandoned(settings.jobs) == ["gone"]
+        assert orphan.wait(10) == -9
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
 
 
 def test_unknown_jobs_are_404(client: FlaskClient) -> None:
@@ -184,6 +225,6 @@ def test_a_forgotten_job_id_may_be_posted_again_and_runs_again(client: FlaskClie
     run(client, {"id": "again", "program": "hello.py"})
     assert client.delete("/jobs/again").status_code == 200
     assert client.get("/jobs/again").status_code == 404
-    (settings.jobs / "again" / "stdout.txt").unlink()
+    (settings.jobs / "again.stdout").unlink()
     run(client, {"id": "again", "program": "hello.py"})
-    assert (settings.jobs / "again" / "stdout.txt").read_text() == "hello\n", "it ran a second time"
+    assert (settings.jobs / "again.stdout").read_text() == "hello\n", "it ran a second time"

@@ -22,7 +22,8 @@ from .capture import CappedFile
 
 #: seconds to drain a job's pipes after it ended, in case something unkillable still holds them
 _DRAIN = 2.0
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+@=,")
+#: no "." in an id: a job's side files are named `<id>.stdout` and so on, which no other id may be
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-+@=,")
 
 
 class SpecError(ValueError):
@@ -39,7 +40,7 @@ class Settings:
     programs: Path
     #: where the claimed inputs of jobs are (read-only for jobs)
     inputs: Path
-    #: staging: one folder per job, the job's working directory below it (read-write)
+    #: staging: each job's working directory and its captured output (read-write); see Staging
     jobs: Path
     #: interpreter for .py programs
     python: str = "python3"
@@ -75,11 +76,40 @@ class JobSpec:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed job description: {exc}") from None
-        if not spec.id or not set(spec.id) <= _ID_CHARS or spec.id.startswith("."):
-            raise SpecError(f"invalid job id {spec.id!r}")
+        if not spec.id or not set(spec.id) <= _ID_CHARS:
+            raise SpecError(f"invalid job id {spec.id!r} (letters, digits and _-+@=, only)")
         if spec.timeout <= 0 or spec.max_output_bytes < 1024:
             raise SpecError("timeout must be positive and max_output_bytes at least 1024")
         return spec
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A job's files in the staging folder, flat: `<id>/` is the program's working directory (the
+    job's output), and `<id>.stdout` and `<id>.stderr` lie beside it. One directory per job, and
+    nothing the daemon must delete afterwards: new directories and recently freed inodes are the
+    dearest file-system costs of a job (bench/RESULTS.md). The daemon reads the same layout
+    (daemon/pools/base.py, Staging)."""
+
+    jobs: Path
+    id: str
+
+    @property
+    def output(self) -> Path:
+        return self.jobs / self.id
+
+    @property
+    def stdout(self) -> Path:
+        return self.jobs / f"{self.id}.stdout"
+
+    @property
+    def stderr(self) -> Path:
+        return self.jobs / f"{self.id}.stderr"
+
+
+#: the running job's process group, for the next worker process should this one die (one job at a
+#: time, so one file, rewritten in place for each job rather than made and removed)
+RUNNING = "running.pid"
 
 
 def inside(root: Path, rel: str, *, what: str) -> Path:
@@ -96,9 +126,9 @@ def inside(root: Path, rel: str, *, what: str) -> Path:
 class Job:
     """A job this worker runs or has run."""
 
-    def __init__(self, spec: JobSpec, folder: Path) -> None:
+    def __init__(self, spec: JobSpec, staging: Staging) -> None:
         self.spec = spec
-        self.folder = folder
+        self.staging = staging
         self.done = threading.Event()
         self.result: dict[str, Any] = {"id": spec.id, "state": "running", "started_at": time.time()}
         self._wake_r, self._wake_w = os.pipe()
@@ -132,6 +162,9 @@ class Runner:
         self._lock = threading.Lock()
         self._current: Job | None = None
         self._finished: dict[str, Job] = {}
+        # ids cancelled before their start request arrived (the two may cross on the way): such a
+        # job is never started; it ends at once as cancelled
+        self._cancelled_early: dict[str, None] = {}
         settings.jobs.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -147,10 +180,21 @@ class Runner:
             if self.current is not None:
                 raise Busy(self.current.spec.id)
             argv = self._argv(spec)
-            folder = self.settings.jobs / spec.id
-            shutil.rmtree(folder, ignore_errors=True)
-            (folder / "output").mkdir(parents=True)
-            job = Job(spec, folder)
+            if spec.id in self._cancelled_early:
+                del self._cancelled_early[spec.id]
+                job = Job(spec, Staging(self.settings.jobs, spec.id))
+                job.close_wake()
+                job.result.update(state="done", outcome="cancelled", exit_code=None, finished_at=time.time())
+                self._remember(job)
+                job.done.set()
+                return job
+            staging = Staging(self.settings.jobs, spec.id)
+            try:
+                staging.output.mkdir()
+            except FileExistsError:  # left by a worker that died before the daemon took it away
+                shutil.rmtree(staging.output)
+                staging.output.mkdir()
+            job = Job(spec, staging)
             self._current = job
             self._finished.pop(spec.id, None)
         threading.Thread(target=self._run, args=(job, argv), name=f"job-{spec.id}", daemon=True).start()
@@ -161,6 +205,24 @@ class Runner:
         if job is not None and job.spec.id == job_id:
             return job
         return self._finished.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Stop the job if it runs; if this worker has not seen it yet, make sure it never starts."""
+        job = self.get(job_id)
+        if job is None:
+            with self._lock:
+                self._cancelled_early[job_id] = None
+                while len(self._cancelled_early) > 64:
+                    self._cancelled_early.pop(next(iter(self._cancelled_early)))
+        elif not job.done.is_set():
+            job.stop("cancel")
+        return job
+
+    def _remember(self, job: Job) -> None:
+        """Keep a finished job's result for the daemon to collect (the last 64); under self._lock."""
+        self._finished[job.spec.id] = job
+        while len(self._finished) > 64:
+            self._finished.pop(next(iter(self._finished)))
 
     def forget(self, job_id: str) -> bool:
         with self._lock:
@@ -189,9 +251,8 @@ class Runner:
         return [*head, *inputs, *spec.args]
 
     def _env(self, job: Job) -> dict[str, str]:
-        output = job.folder / "output"
-        inputs = self.settings.inputs / job.spec.id
-        return {
+        output = job.staging.output
+        env = {
             "PATH": self.settings.path,
             "LANG": "C.UTF-8",
             "HOME": str(output),
@@ -200,8 +261,10 @@ class Runner:
             **job.spec.env,
             "DROPQ_JOB_ID": job.spec.id,
             "DROPQ_OUTPUT": str(output),
-            "DROPQ_INPUTS": str(inputs),
         }
+        if job.spec.inputs:  # the daemon makes a job's inputs folder only when it has inputs
+            env["DROPQ_INPUTS"] = str(self.settings.inputs / job.spec.id)
+        return env
 
     def _run(self, job: Job, argv: list[str]) -> None:
         try:
@@ -212,29 +275,29 @@ class Runner:
             job.close_wake()
         procs.kill_leftovers()
         result = {**job.result, **result, "state": "done", "finished_at": time.time()}
-        _write_json(job.folder / "result.json", result)
         with self._lock:
             job.result = result
-            self._finished[job.spec.id] = job
-            while len(self._finished) > 64:
-                self._finished.pop(next(iter(self._finished)))
+            self._remember(job)
         job.done.set()
 
 
 def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     spec = job.spec
-    out = CappedFile(job.folder / "stdout.txt", cap=spec.max_output_bytes)
-    err = CappedFile(job.folder / "stderr.txt", cap=spec.max_output_bytes)
+    out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes)
+    err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes)
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv is built from checked paths, never a shell
-            argv, cwd=job.folder / "output", env=env, stdin=subprocess.DEVNULL,
+            argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
         )
     except OSError as exc:
         out.close()
         err.close()
         return {"outcome": "error", "exit_code": None, "error": f"the program could not be started: {exc.strerror}"}
-    _write_json(job.folder / "pid.json", {"pgid": proc.pid, "start": procs.start_time(proc.pid)})
+    # one write(), no temporary file: a worker killed before it lands leaves the file empty, which
+    # reap_abandoned skips, as it would a job killed before this line
+    (job.staging.jobs / RUNNING).write_text(json.dumps({"id": job.spec.id, "pgid": proc.pid,
+                                                        "start": procs.start_time(proc.pid)}))
     procs.make_oom_victim(proc.pid)
     ooms_before, refusals_before = procs.oom_kills(), procs.pids_refusals()
     try:
@@ -252,7 +315,7 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     if refusals_before is not None and refusals is not None and refusals > refusals_before:
         error = (f"the program tried to start more processes than the worker's limit of {procs.pids_limit()} "
                  "allows (a fork bomb?)")
-    if code == -signal.SIGXFSZ or (code and _hit_file_limit(job.folder / "output")):
+    if code == -signal.SIGXFSZ or (code and _hit_file_limit(job.staging.output)):
         error = "a file the program wrote reached the worker's file size limit (jobs.max_file_bytes)"
     if outcome == "exited" and code == -signal.SIGKILL and ooms_before is not None:
         after = procs.oom_kills()
@@ -350,29 +413,20 @@ def _hit_file_limit(folder: Path) -> bool:
     return False
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def reap_abandoned(jobs: Path) -> list[str]:
-    """Kill the process groups of jobs a previous worker process started and never finished.
+    """Kill the process group of the job a previous worker process started and never finished.
 
     A worker killed with SIGKILL cannot stop its job, which runs on in its own session; the next
-    worker on the same folder finds its pid.json (checked against the kernel's start time, so a
-    reused pid is never killed) and ends it, so that a retried job never runs twice at once.
+    worker on the same folder finds it in `running.pid` (checked against the kernel's start time, so
+    a reused pid, or a job that ended, is never killed) and ends it, so that a retried job never runs
+    twice at once.
     """
-    killed = []
-    for pidfile in jobs.glob("*/pid.json"):
-        if (pidfile.parent / "result.json").exists():
-            continue
-        try:
-            info = json.loads(pidfile.read_text())
-        except (OSError, ValueError):
-            continue
-        pgid = int(info.get("pgid", 0))
-        if pgid > 1 and info.get("start") is not None and procs.start_time(pgid) == info["start"]:
-            procs.kill_group(pgid)
-            killed.append(pidfile.parent.name)
-    return killed
+    try:
+        info = json.loads((jobs / RUNNING).read_text())
+    except (OSError, ValueError):  # none, or left empty by a worker killed as it wrote it
+        return []
+    pgid = int(info.get("pgid", 0))
+    if pgid > 1 and info.get("start") is not None and procs.start_time(pgid) == info["start"]:
+        procs.kill_group(pgid)
+        return [str(info.get("id"))]
+    return []

@@ -18,10 +18,46 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import TransportError
+from ..errors import PoolError, TransportError
+from ..paths import remove_tree
 from ..transport import Transport
 
 log = logging.getLogger("dropq.pool")
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A job attempt's files in its worker's staging folder, laid out by the worker (worker/runner.py,
+    Staging): `<key>/` is the program's working directory, which becomes the job's output/, and
+    `<key>.stdout` and `<key>.stderr` lie beside it. Flat, so that a job costs the file system one
+    new directory there, not two; all three move into the outbox, so nothing is left to delete."""
+
+    jobs_dir: Path
+    key: str
+
+    @property
+    def output(self) -> Path:
+        return self.jobs_dir / self.key
+
+    @property
+    def stdout(self) -> Path:
+        return self.jobs_dir / f"{self.key}.stdout"
+
+    @property
+    def stderr(self) -> Path:
+        return self.jobs_dir / f"{self.key}.stderr"
+
+    def exists(self) -> bool:
+        return os.path.lexists(self.output) or os.path.lexists(self.stdout)
+
+    def remove(self) -> None:
+        """Remove what is left of it (nothing, once published)."""
+        remove_tree(self.output)
+        for name in (f"{self.key}.stdout", f"{self.key}.stderr"):
+            try:
+                os.unlink(self.jobs_dir / name)
+            except FileNotFoundError:
+                continue
 
 
 @dataclass(frozen=True)
@@ -30,10 +66,29 @@ class WorkerHandle:
 
     name: str
     transport: Transport
-    #: host path of the worker's staging folder; a job's files are in jobs_dir/<key>/
+    #: host path of the worker's staging folder; a job's files are there as `Staging` says
     jobs_dir: Path
     #: host path of the folder the worker reads inputs from; a job's inputs go in inputs_dir/<key>/
     inputs_dir: Path
+
+    def staging(self, key: str) -> Staging:
+        return Staging(self.jobs_dir, key)
+
+
+#: the worker protocol this daemon speaks (worker/__init__.py, PROTOCOL)
+PROTOCOL = 2
+
+
+def speaks_our_protocol(health: dict[str, Any]) -> bool:
+    return health.get("protocol") == PROTOCOL
+
+
+def check_protocol(name: str, health: dict[str, Any], *, hint: str) -> None:
+    """Refuse a worker that speaks another protocol: it would put a job's files where the daemon does not
+    look. `hint` says how to bring it up to date."""
+    if not speaks_our_protocol(health):
+        raise PoolError(f"worker {name} speaks worker protocol {health.get('protocol', 1)}, this daemon {PROTOCOL}: "
+                        f"it runs another version of dropq's worker; {hint}")
 
 
 def staging_dirs(config: Config, worker: str) -> list[Path]:
@@ -45,11 +100,12 @@ def staging_dirs(config: Config, worker: str) -> list[Path]:
             config.compose_dir / "work" / worker / "jobs"]
 
 
-def find_staging(config: Config, worker: str, key: str) -> Path | None:
-    """The staging folder of the job attempt `key` on `worker`, if it is there."""
+def find_staging(config: Config, worker: str, key: str) -> Staging | None:
+    """The staged files of the job attempt `key` on `worker`, if they are there."""
     for folder in staging_dirs(config, worker):
-        if os.path.isdir(folder / key):
-            return folder / key
+        staging = Staging(folder, key)
+        if staging.exists():
+            return staging
     return None
 
 

@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from ..config import Config
-from ..errors import TransportError
+from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle, wait_answering, worker_token
+from .base import Pool, WorkerHandle, check_protocol, wait_answering, worker_token
 from .docker import IN_WORK, container_user
 
 log = logging.getLogger("dropq.pool.compose")
@@ -105,6 +105,12 @@ class ComposePool(Pool):
             return
         gone = lambda: self._stopping.is_set() or host not in self._handles  # noqa: E731
         if wait_answering(handle.transport, time.monotonic() + limit, give_up=gone, max_delay=0.5):
+            try:
+                check_protocol(host, handle.transport.health(timeout=5.0),
+                               hint="rebuild its image with `dropq image build` and recreate the compose service")
+            except (PoolError, TransportError) as exc:
+                log.error("worker %s: %s", host, exc)
+                return
             ready.set()
             self._changed()
         elif not gone():

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import RestartingPool, WorkerHandle, wait_answering, worker_token
+from .base import RestartingPool, WorkerHandle, check_protocol, speaks_our_protocol, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.docker")
 
@@ -135,10 +135,15 @@ class DockerPool(RestartingPool):
             handle = self._handles.get(name)
             if handle is not None and container.status == "running" and name not in self._ids:
                 try:
-                    handle.transport.health(timeout=3.0)
+                    health = handle.transport.health(timeout=3.0)
                 except TransportError:
                     pass
                 else:
+                    if not speaks_our_protocol(health):
+                        log.info("worker %s: container %s runs another version of the worker; replacing it",
+                                 name, container.short_id)
+                        container.remove(force=True)
+                        continue
                     self._ids[name] = container.id
                     self._ready[name].set()
                     log.info("worker %s: adopted running container %s", name, container.short_id)
@@ -184,7 +189,10 @@ class DockerPool(RestartingPool):
         log.info("worker %s: started container %s", name, container.short_id)
 
     def _wait_answering(self, name: str, deadline: float) -> None:
-        if wait_answering(self._handles[name].transport, deadline):
+        transport = self._handles[name].transport
+        if wait_answering(transport, deadline):
+            check_protocol(name, transport.health(timeout=5.0),
+                           hint=f"the image {self.settings.image} is out of date: rebuild it with `dropq image build`")
             self._ready[name].set()
             return
         logs = self._container_logs(name)

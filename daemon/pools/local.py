@@ -23,7 +23,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import PoolError, TransportError
 from ..transport import Transport
-from .base import RestartingPool, WorkerHandle, wait_answering, worker_token
+from .base import RestartingPool, WorkerHandle, speaks_our_protocol, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.local")
 
@@ -102,6 +102,10 @@ class LocalPool(RestartingPool):
             health = handle.transport.health(timeout=2.0)
             proc = _Proc(int(health["pid"]), None)
         except (TransportError, KeyError, ValueError, ProcessLookupError):
+            return False
+        if not speaks_our_protocol(health):  # left by the dropq this one replaced
+            log.info("worker %s: process %d runs another version of the worker; replacing it", name, proc.pid)
+            proc.signal(signal.SIGTERM)
             return False
         with self._lock:
             self._procs[name] = proc

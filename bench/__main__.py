@@ -6,17 +6,21 @@
 
 Each figure runs both arms in this process tree, interleaved, several times, and prints medians and
 ratios. The baselines: GNU parallel -j2 running the same programs with the same interpreter (on the
-host for the local pool; for the docker pool, xargs -P2 inside a worker-image container on the same
-bind mount, as the image carries no GNU parallel), and one `docker run --rm` per job.
+host for the local pool; for the docker pool, inside a worker-image container on the same bind mount,
+with xargs -P2 there as a leaner second baseline), and one `docker run --rm` per job.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import os
+import select
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +59,7 @@ class Bench:
         (self.root / "config.yaml").write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
         self.seq = 0
+        self.watch: _Renames | None = None
 
     def start(self) -> float:
         self.log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
@@ -74,9 +79,14 @@ class Bench:
         self.log.close()
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         self.stop()
         subprocess.run(["docker", "rm", "-f", *self._containers()], capture_output=True)
-        shutil.rmtree(self.root, ignore_errors=True)
+        # removed at the end of the suite, not now: on ext4 without a journal (this machine's disk) every
+        # file created in the next minutes would first skip past the thousands of inodes just freed
+        # (ext4's recently_deleted check), charging one figure for the clean-up of the one before
+        _LEFT.append(self.root)
 
     def _containers(self) -> list[str]:
         out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=io.dropq.state={self.root / 'state'}"],
@@ -87,7 +97,7 @@ class Bench:
         self.seq += 1
         name = f"b{self.seq}"
         tmp = self.inbox / f".{name}.tmp"
-        tmp.write_text(yaml.safe_dump({"program": program, "args": args or []}))
+        tmp.write_text(_manifest(program, tuple(args or ())))
         os.rename(tmp, self.inbox / f"{name}.yaml")
         return name
 
@@ -95,11 +105,16 @@ class Bench:
         return sum(1 for n in os.listdir(self.outbox) if not n.startswith("."))
 
     def wait_committed(self, n: int, timeout: float = 600) -> None:
+        """Block until n job folders are in the outbox. Woken by inotify as each commit's rename lands,
+        so the waiting costs the machine nothing (a polling loop took ~1-3 ms of CPU per job from the
+        2 cores the jobs share, and was late by up to its interval)."""
+        if self.watch is None:
+            self.watch = _Renames(self.outbox)
         deadline = time.perf_counter() + timeout
-        while self.committed() < n:
+        while (have := self.committed()) < n:
             if time.perf_counter() > deadline:
-                raise RuntimeError(f"only {self.committed()} of {n} committed")
-            time.sleep(0.002)
+                raise RuntimeError(f"only {have} of {n} committed")
+            self.watch.wait_for(n - have, deadline)
 
     def cpu_seconds(self) -> float:
         """CPU seconds used so far by the daemon and its worker processes."""
@@ -113,6 +128,48 @@ class Bench:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+
+#: workspaces of finished figures, removed when the suite ends
+_LEFT: list[Path] = []
+
+
+class _Renames:
+    """Entries renamed into a folder, counted from inotify (IN_MOVED_TO): how a commit lands."""
+
+    _IN_MOVED_TO = 0x80
+    _IN_CLOEXEC = 0o2000000
+
+    def __init__(self, folder: Path) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(self._IN_CLOEXEC)
+        if self.fd < 0 or self._libc.inotify_add_watch(self.fd, os.fsencode(folder), self._IN_MOVED_TO) < 0:
+            raise OSError(ctypes.get_errno(), "inotify")
+
+    def wait_for(self, count: int, deadline: float) -> None:
+        """Wait until `count` names not starting with '.' were renamed in, or the deadline (the caller
+        re-counts the folder, so an event read here for a later wait is never needed)."""
+        seen = 0
+        while seen < count:
+            left = deadline - time.perf_counter()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return
+            data = os.read(self.fd, 65536)
+            offset = 0
+            while offset < len(data):
+                _wd, _mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16:offset + 16 + length].rstrip(b"\0")
+                offset += 16 + length
+                if name and not name.startswith(b"."):
+                    seen += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@functools.cache
+def _manifest(program: str, args: tuple[str, ...]) -> str:
+    return yaml.safe_dump({"program": program, "args": list(args)})
 
 
 @contextmanager
@@ -213,31 +270,44 @@ def fig_latency(reps: int, scale: float) -> Figure:
 
 
 def docker_ready() -> bool:
-    probe = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True)
-    return probe.returncode == 0
+    """Whether an engine answers; the worker image is then built (offline, from Debian packages) unless it
+    is current, so the figure never measures a worker older than the code."""
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return False
+    built = subprocess.run([sys.executable, "-m", "dropq", "image", "build", "--offline", "--tag", IMAGE],
+                           capture_output=True, text=True, cwd=ROOT)
+    if built.returncode != 0:
+        print(f"bench: could not build {IMAGE}: {built.stderr.strip()[-500:]}", file=sys.stderr)
+    return built.returncode == 0
 
 
 def fig_docker(reps: int, scale: float) -> Figure:
     fig = Figure("3. Docker pool: warm workers vs a baseline in a container, and vs one `docker run --rm` per job")
     if not docker_ready():
-        fig.rows.append(("skipped", "no Docker engine or no image", "", ""))
+        fig.rows.append(("skipped", "no Docker engine, or the worker image could not be built", "", ""))
         return fig
     n_fast, n_run = max(2, int(300 * scale)), max(2, int(40 * scale))
-    d_fast, x_fast, d_run, r_run = [], [], [], []
+    d_fast, p_fast, x_fast, d_run, r_run = [], [], [], [], []
     with bench(pool="docker") as b:
         b.start()
         b.drop("pass.py")
         b.wait_committed(1)
         mount = ["-v", f"{b.programs}:/dropq/programs:ro", "--network", "none", "--user", "65534:65534"]
+        # GNU parallel is a Perl script that the image's perl-base runs: mounted from the host
+        gnu = ["-v", f"{shutil.which('parallel')}:/usr/local/bin/parallel:ro"]
+        script = f"seq {n_fast} | parallel -j2 python3 /dropq/programs/pass.py"
+        in_container = ["docker", "run", "--rm", *mount, *gnu, "--entrypoint", "sh", IMAGE, "-c", script]
         script = f"seq {n_fast} | xargs -P 2 -n 1 python3 /dropq/programs/pass.py"
-        in_container = ["docker", "run", "--rm", *mount, "--entrypoint", "sh", IMAGE, "-c", script]
+        xargs = ["docker", "run", "--rm", *mount, "--entrypoint", "sh", IMAGE, "-c", script]
         per_job = ["docker", "run", "--rm", *mount, "--entrypoint", "python3", IMAGE, "/dropq/programs/pass.py"]
         for _ in range(reps):
             d_fast.append(timed(run_batch, b, "pass.py", [], n_fast))
-            x_fast.append(timed(run, in_container))
+            p_fast.append(timed(run, in_container))
+            x_fast.append(timed(run, xargs))
             d_run.append(timed(run_batch, b, "pass.py", [], n_run))
             r_run.append(timed(parallel, per_job, n_run))
-    d, x = statistics.median(d_fast), statistics.median(x_fast)
+    d, p, x = statistics.median(d_fast), statistics.median(p_fast), statistics.median(x_fast)
+    fig.rows.append((f"{n_fast} trivial jobs vs parallel -j2 in a container", fmt(d), fmt(p), f"{p / d:.2f}"))
     fig.rows.append((f"{n_fast} trivial jobs vs xargs -P2 in a container", fmt(d), fmt(x), f"{x / d:.2f}"))
     d, r = statistics.median(d_run), statistics.median(r_run)
     fig.rows.append((f"{n_run} trivial jobs vs parallel -j2 docker run --rm", fmt(d), fmt(r), f"{r / d:.1f}"))
@@ -251,8 +321,7 @@ def fig_backlog(reps: int, scale: float) -> Figure:
             for _ in range(backlog):
                 b.drop("pass.py")
             started = b.start()
-            while b.committed() < 1:
-                time.sleep(0.002)
+            b.wait_committed(1)
             first = time.perf_counter() - started
             window = max(50, int(1000 * scale))
             b.wait_committed(50)
@@ -296,13 +365,17 @@ def main(argv: list[str] | None = None) -> int:
     begun = time.perf_counter()
     start_up = statistics.median(timed(run, [PYTHON, "-c", "pass"]) for _ in range(20))
     print(f"machine: {os.cpu_count()} cores; `python3 -c pass` takes {fmt(start_up)}")
-    for key in args.only.split(","):
-        fig = FIGURES[key.strip()](reps, scale)
-        print(f"\n{fig.name}")
-        widths = [max(len(r[i]) for r in [("what", "dropq", "baseline", "ratio"), *fig.rows]) for i in range(4)]
-        for row in [("what", "dropq", "baseline", "ratio (baseline/dropq)"), *fig.rows]:
-            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)))
-        sys.stdout.flush()
+    try:
+        for key in args.only.split(","):
+            fig = FIGURES[key.strip()](reps, scale)
+            print(f"\n{fig.name}")
+            widths = [max(len(r[i]) for r in [("what", "dropq", "baseline", "ratio"), *fig.rows]) for i in range(4)]
+            for row in [("what", "dropq", "baseline", "ratio (baseline/dropq)"), *fig.rows]:
+                print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)))
+            sys.stdout.flush()
+    finally:
+        for root in _LEFT:
+            shutil.rmtree(root, ignore_errors=True)
     print(f"\nsuite took {time.perf_counter() - begun:.0f} s")
     return 0
 

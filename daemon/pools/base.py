@@ -48,7 +48,8 @@ class Staging:
         return self.jobs_dir / f"{self.key}.stderr"
 
     def exists(self) -> bool:
-        return os.path.lexists(self.output) or os.path.lexists(self.stdout)
+        """Whether any of it is there (a commit interrupted half-way may have moved some pieces)."""
+        return any(os.path.lexists(path) for path in (self.output, self.stdout, self.stderr))
 
     def remove(self) -> None:
         """Remove what is left of it (nothing, once published)."""

@@ -50,6 +50,7 @@ class Intake:
     def __init__(self, *, config: Config, store: Store, outbox: Outbox,
                  notify: Callable[[], None], being_written: Callable[[str], bool] = lambda _: False,
                  release_abandoned: Callable[[], list[str]] = list,
+                 writers_at_start: Callable[[list[str]], set[str] | None] = lambda _: None,
                  cancel: Callable[[str], str] = lambda _: "cancelling is not available",
                  heartbeat: Callable[[], None] | None = None, heartbeat_every: float = 5.0,
                  now: Callable[[], float] = time.time) -> None:
@@ -60,6 +61,7 @@ class Intake:
         self._being_written = being_written
         self._cancel = cancel
         self._release_abandoned = release_abandoned
+        self._writers_at_start = writers_at_start
         #: called from every turn of the loop, and at least every `heartbeat_every` seconds: the
         #: systemd watchdog is fed from here, so a stuck intake gets the daemon restarted
         self._heartbeat = heartbeat
@@ -165,6 +167,8 @@ class Intake:
             return
         missed = 0
         backlog = set(self._backlog)
+        # at start, a manifest no process has open is complete (None: that cannot be known here)
+        writing = self._writers_at_start([n for n in names if is_manifest_name(n)]) if first else None
         for name in names:
             if is_manifest_name(name) and not self._being_written(name) and name not in self._settling:
                 if name in backlog:
@@ -173,7 +177,7 @@ class Intake:
                     self._backlog.append(name)
                     continue
                 missed += not first and self._settled_since(name, 2.0)
-                self._settle(name)
+                self._settle(name, complete=writing is not None)
             elif name.endswith(CANCEL_SUFFIX) and not name.startswith("."):
                 self._cancel_file(name)
         if missed:
@@ -220,8 +224,9 @@ class Intake:
         self.store.set_meta("watcher_missed", str(self.missed))
         self.store.set_meta("watcher_last_rescan", f"{self._now():.3f}")
 
-    def _settle(self, name: str) -> None:
-        """Claim `name` once it has been unchanged for the settle time (where no close event tells)."""
+    def _settle(self, name: str, *, complete: bool = False) -> None:
+        """Claim `name` once it has been unchanged for the settle time (where no close event tells), or at
+        once if it is known to be `complete`."""
         try:
             st = os.lstat(self.config.inbox / name)
         except FileNotFoundError:
@@ -231,7 +236,8 @@ class Intake:
         settle = self.config.intake.settle
         now = self._now()
         previous = self._settling.get(name)
-        if (previous is not None and previous[0] == sig and previous[1] <= now) or st.st_mtime_ns / 1e9 + settle <= now:
+        if (complete or (previous is not None and previous[0] == sig and previous[1] <= now)
+                or st.st_mtime_ns / 1e9 + settle <= now):
             self._settling.pop(name, None)
             if self._queue_full():
                 self._backlog.appendleft(name)

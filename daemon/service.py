@@ -1,8 +1,8 @@
 """The daemon: wires config, store, pool, balancer, intake and watcher together, in the right order.
 
 Start-up order matters: recovery runs before any thread, so that no job is claimed, dispatched or
-committed twice; the pool is up before the balancer hands out jobs; the watcher starts last, after
-the intake can take what it reports. Shutdown runs the other way round.
+committed twice; the pool is up before the balancer hands out jobs; the watcher starts after the
+intake's queue exists, just before the intake's thread. Shutdown runs the other way round.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class Daemon:
         self.intake = Intake(config=config, store=self.store, outbox=self.outbox,
                              notify=self.balancer.notify, being_written=self.watcher.being_written,
                              cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned,
+                             writers_at_start=self.watcher.writers_at_start,
                              heartbeat=self._heartbeat, heartbeat_every=every)
         self._stop = threading.Event()
         self._next_status = 0.0
@@ -127,8 +128,10 @@ class Daemon:
         self.recover()
         self.pool.start()
         self.balancer.start()
-        self.intake.start()
+        # the watcher before the intake's thread: what it reports waits in the intake's queue, and the
+        # intake's first scan then knows whether close events will come (see writers_at_start)
         self.watcher.start()
+        self.intake.start()
         self.store.set_meta("pool", self.pool.describe())
         self.store.set_meta("watcher", self.watcher.kind)
         self.store.set_meta("pid", str(os.getpid()))

@@ -161,6 +161,31 @@ class InboxWatcher(FileSystemEventHandler):
         else:
             self._on_file(rel, False)
 
+    def writers_at_start(self, names: list[str]) -> set[str] | None:
+        """Of files found in the inbox at start, the names some process still has open, now marked as
+        being written (their close event releases them), or None when that cannot be known: polling,
+        where writers on other hosts are invisible, or processes whose open files we may not see
+        (run as root, as the systemd unit does). The rest are complete, as a file closed after
+        writing is while the daemon runs, rather than waiting out the settle time."""
+        if not self.has_close_events:
+            return None
+        held = open_files()
+        if held is None:
+            return None
+        writing = set()
+        for name in names:
+            try:
+                st = os.lstat(self.inbox / name)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) in held:
+                writing.add(name)
+        with self._lock:
+            for name in writing:
+                self._writing.add(name)
+                self._since.setdefault(name, time.monotonic())
+        return writing
+
     def release_abandoned(self, older_than: float = 60.0) -> list[str]:
         """Forget "being written" marks that no open file backs any more (a close event lost to an
         inotify overflow would otherwise hold a file for ever). Checked only for marks older than
@@ -185,6 +210,29 @@ def _plain_file(path: str | bytes) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+def open_files() -> set[tuple[int, int]] | None:
+    """(device, inode) of every file any process has open, from /proc; None if some process's open files
+    cannot be read (another user's, when not root)."""
+    held: set[tuple[int, int]] = set()
+    for proc in os.scandir("/proc"):
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{proc.name}/fd")
+        except FileNotFoundError:
+            continue  # it exited
+        except PermissionError:
+            return None
+        with fds:
+            for fd in fds:
+                try:
+                    st = os.stat(fd.path)
+                except OSError:
+                    continue
+                held.add((st.st_dev, st.st_ino))
+    return held
 
 
 def _held_open(path: Path) -> bool:

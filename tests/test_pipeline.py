@@ -177,6 +177,28 @@ def test_a_manifest_written_slowly_in_place_is_not_read_early(workspace: Workspa
     assert (workspace.outbox / "typed" / "stdout.txt").read_text().startswith("typed slowly\n")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root sees every process's open files, as the systemd service does")
+def test_manifests_present_at_start_are_taken_at_once_unless_a_writer_has_them_open(
+        workspace: Workspace, daemon: DaemonProcess) -> None:
+    workspace.configure(intake={"settle": 30, "rescan": 30})
+    workspace.drop("ready.yaml", {"program": "echo", "args": ["ready"]})  # just now: not settled
+    held = open(workspace.inbox / "held.yaml", "w")  # noqa: SIM115 - closed below, while the daemon runs
+    try:
+        held.write("program: echo\n")
+        held.flush()
+        daemon.start()
+        # well within the 30 s settle time: nothing has it open, so it is complete
+        assert workspace.wait_results(1, timeout=15)["ready"]["status"] == "succeeded"
+        time.sleep(1)
+        assert (workspace.inbox / "held.yaml").exists(), "claimed while a writer still had it open"
+        held.write("args: [held, at, start]\n")
+    finally:
+        held.close()
+    results = workspace.wait_results(2, timeout=15)  # its close event releases it
+    assert results["held"]["status"] == "succeeded"
+    assert (workspace.outbox / "held" / "stdout.txt").read_text().startswith("held at start\n")
+
+
 def test_dotfiles_and_other_files_are_left_alone(workspace: Workspace, daemon: DaemonProcess) -> None:
     daemon.start()
     workspace.put("notes.txt", "data")

@@ -50,7 +50,8 @@ class Intake:
     def __init__(self, *, config: Config, store: Store, outbox: Outbox,
                  notify: Callable[[], None], being_written: Callable[[str], bool] = lambda _: False,
                  release_abandoned: Callable[[], list[str]] = list,
-                 writers_at_start: Callable[[list[str]], set[str] | None] = lambda _: None,
+                 open_now: Callable[[], set[tuple[int, int]] | None] = lambda: None,
+                 mark_being_written: Callable[[str], None] = lambda _: None,
                  cancel: Callable[[str], str] = lambda _: "cancelling is not available",
                  heartbeat: Callable[[], None] | None = None, heartbeat_every: float = 5.0,
                  now: Callable[[], float] = time.time) -> None:
@@ -61,7 +62,8 @@ class Intake:
         self._being_written = being_written
         self._cancel = cancel
         self._release_abandoned = release_abandoned
-        self._writers_at_start = writers_at_start
+        self._open_now = open_now
+        self._mark_being_written = mark_being_written
         #: called from every turn of the loop, and at least every `heartbeat_every` seconds: the
         #: systemd watchdog is fed from here, so a stuck intake gets the daemon restarted
         self._heartbeat = heartbeat
@@ -167,8 +169,10 @@ class Intake:
             return
         missed = 0
         backlog = set(self._backlog)
-        # at start, a manifest no process has open is complete (None: that cannot be known here)
-        writing = self._writers_at_start([n for n in names if is_manifest_name(n)]) if first else None
+        # At start, a manifest no process has open is complete, as one closed after writing is while the
+        # daemon runs (None: that cannot be known here). Names left in the backlog (the queue is full)
+        # are settled by age when their turn comes.
+        held = self._open_now() if first else None
         for name in names:
             if is_manifest_name(name) and not self._being_written(name) and name not in self._settling:
                 if name in backlog:
@@ -177,7 +181,7 @@ class Intake:
                     self._backlog.append(name)
                     continue
                 missed += not first and self._settled_since(name, 2.0)
-                self._settle(name, complete=writing is not None)
+                self._settle(name, held=held)
             elif name.endswith(CANCEL_SUFFIX) and not name.startswith("."):
                 self._cancel_file(name)
         if missed:
@@ -224,13 +228,17 @@ class Intake:
         self.store.set_meta("watcher_missed", str(self.missed))
         self.store.set_meta("watcher_last_rescan", f"{self._now():.3f}")
 
-    def _settle(self, name: str, *, complete: bool = False) -> None:
-        """Claim `name` once it has been unchanged for the settle time (where no close event tells), or at
-        once if it is known to be `complete`."""
+    def _settle(self, name: str, *, held: set[tuple[int, int]] | None = None) -> None:
+        """Claim `name` once it has been unchanged for the settle time (where no close event tells). With
+        `held`, the files some process has open, it is complete at once unless it is one of them."""
         try:
             st = os.lstat(self.config.inbox / name)
         except FileNotFoundError:
             self._settling.pop(name, None)
+            return
+        complete = held is not None
+        if held is not None and (st.st_dev, st.st_ino) in held:
+            self._mark_being_written(name)
             return
         sig = (st.st_size, st.st_mtime_ns)
         settle = self.config.intake.settle

@@ -81,7 +81,7 @@ class Daemon:
         self.intake = Intake(config=config, store=self.store, outbox=self.outbox,
                              notify=self.balancer.notify, being_written=self.watcher.being_written,
                              cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned,
-                             writers_at_start=self.watcher.writers_at_start,
+                             open_now=self.watcher.open_now, mark_being_written=self.watcher.mark_being_written,
                              heartbeat=self._heartbeat, heartbeat_every=every)
         self._stop = threading.Event()
         self._next_status = 0.0
@@ -129,7 +129,7 @@ class Daemon:
         self.pool.start()
         self.balancer.start()
         # the watcher before the intake's thread: what it reports waits in the intake's queue, and the
-        # intake's first scan then knows whether close events will come (see writers_at_start)
+        # intake's first scan then knows whether close events will come (see InboxWatcher.open_now)
         self.watcher.start()
         self.intake.start()
         self.store.set_meta("pool", self.pool.describe())

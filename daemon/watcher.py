@@ -161,30 +161,18 @@ class InboxWatcher(FileSystemEventHandler):
         else:
             self._on_file(rel, False)
 
-    def writers_at_start(self, names: list[str]) -> set[str] | None:
-        """Of files found in the inbox at start, the names some process still has open, now marked as
-        being written (their close event releases them), or None when that cannot be known: polling,
-        where writers on other hosts are invisible, or processes whose open files we may not see
-        (run as root, as the systemd unit does). The rest are complete, as a file closed after
-        writing is while the daemon runs, rather than waiting out the settle time."""
-        if not self.has_close_events:
-            return None
-        held = open_files()
-        if held is None:
-            return None
-        writing = set()
-        for name in names:
-            try:
-                st = os.lstat(self.inbox / name)
-            except FileNotFoundError:
-                continue
-            if (st.st_dev, st.st_ino) in held:
-                writing.add(name)
+    def open_now(self) -> set[tuple[int, int]] | None:
+        """(device, inode) of the files some process has open, for telling which of the files found in
+        the inbox at start are still being written; None when that cannot be known: polling, where
+        writers on other hosts are invisible, or processes whose open files we may not see (run as
+        root, as the systemd unit does)."""
+        return open_files() if self.has_close_events else None
+
+    def mark_being_written(self, rel: str) -> None:
+        """A file found open at start: its close event will say when it is complete."""
         with self._lock:
-            for name in writing:
-                self._writing.add(name)
-                self._since.setdefault(name, time.monotonic())
-        return writing
+            self._writing.add(rel)
+            self._since.setdefault(rel, time.monotonic())
 
     def release_abandoned(self, older_than: float = 60.0) -> list[str]:
         """Forget "being written" marks that no open file backs any more (a close event lost to an

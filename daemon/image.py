@@ -73,13 +73,40 @@ def build(tag: str, *, offline: bool, mirror: str = DEFAULT_MIRROR, force: bool 
         if force or not _exists(client, base):
             build_offline_base(client, base, mirror=mirror)
     buildargs = {"BASE": base} if base else {}
+    previous = _image_id(client, tag)
     log.info("building %s from %s", tag, WORKER_DIR / "Dockerfile")
     try:
         client.images.build(path=str(WORKER_DIR), tag=tag, buildargs=buildargs, rm=True, pull=False,
                             labels={SOURCE_LABEL: source_digest()}, network_mode="none" if offline else None)
     except Exception as exc:  # noqa: BLE001 - BuildError and APIError carry the build's own message
         raise ImageError(f"building {tag} failed: {exc}") from None
-    return f"built {tag} (worker source {source_digest()}){' on ' + base if base else ''}"
+    done = f"built {tag} (worker source {source_digest()}){' on ' + base if base else ''}"
+    if previous is not None and previous != _image_id(client, tag) and _remove_untagged(client, previous):
+        done += f"; removed the image it replaced ({previous.removeprefix('sha256:')[:12]})"
+    return done
+
+
+def _image_id(client: Any, tag: str) -> str | None:
+    import docker.errors
+
+    try:
+        return str(client.images.get(tag).id)
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def _remove_untagged(client: Any, image_id: str) -> bool:
+    """Remove an image a rebuild left without a tag, so that upgrades do not pile up old worker images.
+    One still tagged otherwise, or used by a container (a worker still running it), is kept."""
+    import docker.errors
+
+    try:
+        if client.images.get(image_id).tags:
+            return False
+        client.images.remove(image_id, noprune=False)  # refused while a container uses it
+    except docker.errors.APIError:
+        return False
+    return True
 
 
 def _exists(client: Any, tag: str) -> bool:

@@ -162,3 +162,29 @@ def test_a_daemon_restart_adopts_running_containers_without_losing_or_repeating_
     assert (docker_ws.outbox / "long" / "stdout.txt").read_text() == "slept 3 seconds\n"
     assert daemon.log_text().count("adopted running container") == 2
     assert {n: c.id for n, c in containers_of(docker_ws.state).items()} == before
+
+
+def test_a_rebuild_removes_the_image_it_replaced(docker_image: str) -> None:
+    import io
+    import tarfile
+
+    import docker
+
+    from dropq.image import build
+
+    client = docker.from_env(timeout=120)
+    tag = "dropq-test-rebuild:latest"
+    # an out-of-date image under the tag: any image without the current worker source's label
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:
+        archive.addfile(tarfile.TarInfo("stale.txt"), io.BytesIO(b""))
+    client.api.import_image_from_data(tar.getvalue(), repository="dropq-test-rebuild", tag="latest")
+    old = client.images.get(tag)
+    try:
+        said = build(tag, offline=True)
+        assert "removed the image it replaced" in said, said
+        with pytest.raises(docker.errors.ImageNotFound):
+            client.images.get(old.id)
+    finally:
+        client.images.remove(tag)  # only the tag: the image is the worker image, tagged again
+        client.close()

@@ -155,9 +155,7 @@ class InboxWatcher(FileSystemEventHandler):
                 # as complete as it will ever be
                 self._on_file(rel, True)
                 return
-            with self._lock:  # created or modified: a writer has it open; its close event will follow
-                self._writing.add(rel)
-                self._since.setdefault(rel, time.monotonic())
+            self.mark_being_written(rel)  # created or modified: a writer has it open; its close will follow
         else:
             self._on_file(rel, False)
 
@@ -169,7 +167,8 @@ class InboxWatcher(FileSystemEventHandler):
         return open_files() if self.has_close_events else None
 
     def mark_being_written(self, rel: str) -> None:
-        """A file found open at start: its close event will say when it is complete."""
+        """A writer has `rel` open (seen created or modified, or found open at start): its close event
+        will say when it is complete."""
         with self._lock:
             self._writing.add(rel)
             self._since.setdefault(rel, time.monotonic())
@@ -200,19 +199,21 @@ def _plain_file(path: str | bytes) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
-def open_files() -> set[tuple[int, int]] | None:
-    """(device, inode) of every file any process has open, from /proc; None if some process's open files
-    cannot be read (another user's, when not root)."""
+def open_files(*, partial: bool = False) -> set[tuple[int, int]] | None:
+    """(device, inode) of every file any process has open, from /proc. If some process's open files
+    cannot be read (another user's, when not root): None, or with `partial`, those of the rest."""
     held: set[tuple[int, int]] = set()
     for proc in os.scandir("/proc"):
         if not proc.name.isdigit():
             continue
         try:
             fds = os.scandir(f"/proc/{proc.name}/fd")
-        except FileNotFoundError:
-            continue  # it exited
         except PermissionError:
-            return None
+            if not partial:
+                return None
+            continue
+        except OSError:
+            continue  # it exited
         with fds:
             for fd in fds:
                 try:
@@ -229,22 +230,7 @@ def _held_open(path: Path) -> bool:
         target = os.stat(path)
     except FileNotFoundError:
         return False
-    for proc in os.scandir("/proc"):
-        if not proc.name.isdigit():
-            continue
-        try:
-            fds = os.scandir(f"/proc/{proc.name}/fd")
-        except OSError:
-            continue
-        with fds:
-            for fd in fds:
-                try:
-                    st = os.stat(fd.path)
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-                    return True
-    return False
+    return (target.st_dev, target.st_ino) in (open_files(partial=True) or set())
 
 
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs",

@@ -54,9 +54,9 @@ class Staging:
     def remove(self) -> None:
         """Remove what is left of it (nothing, once published)."""
         remove_tree(self.output)
-        for name in (f"{self.key}.stdout", f"{self.key}.stderr"):
+        for path in (self.stdout, self.stderr):
             try:
-                os.unlink(self.jobs_dir / name)
+                os.unlink(path)
             except FileNotFoundError:
                 continue
 

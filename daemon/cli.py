@@ -559,12 +559,8 @@ def cmd_service(config: Config, args: argparse.Namespace) -> int:
     if args.service_command == "unit":
         print(systemd.unit_text(config, exe=systemd.dropq_executable()), end="")
         return Exit.OK
-    path = systemd.install(config, name=args.name, unit_dir=args.unit_dir, user=args.user, start=args.now)
-    print(f"wrote {path}")
-    if args.now:
-        print(f"started {args.name}.service; follow it with: journalctl -u {args.name} -f")
-    else:
-        print(f"start it with: systemctl daemon-reload && systemctl enable --now {args.name}")
+    for line in systemd.install(config, name=args.name, unit_dir=args.unit_dir, user=args.user, start=args.now):
+        print(line)
     return Exit.OK
 
 

@@ -11,6 +11,10 @@ class ConfigError(DropqError):
     """The configuration file is missing, malformed, names an unknown key or has a wrong type."""
 
 
+class LayoutError(ConfigError):
+    """The workspace cannot work as laid out: its folders are not on one mount, or not in one folder."""
+
+
 class ManifestError(DropqError):
     """A manifest cannot be run. The message is the reason written to the job's result.yaml."""
 

@@ -202,3 +202,39 @@ def test_a_daemon_whose_slot_died_stops_feeding_the_watchdog(
     finally:
         daemon.stop()
         notifier.close()
+
+
+def test_a_daemon_that_cannot_publish_is_unhealthy_and_stops_feeding_the_watchdog(
+        workspace: Workspace, daemon: DaemonProcess, notify_socket: NotifySocket) -> None:
+    """The outbox turned read-only under a running daemon (in its own mount namespace): the job stays
+    committing, STATUS says why, and the watchdog is no longer fed, so systemd restarts the daemon, whose
+    start-up retries the commit."""
+    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
+    if unshare is None or nsenter is None or os.geteuid() != 0:
+        pytest.skip("needs root, unshare and nsenter to remount the outbox read-only")
+    workspace.state.mkdir()
+    # the whole workspace is one bind mount (as under the unit), so the start-up probe passes
+    script = (f"mount --bind {workspace.root} {workspace.root} && "
+              f"exec {sys.executable} -m dropq --config {workspace.config} run")
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
+    proc = subprocess.Popen([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        notify_socket.wait_for("READY")
+        assert notify_socket.count("WATCHDOG", 1.5) >= 2
+        # in the daemon's namespace only: this test's view of the outbox stays writable
+        remount = f"mount --bind {workspace.outbox} {workspace.outbox} && mount -o remount,bind,ro {workspace.outbox}"
+        subprocess.run([nsenter, "-t", str(proc.pid), "-m", "sh", "-c", remount], check=True)
+        workspace.drop("blocked.yaml", {"program": "echo", "args": ["x"]})
+        said = notify_socket.wait_for("STATUS")
+        while not said["STATUS"].startswith("unhealthy"):
+            said = notify_socket.wait_for("STATUS")
+        assert said["STATUS"].startswith("unhealthy: publishing job blocked failed (")
+        assert "Read-only file system" in said["STATUS"]
+        notify_socket.messages.clear()
+        assert notify_socket.count("WATCHDOG", 2.0) == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        assert proc.stderr is not None
+        proc.stderr.close()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from .errors import UnsafePathError
+from .escape import printable
 
 
 def check_relative(value: object, *, what: str) -> PurePosixPath:
@@ -122,7 +123,8 @@ def collect_tree(src: Path, dst: Path) -> list[str]:
             doomed.append((path, False))
     dropped = []
     for path, deep in doomed:
-        rel = str(path.relative_to(dst))
+        # the names are the job's: shown escaped (a byte that is not UTF-8 would stop result.yaml's writing)
+        rel = printable(str(path.relative_to(dst)))
         if deep:
             remove_tree(path)
             dropped.append(f"{rel[:200]}... (folders nested too deep: {MAX_DEPTH} levels or {_LONG_PATH} "

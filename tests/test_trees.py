@@ -75,3 +75,14 @@ def test_moving_a_deep_tree_across_filesystems_copies_without_recursion(tmp_path
         assert any("nested too deep" in d for d in collect_tree(dst, tmp_path / "collected"))
     finally:
         remove_tree(dst)
+
+
+def test_dropped_names_that_are_not_utf8_or_carry_controls_are_reported_escaped(tmp_path: Path) -> None:
+    src = tmp_path / "out"
+    src.mkdir()
+    os.symlink("/etc/passwd", os.path.join(os.fsencode(src), b"caf\xe9-link"))
+    os.symlink("/etc/passwd", src / "two\nlines\x1b[2J")
+    dropped = collect_tree(src, tmp_path / "collected")
+    assert dropped == ["caf\\xe9-link", "two\\nlines\\x1b[2J"]
+    for name in dropped:
+        name.encode("utf-8")  # what result.yaml's writer needs

@@ -17,7 +17,7 @@ import yaml
 
 from .config import Config
 from .console import Screen, bar, duration, table
-from .errors import ConfigError, DaemonRunning, DropqError, PoolError, StoreError
+from .errors import ConfigError, DaemonRunning, DropqError, PoolError, SchemaError, StoreError
 from .jobs import FINAL, JobStatus
 from .manifest import is_manifest_name
 from .store import JobRecord, Store
@@ -33,7 +33,8 @@ class Exit(IntEnum):
     NOT_FOUND = 4
     #: --wait gave up before the job finished
     TIMEOUT = 5
-    #: the daemon could not start (another one runs, workers would not start)
+    #: the daemon could not start (another one runs, workers would not start, the state directory
+    #: is from a newer dropq)
     DAEMON = 6
     #: the system refused: a permission, a full disk, a missing folder
     SYSTEM = 7
@@ -56,7 +57,8 @@ examples:
   sudo dropq service install                  run the daemon on this config under systemd
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
-            6 daemon could not start, 7 the system refused (permission, disk full)
+            6 daemon could not start (or its state is from a newer dropq), 7 the system refused
+            (permission, disk full)
 """
 
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[args.command](config, args))
     except ConfigError as exc:
         return _fail(Exit.CONFIG, str(exc))
-    except (DaemonRunning, PoolError) as exc:
+    except (DaemonRunning, PoolError, SchemaError) as exc:
         return _fail(Exit.DAEMON, str(exc))
     except StoreError as exc:
         return _fail(Exit.NOT_FOUND, str(exc))

@@ -27,6 +27,10 @@ class StoreError(DropqError):
     """The job store refused an operation (a job that does not exist, or a transition not allowed)."""
 
 
+class SchemaError(DropqError):
+    """The job database cannot be used by this dropq: a newer one wrote it, or upgrading it failed."""
+
+
 class PoolError(DropqError):
     """Workers could not be started, found or adopted."""
 

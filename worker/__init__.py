@@ -4,7 +4,7 @@ It knows nothing of SQLite, the inbox or other workers: it receives a job descri
 runs the named program on files below its own mounts, and reports how the program ended.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: what the daemon and the worker agree on: the API and the staging folder's layout. Raised on any
 #: incompatible change, so that a daemon never uses a worker (an old image, say) that lays files out

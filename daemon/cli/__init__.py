@@ -6,6 +6,7 @@ each command lives in the module named after what it is about.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..config import Config
@@ -13,7 +14,7 @@ from ..errors import ConfigError, DaemonRunning, DropqError, PoolError, StoreErr
 from .exits import Exit
 from .job import cmd_cancel, cmd_logs, cmd_show
 from .ops import cmd_image, cmd_run, cmd_service
-from .parser import build_parser
+from .parser import build_parser, config_path
 from .status import cmd_status, cmd_workers
 from .submit import cmd_retry, cmd_submit
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.program_args = program_args
     try:
-        config = Config.load(args.config)
+        config = Config.load(config_path(args, os.environ))
         return int(COMMANDS[args.command](config, args))
     except ConfigError as exc:
         return _fail(Exit.CONFIG, str(exc))

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+#: the configuration file when neither -c/--config nor $DROPQ_CONFIG names one
+DEFAULT_CONFIG = Path("config.yaml")
 
 EPILOG = """\
 examples:
@@ -21,17 +26,41 @@ examples:
   dropq image build --offline                 build the worker image without a registry
   sudo dropq service install                  run the daemon on this config under systemd
 
+the configuration file: -c/--config PATH after the command, else before it, else $DROPQ_CONFIG,
+else ./config.yaml (so `dropq run --config /srv/dropq/config.yaml` and `dropq --config ... run` are alike)
+
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
             6 daemon could not start, 7 the system refused (permission, disk full)
 """
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of a command (and of its actions): it accepts -c/--config after the command too.
+
+    Nested subparsers are made of the same class, so every command, present and future, takes the option.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # SUPPRESS: an action's parser must not overwrite with None a --config given to its command
+        self.add_argument("-c", "--config", dest="config_after", type=Path, default=argparse.SUPPRESS,
+                          metavar="CONFIG", help="the configuration file; overrides one given before the command")
+
+
+def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> Path:
+    """The configuration file: --config after the command, else before it, else $DROPQ_CONFIG, else the default."""
+    after: Path | None = getattr(args, "config_after", None)
+    before: Path | None = args.config
+    return after or before or (Path(environ["DROPQ_CONFIG"]) if environ.get("DROPQ_CONFIG") else DEFAULT_CONFIG)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dropq", description="A drop-folder batch processor.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=Path, default=Path("config.yaml"),
-                        help="the configuration file (default: ./config.yaml)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-c", "--config", type=Path, default=None,
+                        help="the configuration file (default: $DROPQ_CONFIG, else ./config.yaml); "
+                             "it may also follow the command")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     run = sub.add_parser("run", help="run the daemon in the foreground (stops cleanly on SIGTERM/Ctrl-C)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],

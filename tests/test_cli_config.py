@@ -25,6 +25,7 @@ INVOCATIONS: dict[str, list[str]] = {
     "service install": ["service", "install"],
     "service unit": ["service", "unit"],
     "image build": ["image", "build"],
+    "jobs": ["jobs"],
 }
 
 BROKEN = "workers: {count: many}\n"

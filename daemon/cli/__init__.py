@@ -13,6 +13,7 @@ from ..config import Config
 from ..errors import ConfigError, DaemonRunning, DropqError, PoolError, StoreError
 from .exits import Exit
 from .job import cmd_cancel, cmd_logs, cmd_show
+from .jobs import cmd_jobs
 from .ops import cmd_image, cmd_run, cmd_service
 from .parser import build_parser, config_path
 from .status import cmd_status, cmd_workers
@@ -52,4 +53,4 @@ def _fail(code: Exit, message: str) -> int:
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image,
             "cancel": cmd_cancel, "workers": cmd_workers, "logs": cmd_logs, "retry": cmd_retry,
-            "service": cmd_service}
+            "service": cmd_service, "jobs": cmd_jobs}

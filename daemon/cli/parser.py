@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..jobs import JobStatus
+
 #: the configuration file when neither -c/--config nor $DROPQ_CONFIG names one
 DEFAULT_CONFIG = Path("config.yaml")
 
@@ -19,6 +21,7 @@ examples:
   dropq status                                the queue and the workers at a glance
   dropq status --watch                        the same, live, with the backlog's progress
   dropq workers                               each worker, its state and its job
+  dropq jobs --status failed --since 1h       the jobs that failed in the last hour, newest first
   dropq show moby                             one job's result
   dropq logs moby --follow                    a job's stdout and stderr, as it runs
   dropq cancel moby                           cancel a queued or running job
@@ -140,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for --offline")
     build.add_argument("--force", action="store_true", help="rebuild even when the image is current")
     build.add_argument("--tag", help="image name (default: workers.docker.image from the config)")
+
+    jobs = sub.add_parser("jobs", help="the jobs, newest first, filtered by status and age",
+                          description="List jobs, newest first: id, status, program, when it was submitted, how "
+                                      "long it ran (or has been running) and its error, cut short (--json gives "
+                                      "everything).",
+                          epilog="example: dropq jobs --status failed,timed_out --since 2d --limit 10")
+    jobs.add_argument("--status", action="append", default=[], metavar="S,...",
+                      help="only jobs in these states: " + ", ".join(s.value for s in JobStatus))
+    jobs.add_argument("--since", metavar="AGE", help="only jobs submitted in the last AGE: 30s, 15m, 1h, 2d")
+    jobs.add_argument("--limit", default="50", metavar="N", help="at most N jobs (default: 50)")
+    jobs.add_argument("--json", action="store_true", help="a JSON list, with the whole error")
 
     show = sub.add_parser("show", help="one job: its result, or where it is")
     show.add_argument("id")

@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..config import Config
-from ..errors import ConfigError, DaemonRunning, DropqError, PoolError, StoreError
+from ..errors import ConfigError, DaemonRunning, DropqError, NoDaemon, PoolError, StoreError
 from .exits import Exit
 from .job import cmd_cancel, cmd_logs, cmd_show
 from .jobs import cmd_jobs
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[args.command](config, args))
     except ConfigError as exc:
         return _fail(Exit.CONFIG, str(exc))
-    except (DaemonRunning, PoolError) as exc:
+    except (DaemonRunning, NoDaemon, PoolError) as exc:
         return _fail(Exit.DAEMON, str(exc))
     except StoreError as exc:
         return _fail(Exit.NOT_FOUND, str(exc))

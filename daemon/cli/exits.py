@@ -14,7 +14,9 @@ class Exit(IntEnum):
     NOT_FOUND = 4
     #: --wait gave up before the job finished
     TIMEOUT = 5
-    #: the daemon could not start (another one runs, workers would not start)
+    #: the daemon could not start (another one runs, workers would not start), or --wait found none running
     DAEMON = 6
     #: the system refused: a permission, a full disk, a missing folder
     SYSTEM = 7
+    #: cancel: the job had already finished, so nothing was cancelled
+    ALREADY_FINISHED = 8

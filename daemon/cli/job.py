@@ -34,8 +34,8 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     if job.status in FINAL:
-        print(f"{job.id} has already finished: {job.status}")
-        return Exit.OK
+        print(f"dropq: job {job.id} already finished ({job.status}); nothing to cancel", file=sys.stderr)
+        return Exit.ALREADY_FINISHED
     drop(config.inbox, f"{job.id}.cancel", b"")
     print(f"cancel requested for {job.id} ({job.status})")
     return Exit.OK

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..config import Config
 from ..errors import StoreError
 from ..store import JobRecord, Store
@@ -26,5 +28,29 @@ def get_job(config: Config, job_id: str) -> JobRecord:
     store = open_store(config)
     try:
         return store.get(job_id)
+    finally:
+        store.close()
+
+
+def daemon_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def daemon_running(config: Config) -> bool:
+    """Whether a daemon runs on `config`'s state folder: the pid it recorded at its start is alive."""
+    try:
+        store = open_store(config)
+    except StoreError:  # no job database: no daemon has ever run here
+        return False
+    try:
+        return daemon_alive(store.meta().get("pid", ""))
     finally:
         store.close()

@@ -33,7 +33,8 @@ the configuration file: -c/--config PATH after the command, else before it, else
 else ./config.yaml (so `dropq run --config /srv/dropq/config.yaml` and `dropq --config ... run` are alike)
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
-            6 daemon could not start, 7 the system refused (permission, disk full)
+            6 daemon could not start (or --wait found none running), 7 the system refused (permission, disk full),
+            8 cancel: the job had already finished
 """
 
 
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a queued or running job",
                             description="Cancel a job by dropping ID.cancel into the inbox (which works "
                                         "without this command too). A running job is stopped: SIGTERM, "
-                                        "then SIGKILL after jobs.kill_grace. Its result is `cancelled`.")
+                                        "then SIGKILL after jobs.kill_grace. Its result is `cancelled`. A job "
+                                        "that has already finished is left as it is (exit 8).")
     cancel.add_argument("id")
 
     image = sub.add_parser("image", help="the worker image for the docker pool")

@@ -13,7 +13,7 @@ from ..jobs import FINAL, JobStatus
 from ..manifest import is_manifest_name
 from ..store import Store
 from .exits import Exit
-from .lookup import open_store
+from .lookup import daemon_alive, open_store
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -40,7 +40,7 @@ class _Snapshot:
         self.meta = store.meta()
         self.recent = store.recent(recent)
         self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
-        self.running = _daemon_alive(self.meta.get("pid", ""))
+        self.running = daemon_alive(self.meta.get("pid", ""))
 
 
 def _status_lines(snap: _Snapshot) -> list[str]:
@@ -127,15 +127,3 @@ def cmd_workers(config: Config, args: argparse.Namespace) -> int:
     else:
         print("\n".join(_worker_lines(snap)))
     return Exit.OK
-
-
-def _daemon_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

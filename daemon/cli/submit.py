@@ -18,10 +18,12 @@ from ..manifest import is_manifest_name
 from .exits import Exit
 from .inbox import drop, free_name, place_input
 from .lookup import get_job, last_seq
-from .wait import wait
+from .wait import require_daemon, wait
 
 
 def cmd_submit(config: Config, args: argparse.Namespace) -> int:
+    if args.wait:
+        require_daemon(config)
     target = Path(args.target)
     if is_manifest_name(target.name) and target.is_file():
         if args.inputs or args.program_args:
@@ -66,6 +68,8 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     if job.status not in FINAL:
         raise DropqError(f"{job.id} has not finished ({job.status}); only a finished job can be retried")
+    if args.wait:
+        require_daemon(config)
     folder = config.outbox / job.folder
     manifest = folder / "manifest.yaml"
     if not manifest.is_file():

@@ -8,9 +8,18 @@ from pathlib import Path
 
 from ..config import Config
 from ..console import Screen, duration
+from ..errors import NoDaemon
 from ..jobs import FINAL, JobStatus
 from ..store import JobRecord, Store
 from .exits import Exit
+from .lookup import daemon_running
+
+
+def require_daemon(config: Config) -> None:
+    """Refuse a --wait at once, before anything is dropped, when no daemon would ever end it."""
+    if not daemon_running(config):
+        raise NoDaemon(f"no dropq daemon is running on {config.state}; start one (dropq run), or submit "
+                       "without --wait to leave the job in the inbox until one runs")
 
 
 def wait(config: Config, name: str, since: int, timeout: float | None) -> int:

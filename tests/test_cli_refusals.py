@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.cli.exits import Exit
 from helpers import dropq
+
+
+def wait_until_running(workspace: Workspace, job_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = dropq(workspace.config, "show", job_id, "--json")
+        if shown.returncode == 0 and '"status": "running"' in shown.stdout:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id} never ran")
 
 
 def test_cancel_of_a_finished_job_says_so_and_exits_8(workspace: Workspace, daemon: DaemonProcess) -> None:
@@ -52,3 +66,18 @@ def test_submit_without_wait_needs_no_daemon(workspace: Workspace) -> None:
     done = dropq(workspace.config, "submit", "echo", "--name", "later")
     assert done.returncode == 0, done.stderr
     assert (workspace.inbox / "later.yaml").exists(), "queued in the inbox for when a daemon starts"
+
+
+def test_submit_wait_gives_up_when_the_daemon_stops_mid_wait(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    waiting = subprocess.Popen([sys.executable, "-m", "dropq", "--config", str(workspace.config), "submit", "sleep",
+                                "--name", "nap", "--wait", "--", "60"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_running(workspace, "nap")
+        daemon.stop()
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 6 and out == ""
+    assert err.splitlines()[-1].startswith("dropq: the dropq daemon on ") and "stopped while nap.yaml waited" in err

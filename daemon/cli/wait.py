@@ -12,7 +12,10 @@ from ..errors import NoDaemon
 from ..jobs import FINAL, JobStatus
 from ..store import JobRecord, Store
 from .exits import Exit
-from .lookup import daemon_running
+from .lookup import daemon_alive, daemon_running
+
+#: seconds without a live daemon before a --wait gives up: a restart (systemd's, say) takes less
+DAEMON_GONE_AFTER = 10.0
 
 
 def require_daemon(config: Config) -> None:
@@ -28,6 +31,7 @@ def wait(config: Config, name: str, since: int, timeout: float | None) -> int:
     store: Store | None = None
     screen = Screen(sys.stderr)
     shown = ""
+    gone_since: float | None = None
     try:
         while deadline is None or time.monotonic() < deadline:
             if store is None and config.database.exists():
@@ -42,6 +46,15 @@ def wait(config: Config, name: str, since: int, timeout: float | None) -> int:
                 screen.end_line()
                 print_result(config, job)
                 return Exit.OK if job.status is JobStatus.SUCCEEDED else Exit.JOB_FAILED
+            # checked after the job: one that ended just before its daemon stopped is still reported
+            if store is not None and not daemon_alive(store.meta().get("pid", "")):
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > DAEMON_GONE_AFTER:
+                    screen.end_line()
+                    raise NoDaemon(f"the dropq daemon on {config.state} stopped while {name} waited; the job "
+                                   "carries on when a daemon runs again")
+            else:
+                gone_since = None
             time.sleep(0.1)
     finally:
         if store is not None:

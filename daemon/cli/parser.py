@@ -29,12 +29,12 @@ examples:
   dropq image build --offline                 build the worker image without a registry
   sudo dropq service install                  run the daemon on this config under systemd
 
-the configuration file: -c/--config PATH after the command, else before it, else $DROPQ_CONFIG,
-else ./config.yaml (so `dropq run --config /srv/dropq/config.yaml` and `dropq --config ... run` are alike)
+the configuration file: -c/--config PATH after the command, else -c/--config PATH before it,
+else $DROPQ_CONFIG, else ./config.yaml (`dropq run -c /srv/dropq/config.yaml` = `dropq -c ... run`)
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
-            6 daemon could not start (or --wait found none running), 7 the system refused (permission, disk full),
-            8 cancel: the job had already finished
+            6 daemon could not start (or --wait found none running), 7 the system refused
+            (permission, disk full), 8 cancel: the job had already finished
 """
 
 

@@ -71,7 +71,7 @@ def last_line(path: Path, *, limit: int = 4096, width: int = 200) -> str | None:
             size = os.fstat(fh.fileno()).st_size
             fh.seek(max(0, size - limit))
             data = fh.read(limit)
-    except (FileNotFoundError, IsADirectoryError):
+    except OSError:  # gone, unreadable, not a file: the error is then only the exit code, as before
         return None
     for line in reversed(data.decode("utf-8", "replace").splitlines()):
         text = "".join(ch for ch in _ANSI.sub("", line) if not unicodedata.category(ch).startswith("C")).strip()

@@ -69,11 +69,16 @@ def test_outcome_without_last_words_is_as_before() -> None:
     assert outcome_of({"outcome": "exited", "exit_code": 1}, None)["error"] == "the program exited with code 1"
 
 
+@pytest.mark.parametrize("pool", ["local", pytest.param("docker", marks=pytest.mark.docker)])
 def test_a_failed_programs_last_words_reach_result_status_and_the_api(
-        workspace: Workspace, daemon: DaemonProcess) -> None:
+        workspace: Workspace, daemon: DaemonProcess, request: pytest.FixtureRequest, pool: str) -> None:
+    if pool == "docker":  # stderr is then written by the container's user, on the shared mount
+        workspace.configure(workers={"pool": "docker", "count": 1,
+                                     "docker": {"image": request.getfixturevalue("docker_image")}})
     (workspace.programs / "needs_module.py").write_text(
         "import sys\nprint('starting', file=sys.stderr)\nimport dropq_no_such_module\n")
     daemon.start()
+    assert f"worker pool: {pool}" in daemon.log_text()
     workspace.drop("needy.yaml", {"program": "needs_module"})
     result = workspace.wait_results(1)["needy"]
     expected = f"the program exited with code 1: {MISSING}"

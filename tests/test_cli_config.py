@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dropq.cli import COMMANDS
 
@@ -101,3 +102,13 @@ def test_help_says_where_the_config_comes_from(tmp_path: Path) -> None:
     top = dropq_in(tmp_path, "--help").stdout
     assert "$DROPQ_CONFIG" in top and "after the command" in top
     assert "-c CONFIG, --config CONFIG" in dropq_in(tmp_path, "submit", "--help").stdout
+
+
+def test_a_config_option_after_the_double_dash_goes_to_the_program(tmp_path: Path) -> None:
+    for folder in ("inbox", "outbox", "programs"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "programs" / "echo.py").write_text("print('hi')\n")
+    (tmp_path / "mine.yaml").write_text("workers: {pool: local}\n")
+    done = dropq_in(tmp_path, "submit", "echo", "--name", "e", "--config", "mine.yaml", "--", "--config", "x")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load((tmp_path / "inbox" / "e.yaml").read_text())["args"] == ["--config", "x"]

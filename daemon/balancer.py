@@ -26,6 +26,7 @@ from .outbox import Outbox, job_key
 from .paths import remove_tree
 from .pools import Pool, WorkerHandle
 from .store import JobRecord, Store
+from .streams import last_line
 
 log = logging.getLogger("dropq.balancer")
 
@@ -262,8 +263,9 @@ class Balancer:
 
     def _commit(self, worker: WorkerHandle, job: JobRecord, status: dict[str, Any]) -> None:
         manifest = Manifest.from_json(job.manifest) if job.manifest else None
-        outcome = outcome_of(status, manifest)
         key = job_key(job)
+        # the cause of a failure is most often the program's last words: keep them in the error
+        outcome = outcome_of(status, manifest, last_words=last_line(worker.staging(key).stderr))
         code = outcome.get("exit_code")
         if (manifest is not None and code in manifest.retry_on_exit and job.attempts <= job.retries
                 and job.id not in self._cancel_requested):
@@ -336,8 +338,13 @@ class Balancer:
             os.chmod(dst, 0o644)
 
 
-def outcome_of(status: dict[str, Any], manifest: Manifest | None) -> dict[str, Any]:
-    """Turn a worker's report into the outcome recorded in the store and written to result.yaml."""
+def outcome_of(status: dict[str, Any], manifest: Manifest | None, *, last_words: str | None = None
+               ) -> dict[str, Any]:
+    """Turn a worker's report into the outcome recorded in the store and written to result.yaml.
+
+    `last_words` (the last line of the program's stderr) ends the error of a program that exited
+    non-zero or was killed by a signal, when the worker gave no reason of its own.
+    """
     kind = status.get("outcome")
     code = status.get("exit_code")
     sig = status.get("signal")
@@ -355,12 +362,13 @@ def outcome_of(status: dict[str, Any], manifest: Manifest | None) -> dict[str, A
         final = JobStatus.FAILED  # the worker's error names the memory limit
     else:
         final = JobStatus.FAILED
+        said = f": {last_words}" if last_words else ""
         if kind == "exited" and sig:
-            error = error or f"the program was killed by signal {_signal_name(sig)}"
+            error = error or f"the program was killed by signal {_signal_name(sig)}{said}"
         elif kind == "exited" and error:
             error = f"the program exited with code {code}: {error}"
         elif kind == "exited":
-            error = error or f"the program exited with code {code}"
+            error = f"the program exited with code {code}{said}"
     keep = ("exit_code", "signal", "started_at", "finished_at", "stdout_truncated", "stderr_truncated")
     outcome = {k: status.get(k) for k in keep if status.get(k) is not None}
     outcome.update(status=final.value, error=error, exit_code=code)

@@ -53,3 +53,7 @@ class UnknownJob(TransportError):
 
 class DaemonRunning(DropqError):
     """Another daemon already holds this state directory."""
+
+
+class NoDaemon(DropqError):
+    """No daemon runs on the configuration's state folder, so a job waited for could never end."""

@@ -149,12 +149,18 @@ class Store:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [JobRecord.from_row(r) for r in rows]
 
-    def page(self, statuses: Sequence[JobStatus] = (), *, limit: int, offset: int = 0
-             ) -> tuple[list[JobRecord], int]:
-        """Jobs newest first, optionally only those in `statuses`, and how many there are in all."""
-        where, params = "", [s.value for s in statuses]
+    def page(self, statuses: Sequence[JobStatus] = (), *, limit: int, offset: int = 0,
+             since: float | None = None) -> tuple[list[JobRecord], int]:
+        """Jobs newest first, optionally only those in `statuses` and those submitted at or after `since`,
+        and how many there are in all."""
+        conditions: list[str] = []
+        params: list[str | float] = [s.value for s in statuses]
         if statuses:
-            where = f"WHERE status IN ({','.join('?' * len(statuses))})"
+            conditions.append(f"status IN ({','.join('?' * len(statuses))})")
+        if since is not None:
+            conditions.append("submitted_at >= ?")
+            params.append(since)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._lock:
             rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",  # noqa: S608
                                     (*params, limit, offset)).fetchall()

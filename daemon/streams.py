@@ -4,6 +4,8 @@ once published), and reading their head and tail without loading the whole file.
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,9 @@ from .pools.base import find_staging
 from .store import JobRecord
 
 Stream = Literal["stdout", "stderr"]
+
+#: an ANSI escape sequence (colours, cursor moves): CSI ... final byte, or ESC and one more character
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
 
 
 def stream_path(config: Config, job: JobRecord, stream: Stream) -> Path | None:
@@ -52,3 +57,24 @@ def head_and_tail(path: Path | None, limit: int) -> dict[str, Any]:
         return {"size": 0, "head": "", "tail": "", "omitted": 0}
     return {"size": size, "head": head.decode("utf-8", "replace"), "tail": tail.decode("utf-8", "replace"),
             "omitted": max(0, size - len(head) - len(tail))}
+
+
+def last_line(path: Path, *, limit: int = 4096, width: int = 200) -> str | None:
+    """The last non-empty line of the file at `path`, as one safe line of text; None if there is none.
+
+    Reads at most its last `limit` bytes (a program may leave gigabytes of stderr). The line is made
+    safe to show anywhere (result.yaml, a terminal, the dashboard): escape sequences and every other
+    control or format character are dropped, and it is cut to `width` characters.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - limit))
+            data = fh.read(limit)
+    except OSError:  # gone, unreadable, not a file: the error is then only the exit code, as before
+        return None
+    for line in reversed(data.decode("utf-8", "replace").splitlines()):
+        text = "".join(ch for ch in _ANSI.sub("", line) if not unicodedata.category(ch).startswith("C")).strip()
+        if text:
+            return text if len(text) <= width else text[:width - 3] + "..."
+    return None

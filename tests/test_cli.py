@@ -77,8 +77,9 @@ def test_show_an_unknown_job_exits_4(workspace: Workspace, daemon: DaemonProcess
     assert done.returncode == 4 and done.stderr.strip() == "dropq: no job with id 'nope'"
 
 
-def test_submit_wait_timeout_exits_5(workspace: Workspace) -> None:
-    done = dropq(workspace.config, "submit", "echo", "--wait", "--wait-timeout", "0.5")
+def test_submit_wait_timeout_exits_5(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    done = dropq(workspace.config, "submit", "sleep", "--wait", "--wait-timeout", "0.5", "--", "30")
     assert done.returncode == 5 and "gave up waiting" in done.stderr
 
 

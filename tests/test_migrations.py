@@ -184,7 +184,7 @@ def test_a_state_directory_from_a_newer_dropq_is_refused_with_one_line(workspace
                                                                        command: tuple[str, ...]) -> None:
     version = newer_state(workspace)
     done = dropq(workspace.config, *command, timeout=60)
-    assert done.returncode == 6, (done.stdout, done.stderr)  # Exit.DAEMON
+    assert done.returncode == 3, (done.stdout, done.stderr)  # Exit.CONFIG: a restart cannot cure it
     assert done.stderr.splitlines() == [
         f"dropq: the state directory {workspace.state} was written by a newer dropq (schema {version}; this dropq "
         f"knows up to {LATEST}): upgrade dropq, or point `state:` elsewhere"]

@@ -306,7 +306,7 @@ def test_cancel_a_queued_and_a_running_job(workspace: Workspace, daemon: DaemonP
     assert results["running"]["status"] == "cancelled" and results["running"]["duration_seconds"] < 10
     assert not (workspace.inbox / "running.cancel").exists()
     done = dropq(workspace.config, "cancel", "queued")
-    assert done.returncode == 0 and "already finished" in done.stdout
+    assert done.returncode == 8 and done.stderr == "dropq: job queued already finished (cancelled); nothing to cancel\n"
 
 
 def test_retry_on_exit_retries_the_listed_codes_only(workspace: Workspace, daemon: DaemonProcess) -> None:

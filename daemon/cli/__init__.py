@@ -1,0 +1,56 @@
+"""The `dropq` command line. Errors are one clear line on stderr and a named exit code.
+
+`main` (the console script `dropq`) parses the arguments, loads the config and runs one command;
+each command lives in the module named after what it is about.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..config import Config
+from ..errors import ConfigError, DaemonRunning, DropqError, NoDaemon, PoolError, SchemaError, StoreError
+from .exits import Exit
+from .job import cmd_cancel, cmd_logs, cmd_show
+from .jobs import cmd_jobs
+from .ops import cmd_image, cmd_run, cmd_service
+from .parser import build_parser, config_path
+from .status import cmd_status, cmd_workers
+from .submit import cmd_retry, cmd_submit
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    program_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, program_args = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    args.program_args = program_args
+    try:
+        config = Config.load(config_path(args, os.environ))
+        return int(COMMANDS[args.command](config, args))
+    except (ConfigError, SchemaError) as exc:
+        return _fail(Exit.CONFIG, str(exc))
+    except (DaemonRunning, NoDaemon, PoolError) as exc:
+        return _fail(Exit.DAEMON, str(exc))
+    except StoreError as exc:
+        return _fail(Exit.NOT_FOUND, str(exc))
+    except DropqError as exc:
+        return _fail(Exit.USAGE, str(exc))
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(Exit.SYSTEM, f"{exc.strerror or exc}{where}")
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(code: Exit, message: str) -> int:
+    print(f"dropq: {message}", file=sys.stderr)
+    return int(code)
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image,
+            "cancel": cmd_cancel, "workers": cmd_workers, "logs": cmd_logs, "retry": cmd_retry,
+            "service": cmd_service, "jobs": cmd_jobs}

@@ -1,0 +1,79 @@
+"""Commands about one job: show, logs, cancel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import yaml
+
+from ..config import Config
+from ..jobs import FINAL, JobStatus
+from ..streams import Stream, stream_path
+from .exits import Exit
+from .inbox import drop
+from .lookup import get_job, open_store
+from .wait import print_result
+
+
+def cmd_show(config: Config, args: argparse.Namespace) -> int:
+    job = get_job(config, args.id)
+    if args.json:
+        print(json.dumps(job.summary(), indent=2))
+    elif job.status in FINAL:
+        print_result(config, job)
+    else:
+        print(yaml.safe_dump(job.summary(), sort_keys=False), end="")
+    return Exit.OK
+
+
+def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
+    job = get_job(config, args.id)
+    if job.status in FINAL:
+        print(f"dropq: job {job.id} already finished ({job.status}); nothing to cancel", file=sys.stderr)
+        return Exit.ALREADY_FINISHED
+    drop(config.inbox, f"{job.id}.cancel", b"")
+    print(f"cancel requested for {job.id} ({job.status})")
+    return Exit.OK
+
+
+def cmd_logs(config: Config, args: argparse.Namespace) -> int:
+    streams: list[tuple[Stream, BinaryIO]] = []
+    if not args.stderr:
+        streams.append(("stdout", sys.stdout.buffer))
+    if not args.stdout:
+        streams.append(("stderr", sys.stderr.buffer))
+    store = open_store(config)
+    offsets = {name: 0 for name, _ in streams}
+    try:
+        while True:
+            job = store.get(args.id)
+            for name, out in streams:
+                offsets[name] = _copy_from(stream_path(config, job, name), offsets[name], out)
+            if job.status in FINAL or not args.follow:
+                if args.follow:
+                    return Exit.OK if job.status is JobStatus.SUCCEEDED else Exit.JOB_FAILED
+                return Exit.OK
+            time.sleep(0.2)
+    finally:
+        store.close()
+
+
+def _copy_from(path: Path | None, offset: int, out: BinaryIO) -> int:
+    """Write what `path` holds past `offset` to `out`; returns the new offset."""
+    if path is None:
+        return offset
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            while chunk := fh.read(1 << 16):
+                out.write(chunk)
+                offset += len(chunk)
+    except FileNotFoundError:  # moved into the outbox between the lookup and the open: next turn
+        return offset
+    out.flush()
+    return offset

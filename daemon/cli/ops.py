@@ -1,0 +1,38 @@
+"""Commands that run or install the daemon: run, service, image."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..config import Config
+from .exits import Exit
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from .. import logs
+    from ..service import run
+
+    logs.setup(args.log_level or config.log_level, args.log_format or config.log_format)
+    return run(config)
+
+
+def cmd_service(config: Config, args: argparse.Namespace) -> int:
+    from .. import systemd
+
+    if args.service_command == "unit":
+        print(systemd.unit_text(config, exe=systemd.dropq_executable()), end="")
+        return Exit.OK
+    for line in systemd.install(config, name=args.name, unit_dir=args.unit_dir, user=args.user, start=args.now):
+        print(line)
+    return Exit.OK
+
+
+def cmd_image(config: Config, args: argparse.Namespace) -> int:
+    from ..image import build
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="dropq: %(message)s")
+    print(build(args.tag or config.workers.docker.image, offline=args.offline, mirror=args.mirror,
+                force=args.force))
+    return Exit.OK

@@ -1,0 +1,129 @@
+"""status (once, or --watch) and workers: the queue and the workers at a glance."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from ..config import Config
+from ..console import Screen, bar, duration, table
+from ..jobs import FINAL, JobStatus
+from ..manifest import is_manifest_name
+from ..store import Store
+from .exits import Exit
+from .lookup import daemon_alive, open_store
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch(config, args.interval, until_idle=args.until_idle)
+    store = open_store(config)
+    try:
+        snap = _Snapshot(store)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
+                          "workers": snap.workers, "recent": [j.summary() for j in snap.recent]}, indent=2))
+        return Exit.OK
+    print("\n".join(_status_lines(snap)))
+    return Exit.OK
+
+
+class _Snapshot:
+    def __init__(self, store: Store, recent: int = 10) -> None:
+        self.now = time.time()
+        self.counts = store.counts()
+        self.workers = store.workers()
+        self.meta = store.meta()
+        self.recent = store.recent(recent)
+        self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
+        self.running = daemon_alive(self.meta.get("pid", ""))
+
+
+def _status_lines(snap: _Snapshot) -> list[str]:
+    meta = snap.meta
+    lines = [f"daemon   {'running (pid ' + meta['pid'] + ')' if snap.running else 'not running'}"
+             f"   pool: {meta.get('pool', '?')}"
+             + (f"   dashboard: {meta['http']}" if snap.running and meta.get("http") else ""),
+             f"watcher  {meta.get('watcher', '?')}, {meta.get('watcher_rescans', '0')} rescans, "
+             f"{meta.get('watcher_missed', '0')} manifests missed by events and found by a rescan"]
+    order = [s.value for s in JobStatus]
+    lines.append("jobs     " + ("   ".join(f"{s}: {snap.counts[s]}" for s in order if snap.counts.get(s)) or "none"))
+    lines += ["", *_worker_lines(snap)]
+    if snap.recent:
+        lines.append("")
+        lines += table(["RECENT JOB", "STATUS", "ATTEMPTS", "TOOK", "ERROR"],
+                       [[j.id[:28], j.status.value, j.attempts, duration(j.run_seconds), (j.error or "")[:60]]
+                        for j in snap.recent], right=[2, 3])
+    return lines
+
+
+def _worker_lines(snap: _Snapshot) -> list[str]:
+    rows = []
+    for w in snap.workers:
+        job = snap.jobs.get(w["job"]) if w["job"] else None
+        elapsed = snap.now - job.started_at if job and job.started_at and w["state"] == "busy" else None
+        rows.append([w["name"], w["state"] if snap.running else "stopped", w["job"] or "-", duration(elapsed),
+                     w["detail"] or ""])
+    return table(["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"], rows, right=[3])
+
+
+def _inbox_manifests(config: Config) -> int:
+    """Manifests still in the inbox: the part of a backlog the daemon has not claimed yet."""
+    try:
+        with os.scandir(config.inbox) as entries:
+            return sum(1 for e in entries if not e.name.startswith(".") and is_manifest_name(e.name))
+    except FileNotFoundError:
+        return 0
+
+
+def _watch(config: Config, interval: float, *, until_idle: bool) -> int:
+    screen = Screen()
+    screen.start()
+    store: Store | None = None
+    first_done: int | None = None
+    started = time.monotonic()
+    try:
+        while True:
+            if store is None and config.database.exists():
+                store = open_store(config)
+            if store is None:
+                screen.draw([f"waiting for the daemon to create {config.database} ..."])
+                time.sleep(interval)
+                continue
+            snap = _Snapshot(store)
+            done = sum(n for s, n in snap.counts.items() if JobStatus(s) in FINAL)
+            first_done = done if first_done is None else first_done
+            remaining = (sum(n for s, n in snap.counts.items() if JobStatus(s) not in FINAL)
+                         + _inbox_manifests(config))
+            finished_here = done - first_done
+            rate = finished_here / max(1e-9, time.monotonic() - started)
+            eta = f", about {duration(remaining / rate)} to go" if rate > 0 and remaining else ""
+            progress = (f"backlog  {bar(finished_here, finished_here + remaining)}  {finished_here} done, "
+                        f"{remaining} to go ({rate:.1f} jobs/s{eta})")
+            screen.draw([time.strftime("%H:%M:%S") + "  dropq status --watch (Ctrl-C ends)", progress,
+                         *_status_lines(snap)])
+            if until_idle and remaining == 0:
+                return Exit.OK
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return Exit.OK
+    finally:
+        if store is not None:
+            store.close()
+
+
+def cmd_workers(config: Config, args: argparse.Namespace) -> int:
+    store = open_store(config)
+    try:
+        snap = _Snapshot(store)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(snap.workers, indent=2))
+    else:
+        print("\n".join(_worker_lines(snap)))
+    return Exit.OK

@@ -1,0 +1,94 @@
+"""submit and retry: drop a job into the inbox, and with --wait follow it to its end."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config
+from ..errors import DropqError
+from ..jobs import FINAL
+from ..manifest import is_manifest_name
+from .exits import Exit
+from .inbox import drop, free_name, place_input
+from .lookup import get_job, last_seq
+from .wait import require_daemon, wait
+
+
+def cmd_submit(config: Config, args: argparse.Namespace) -> int:
+    if args.wait:
+        require_daemon(config)
+    target = Path(args.target)
+    if is_manifest_name(target.name) and target.is_file():
+        if args.inputs or args.program_args:
+            raise DropqError("give either a manifest file, or a program with inputs and arguments, not both")
+        text = target.read_text(encoding="utf-8")
+        name = args.name or target.name
+    else:
+        text = yaml.safe_dump(_manifest_from_args(config, args), sort_keys=False)
+        name = args.name or f"{Path(args.inputs[0]).stem if args.inputs else args.target}.yaml"
+    if not is_manifest_name(name):
+        name = f"{name}.yaml"
+    name = free_name(config, name)
+    since = last_seq(config)
+    drop(config.inbox, name, text.encode())
+    print(f"submitted {config.inbox / name}", file=sys.stderr)
+    if not args.wait:
+        return Exit.OK
+    return wait(config, name, since, args.wait_timeout)
+
+
+def _manifest_from_args(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    manifest: dict[str, Any] = {"program": args.target}
+    inputs = [place_input(config, Path(p)) for p in args.inputs]
+    if inputs:
+        manifest["input"] = inputs[0]
+    if len(inputs) > 1:
+        manifest["inputs"] = inputs[1:]
+    if args.program_args:
+        manifest["args"] = args.program_args
+    for key in ("output", "timeout", "retries", "priority"):
+        if getattr(args, key) is not None:
+            manifest[key] = getattr(args, key)
+    if args.env:
+        pairs = [e.partition("=") for e in args.env]
+        if any(not sep for _, sep, _ in pairs):
+            raise DropqError("--env takes NAME=VALUE")
+        manifest["env"] = {k: v for k, _, v in pairs}
+    return manifest
+
+
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    job = get_job(config, args.id)
+    if job.status not in FINAL:
+        raise DropqError(f"{job.id} has not finished ({job.status}); only a finished job can be retried")
+    if args.wait:
+        require_daemon(config)
+    folder = config.outbox / job.folder
+    manifest = folder / "manifest.yaml"
+    if not manifest.is_file():
+        raise DropqError(f"{job.id} cannot be retried: its manifest is not in {folder}")
+    inputs = folder / "inputs"
+    names = [p.relative_to(inputs) for p in sorted(inputs.rglob("*")) if p.is_file() and not p.is_symlink()]
+    taken = [str(n) for n in names if os.path.lexists(config.inbox / n)]
+    if taken:
+        raise DropqError(f"inbox/{taken[0]} exists; the retry puts {job.id}'s input there, so move it away first")
+    for rel in names:
+        target = config.inbox / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        shutil.copyfile(inputs / rel, tmp)
+        os.rename(tmp, target)
+    name = free_name(config, f"{job.id}-retry.yaml")
+    since = last_seq(config)
+    drop(config.inbox, name, manifest.read_bytes())
+    print(f"submitted {config.inbox / name} (a retry of {job.id})", file=sys.stderr)
+    if not args.wait:
+        return Exit.OK
+    return wait(config, name, since, args.wait_timeout)

@@ -32,9 +32,9 @@ examples:
 the configuration file: -c/--config PATH after the command, else -c/--config PATH before it,
 else $DROPQ_CONFIG, else ./config.yaml (`dropq run -c /srv/dropq/config.yaml` = `dropq -c ... run`)
 
-exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error (or a state directory from a newer dropq), 4 not found, 5 wait timed out,
-            6 daemon could not start (or --wait found none running), 7 the system refused
-            (permission, disk full), 8 cancel: the job had already finished
+exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error (or state from a newer dropq),
+            4 not found, 5 wait timed out, 6 daemon could not start (or --wait found none running),
+            7 the system refused (permission, disk full), 8 cancel: the job had already finished
 """
 
 

@@ -2,10 +2,12 @@
 
 Compose owns these containers: it creates, scales and restarts them; the daemon never creates or
 removes one. It adopts every running replica whose /dropq/work mount is this daemon's
-`state/compose/work` folder, follows the engine's start/die/destroy events to learn of replicas that
-appear, restart or go, and gives each its own balancer slot. Replicas share their mounts, each using
-the subfolder named by its hostname; that is weaker isolation between jobs than daemon-managed
-containers, which is why those are the default.
+`state/compose/work` folder, follows the engine's start/die/stop/destroy events to learn of replicas that
+appear, restart or go, and gives each its own balancer slot. A replica that dies is waited for (compose's
+restart policy brings it back); one that is stopped or destroyed (a scale-down, `compose stop`, `docker
+stop`) leaves the pool at once, and the job it ran is queued again without costing an attempt.
+Replicas share their mounts, each using the subfolder named by its hostname; that is weaker isolation
+between jobs than daemon-managed containers, which is why those are the default.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class ComposePool(Pool):
         self._handles: dict[str, WorkerHandle] = {}
         self._ids: dict[str, str] = {}
         self._ready: dict[str, threading.Event] = {}
+        #: replicas taken out of the pool on purpose (stopped or destroyed), until one of them starts again
+        self._retired: set[str] = set()
         self._events: Any = None
         self._watcher: threading.Thread | None = None
 
@@ -68,7 +72,9 @@ class ComposePool(Pool):
             log.warning("no compose workers yet: start them with `docker compose up -d --scale worker=N`")
         import docker
 
-        wanted = {"type": "container", "event": ["start", "die", "destroy"],
+        # "stop" comes only from a stop through the engine's API (compose scaling down or stopping, `docker
+        # stop`), never from a crash or from anything a job can do: it is what makes a removal deliberate
+        wanted = {"type": "container", "event": ["start", "die", "stop", "destroy"],
                   "label": [f"io.dropq.role={COMPOSE_ROLE}"]}
         self._events = docker.from_env(timeout=None).events(decode=True, filters=wanted)
         self._watcher = threading.Thread(target=self._watch_events, name="compose-events", daemon=True)
@@ -94,6 +100,7 @@ class ComposePool(Pool):
                     jobs_dir=self.work / host / "jobs", inputs_dir=self.inputs / host)
                 self._ready[host] = threading.Event()
             self._ids[host] = container.id
+            self._retired.discard(host)
         log.info("worker %s: adopted compose container %s", host, container.short_id)
         threading.Thread(target=self._mark_ready, args=(host,), name=f"adopt-{host}", daemon=True).start()
 
@@ -140,11 +147,25 @@ class ComposePool(Pool):
             if host is None:
                 return
             self._ready[host].clear()
-            if action == "destroy":
+            if action in ("stop", "destroy"):
                 del self._handles[host], self._ids[host]
+                self._retired.add(host)
                 self._ready.pop(host).set()  # wake its slot, which then finds it gone
-        log.warning("worker %s: compose container %s (%s)", host, action, cid[:12])
+        if action == "die":
+            log.warning("worker %s: compose container %s exited; out of service until it starts again", host,
+                        cid[:12])
+        else:
+            log.info("worker %s: compose container %s %s; it leaves the pool", host, cid[:12],
+                     "stopped" if action == "stop" else "removed")
         self._changed()
+
+    def left_on_purpose(self, name: str) -> bool:
+        with self._lock:
+            return name in self._retired
+
+    def detail(self, name: str, health: dict[str, Any]) -> str:
+        with self._lock:
+            return f"container {self._ids.get(name, '?')[:12]}"
 
     def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
         while not self._stopping.is_set():

@@ -225,6 +225,9 @@ class DockerPool(RestartingPool):
     def _incarnation(self, name: str, health: dict[str, Any]) -> dict[str, Any]:
         return {**health, "pid": self._ids.get(name)}  # the container id names the incarnation
 
+    def detail(self, name: str, health: dict[str, Any]) -> str:
+        return f"container {self._ids.get(name, '?')[:12]}"  # the full 64-character id overflows the dashboard
+
     def _restart(self, name: str) -> None:
         lock = self._restarting[name]
         if not lock.acquire(blocking=False):

@@ -69,6 +69,7 @@ def test_the_daemon_adopts_scaled_compose_workers_and_runs_jobs_on_them(
 
 
 T = TypeVar("T")
+Pool = dict[str, dict[str, Any]]
 
 #: a job that runs until the test opens its gate (a file beside the program, on the read-only programs
 #: mount every replica sees): it is surely running while the replicas are scaled away, however slow
@@ -84,7 +85,7 @@ sys.exit(0 if gate.exists() else 1)
 """
 
 
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 60.0) -> T:
+def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -112,8 +113,14 @@ def replica_hosts(compose: list[str]) -> set[str]:
     return set(inspect.stdout.split())
 
 
-def pool(workspace: Workspace) -> dict[str, dict[str, Any]]:
+def pool(workspace: Workspace) -> Pool:
     return {w["name"]: w for w in dropq_json(workspace.config, "workers")}
+
+
+def pool_if(workspace: Workspace, check: Callable[[Pool], bool]) -> Pool | None:
+    """The pool as `dropq workers --json` lists it, if `check` holds for it."""
+    listed = pool(workspace)
+    return listed if check(listed) else None
 
 
 def worker_metrics(daemon: DaemonProcess) -> dict[str, float]:
@@ -138,8 +145,8 @@ def test_scaling_down_takes_the_removed_replicas_out_of_the_pool_and_retries_the
     # one gated job per replica, with no retries to spare: a scale-down must not cost the job an attempt
     for i in range(4):
         workspace.drop(f"long{i}.yaml", {"program": "gate", "retries": 0})
-    busy = wait_for(lambda: (p := pool(workspace)) and all(w["state"] == "busy" for w in p.values())
-                    and len(p) == 4 and p, "all four replicas busy with a gated job")
+    busy = wait_for(lambda: pool_if(workspace, lambda p: len(p) == 4 and all(w["state"] == "busy" for w in p.values())),
+                    "all four replicas busy with a gated job")
     ran_on = {w["job"]: name for name, w in busy.items()}
     assert set(ran_on) == {f"long{i}" for i in range(4)}
 
@@ -170,6 +177,7 @@ def test_scaling_down_takes_the_removed_replicas_out_of_the_pool_and_retries_the
     results = workspace.wait_results(12)
     for i in range(4):
         assert results[f"after{i}"]["worker"] == kept and results[f"after{i}"]["attempts"] == 1
-    final = wait_for(lambda: (p := pool(workspace)) and p[kept]["state"] == "idle" and p, "the replica idle")
+    final = wait_for(lambda: pool_if(workspace, lambda p: p.get(kept, {}).get("state") == "idle"), "the replica idle")
     assert set(final) == {kept}
-    assert wait_for(lambda: worker_metrics(daemon) == {"idle": 1.0, "busy": 0.0} or None, "idle in /metrics")
+    assert final[kept]["detail"] == f"container {kept}"  # compose names a replica's host by its short id
+    wait_for(lambda: worker_metrics(daemon) == {"idle": 1.0, "busy": 0.0}, "/metrics to count the replica idle")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -181,3 +182,26 @@ def test_scaling_down_takes_the_removed_replicas_out_of_the_pool_and_retries_the
     assert set(final) == {kept}
     assert final[kept]["detail"] == f"container {kept}"  # compose names a replica's host by its short id
     wait_for(lambda: worker_metrics(daemon) == {"idle": 1.0, "busy": 0.0}, "/metrics to count the replica idle")
+
+
+def test_a_replica_that_crashes_leaves_the_pool_until_compose_restarts_it_and_its_job_counts_an_attempt(
+        workspace: Workspace, daemon: DaemonProcess, compose: list[str], docker_image: str) -> None:
+    (workspace.programs / "gate.py").write_text(GATE)
+    daemon.start()
+    scale(compose, docker_image, 1)
+    (host,) = replica_hosts(compose)
+    wait_for(lambda: pool_if(workspace, lambda p: p.get(host, {}).get("state") == "idle"), "the replica idle")
+    workspace.drop("victim.yaml", {"program": "gate", "retries": 1})
+    wait_for(lambda: pool_if(workspace, lambda p: p[host]["job"] == "victim"), "the job running")
+    # a crash, not a stop: the container's first process killed from outside the engine, which then sends no
+    # kill event; compose's restart policy starts the same container again
+    pid = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", host], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    os.kill(int(pid), signal.SIGKILL)
+    wait_for(lambda: "compose container " + host + " died" in daemon.log_text(), "the pool to see it die")
+    (workspace.programs / "gate.open").write_text("")
+    result = workspace.wait_results(1)["victim"]
+    assert (result["status"], result["worker"], result["attempts"]) == ("succeeded", host, 2), result
+    assert "its worker left the pool" not in daemon.log_text()
+    assert daemon.log_text().count(f"adopted compose container {host}") == 2
+    assert set(pool(workspace)) == {host}

@@ -32,6 +32,8 @@ log = logging.getLogger("dropq.balancer")
 
 #: seconds one long-poll waits on the worker before asking again
 POLL_WAIT = 30.0
+#: seconds to wait for the pool to learn why a worker stopped, before a job it ran is retried
+SETTLE_WAIT = 30.0
 
 
 class WorkerLost(Exception):
@@ -162,35 +164,61 @@ class Balancer:
     # --- one slot per worker -------------------------------------------------------------------
 
     def _slot(self, worker: WorkerHandle) -> None:
-        health: dict[str, Any] | None = None
         try:
             for job in self.store.with_status(JobStatus.RUNNING):
                 if job.worker == worker.name:
                     health = self.pool.ensure(worker.name)
                     if health is None:
-                        return
+                        break
                     log.info("job %s: re-attaching to worker %s", job.id, worker.name)
                     self._follow(worker, job, health)
-            health = None
-            while not self._stopping:
-                if health is None:  # at start, and after anything went wrong with this worker
-                    health = self.pool.ensure(worker.name)
-                    if health is None:
-                        return
-                ready = self._next(worker, detail=f"pid {health.get('pid')}")
-                if ready is None:
+            while True:
+                self._serve(worker)
+                if self._leave(worker):
                     return
-                if not self._run(worker, ready, health):
-                    health = None
         except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
             self._broken.add(worker.name)
             self.store.set_worker(worker.name, "broken", detail="see the daemon's log")
 
+    def _serve(self, worker: WorkerHandle) -> None:
+        """Run jobs on `worker` until the daemon stops or the worker leaves the pool."""
+        health: dict[str, Any] | None = None
+        while not self._stopping:
+            if health is None:  # at start, and after anything went wrong with this worker
+                health = self.pool.ensure(worker.name)
+                if health is None:
+                    return
+            ready = self._next(worker, detail=self.pool.detail(worker.name, health))
+            if ready is None:
+                return
+            if not self._run(worker, ready, health):
+                health = None
+
+    def _listed(self, worker: WorkerHandle) -> bool:
+        return any(h.name == worker.name for h in self.pool.workers())
+
+    def _leave(self, worker: WorkerHandle) -> bool:
+        """Whether the slot ends: the daemon stops, or its worker left the pool (a compose scale-down), which
+        then leaves the store's list too, so that the CLI, the dashboard and /metrics stop counting it. False
+        if the worker is back meanwhile: the pool's change notice found this slot still alive, so it must go on."""
+        with self._cond:
+            if self._stopping:
+                return True
+            if self._listed(worker):
+                return False
+            # under the lock _pool_changed takes: a worker that comes back from now on gets a new slot
+            if self._threads.get(worker.name) is threading.current_thread():
+                del self._threads[worker.name]
+            self.store.forget_workers({h.name for h in self.pool.workers()})
+        log.info("worker %s: left the pool", worker.name)
+        return True
+
     def _next(self, worker: WorkerHandle, *, detail: str) -> JobRecord | None:
         idle = False
         with self._cond:
-            while not self._stopping:
+            # woken by the pool's change notice when the worker left it: it must not take another job
+            while not self._stopping and self._listed(worker):
                 job = self.store.take_next(worker.name, detail=detail)  # also marks the worker busy
                 if job is not None:
                     return job
@@ -256,6 +284,11 @@ class Balancer:
                     return False
                 status = None
         if status.get("outcome") == "stopped":
+            if not self._stopping:
+                # let the pool learn from the engine why (restarted, or taken out of the pool on purpose)
+                # before deciding whether the attempt counts; bounded, as a worker that neither comes back nor
+                # leaves must not hold the job
+                self.pool.ensure(worker.name, timeout=SETTLE_WAIT)
             self._lost(worker, job, "the worker was stopped")
             return False
         self._commit(worker, job, status)
@@ -300,7 +333,15 @@ class Balancer:
             self.store.transition(job.id, JobStatus.QUEUED, attempts=max(0, job.attempts - 1), worker=None)
             log.info("job %s: interrupted by shutdown; queued again", job.id)
             return
-        self._retry_or_fail(self.store.get(job.id), reason)
+        job = self.store.get(job.id)
+        if self.pool.left_on_purpose(worker.name):
+            # scaled away or stopped by its operator (the engine said so; nothing a job does causes that): not
+            # the job's fault, so this attempt does not count, and it runs again at once on another worker
+            self.store.transition(job.id, JobStatus.QUEUED, attempts=max(0, job.attempts - 1), worker=None)
+            log.info("job %s: its worker left the pool (%s); queued again", job.id, reason)
+            self.notify()
+            return
+        self._retry_or_fail(job, reason)
 
     def _retry_or_fail(self, job: JobRecord, reason: str, *, lost: bool = True) -> None:
         if job.attempts <= job.retries:

@@ -66,7 +66,7 @@ class Daemon:
         self.config = config
         for folder in (config.inbox, config.outbox, config.state, config.spool, config.workers_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock_state(config.state)
+        self._lock_fd = lock_state(config.state)
         try:
             # once, before any job moves: a workspace split over mounts fails here with one line, not job by job
             check_renames(config)
@@ -178,7 +178,9 @@ class Daemon:
             self.stop()
 
 
-def _lock_state(state: Path) -> int:
+def lock_state(state: Path) -> int:
+    """Hold the state directory as its one daemon (or as a command that must not run beside one); returns
+    the lock's file descriptor, or raises DaemonRunning."""
     fd = os.open(state / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

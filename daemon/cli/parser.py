@@ -21,6 +21,7 @@ examples:
   dropq status                                the queue and the workers at a glance
   dropq status --watch                        the same, live, with the backlog's progress
   dropq workers                               each worker, its state and its job
+  dropq workers remove                        stop and remove the docker workers a stopped daemon left
   dropq jobs --status failed --since 1h       the jobs that failed in the last hour, newest first
   dropq show moby                             one job's result
   dropq logs moby --follow                    a job's stdout and stderr, as it runs
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     workers = sub.add_parser("workers", help="each worker, its state and the job it runs")
     workers.add_argument("--json", action="store_true")
+    workers_sub = workers.add_subparsers(dest="workers_command", metavar="[ACTION]")
+    workers_sub.add_parser(
+        "remove", help="stop and remove this daemon's docker worker containers (the daemon must be stopped)",
+        description="Stop and remove the worker containers the docker pool made for this config's state "
+                    "directory, which workers.docker.on_shutdown: leave keeps running after the daemon stops. "
+                    "Only containers labelled with this state directory are touched (compose's replicas are "
+                    "compose's: use `docker compose down`). Refused while the daemon runs.")
 
     logs = sub.add_parser("logs", help="a job's stdout and stderr (while it runs, too)",
                           description="Print a job's stdout (to stdout) and stderr (to stderr). With --follow, "

@@ -117,6 +117,12 @@ def _watch(config: Config, interval: float, *, until_idle: bool) -> int:
 
 
 def cmd_workers(config: Config, args: argparse.Namespace) -> int:
+    if args.workers_command == "remove":
+        from ..pools.docker import remove_workers
+
+        removed = remove_workers(config)
+        print("\n".join(removed) if removed else f"no worker containers of the daemon on {config.state}")
+        return Exit.OK
     store = open_store(config)
     try:
         snap = _Snapshot(store)

@@ -145,6 +145,17 @@ class Pool(ABC):
     def stop(self) -> None:
         """Stop supervising; stop or leave the workers as the pool's configuration says."""
 
+    def left_on_purpose(self, name: str) -> bool:
+        """Whether worker `name` was taken out of the pool on purpose (a compose scale-down, or its operator
+        stopped it, as the engine reported) rather than failing. A job it was running is then not to blame,
+        and the attempt is not counted against the job's retries. Pools whose workers only ever fail (or are
+        replaced by the pool itself) say False."""
+        return False
+
+    def detail(self, name: str, health: dict[str, Any]) -> str:
+        """What `dropq workers` and the dashboard show to tell this incarnation of worker `name` apart."""
+        return f"pid {health.get('pid')}"
+
     def describe(self) -> str:
         return self.kind
 

@@ -2,10 +2,13 @@
 
 Compose owns these containers: it creates, scales and restarts them; the daemon never creates or
 removes one. It adopts every running replica whose /dropq/work mount is this daemon's
-`state/compose/work` folder, follows the engine's start/die/destroy events to learn of replicas that
-appear, restart or go, and gives each its own balancer slot. Replicas share their mounts, each using
-the subfolder named by its hostname; that is weaker isolation between jobs than daemon-managed
-containers, which is why those are the default.
+`state/compose/work` folder, follows the engine's start/kill/die/destroy events to learn of replicas that
+appear, restart or go, and gives each its own balancer slot. A replica that dies or is removed leaves the
+pool at once (and comes back with its next start: compose's restart policy, `compose up`). When the
+engine was asked to stop or kill it (a scale-down, `compose stop`, `docker stop`), the job it ran is
+queued again without costing an attempt; after a crash, the attempt counts.
+Replicas share their mounts, each using the subfolder named by its hostname; that is weaker isolation
+between jobs than daemon-managed containers, which is why those are the default.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class ComposePool(Pool):
         self._handles: dict[str, WorkerHandle] = {}
         self._ids: dict[str, str] = {}
         self._ready: dict[str, threading.Event] = {}
+        #: replicas taken out of the pool on purpose (stopped or killed through the engine), until they start
+        self._retired: set[str] = set()
+        #: containers the engine was asked to signal, whose die is then an operator's act, not a crash
+        self._killed: set[str] = set()
         self._events: Any = None
         self._watcher: threading.Thread | None = None
 
@@ -68,7 +75,7 @@ class ComposePool(Pool):
             log.warning("no compose workers yet: start them with `docker compose up -d --scale worker=N`")
         import docker
 
-        wanted = {"type": "container", "event": ["start", "die", "destroy"],
+        wanted = {"type": "container", "event": ["start", "kill", "die", "destroy"],
                   "label": [f"io.dropq.role={COMPOSE_ROLE}"]}
         self._events = docker.from_env(timeout=None).events(decode=True, filters=wanted)
         self._watcher = threading.Thread(target=self._watch_events, name="compose-events", daemon=True)
@@ -94,6 +101,8 @@ class ComposePool(Pool):
                     jobs_dir=self.work / host / "jobs", inputs_dir=self.inputs / host)
                 self._ready[host] = threading.Event()
             self._ids[host] = container.id
+            self._retired.discard(host)
+            self._killed.discard(container.id)
         log.info("worker %s: adopted compose container %s", host, container.short_id)
         threading.Thread(target=self._mark_ready, args=(host,), name=f"adopt-{host}", daemon=True).start()
 
@@ -131,20 +140,47 @@ class ComposePool(Pool):
                 log.error("lost the Docker event stream (%s); new compose workers will not be seen", exc)
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        import docker.errors
+
         action, cid = event.get("Action") or event.get("status"), event.get("id", "")
         if action == "start":
-            self._adopt(self.client.containers.get(cid))
+            try:
+                self._adopt(self.client.containers.get(cid))
+            except docker.errors.NotFound:
+                pass  # removed again before we looked: its destroy event follows
             return
         with self._lock:
             host = next((h for h, i in self._ids.items() if i == cid), None)
             if host is None:
                 return
-            self._ready[host].clear()
-            if action == "destroy":
-                del self._handles[host], self._ids[host]
-                self._ready.pop(host).set()  # wake its slot, which then finds it gone
-        log.warning("worker %s: compose container %s (%s)", host, action, cid[:12])
+            if action == "kill":
+                # the engine signals a container only when asked through its API (a scale-down, compose stop
+                # or down, docker stop or kill); a crash, or anything a job does, sends no kill event. The
+                # kill comes before the die in the stream (the engine holds the container while it signals).
+                self._killed.add(cid)
+                return
+            # it died or was removed: it leaves the pool now, and comes back with its next start event (a
+            # restart policy, compose up, docker start)
+            on_purpose = cid in self._killed
+            self._killed.discard(cid)
+            del self._handles[host], self._ids[host]
+            if on_purpose:
+                self._retired.add(host)
+            self._ready.pop(host).set()  # wake its slot, which then finds it gone
+        if on_purpose:
+            log.info("worker %s: compose container %s was stopped; it leaves the pool", host, cid[:12])
+        else:
+            log.warning("worker %s: compose container %s %s; it leaves the pool until it starts again", host,
+                        cid[:12], "died" if action == "die" else "was removed")
         self._changed()
+
+    def left_on_purpose(self, name: str) -> bool:
+        with self._lock:
+            return name in self._retired
+
+    def detail(self, name: str, health: dict[str, Any]) -> str:
+        with self._lock:
+            return f"container {self._ids.get(name, '?')[:12]}"
 
     def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
         while not self._stopping.is_set():
@@ -159,7 +195,10 @@ class ComposePool(Pool):
             try:
                 health = handle.transport.health(timeout=self.config.workers.health_timeout)
             except TransportError as exc:
-                # compose, not the daemon, restarts its containers: wait for the next start event
+                with self._lock:
+                    if name not in self._handles:
+                        return None  # it failed because it left the pool meanwhile: nothing to wait for
+                # compose, not the daemon, restarts its containers: wait for its next start event
                 log.warning("worker %s: failed its health check (%s); waiting for compose to restart it",
                             name, exc)
                 ready.clear()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import PoolError, TransportError
+from ..errors import DaemonRunning, PoolError, TransportError
 from ..transport import Transport
 from .base import RestartingPool, WorkerHandle, check_protocol, speaks_our_protocol, wait_answering, worker_token
 
@@ -27,6 +27,7 @@ log = logging.getLogger("dropq.pool.docker")
 LABEL_ROLE = "io.dropq.role"
 LABEL_INSTANCE = "io.dropq.instance"
 LABEL_WORKER = "io.dropq.worker"
+LABEL_STATE = "io.dropq.state"
 IN_PROGRAMS, IN_INPUTS, IN_WORK = "/dropq/programs", "/dropq/inputs", "/dropq/work"
 
 
@@ -60,6 +61,49 @@ def container_user(config: Config) -> str:
         return config.workers.docker.user
     # as root: an unprivileged uid; otherwise the daemon's own, so it can read what jobs write
     return "65534:65534" if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}"
+
+
+def remove_workers(config: Config) -> list[str]:
+    """Stop and remove the worker containers of the daemon on this state directory (`dropq workers remove`):
+    with `on_shutdown: leave` they outlive the daemon. Only containers labelled with this state's instance
+    are touched, never compose's replicas or another daemon's. Refuses while a daemon runs on the state
+    directory (it would only make new ones). Returns one line per container removed."""
+    import docker
+    import docker.errors
+
+    from ..service import lock_state
+
+    try:
+        # no state directory: no daemon can be running on it, but its containers may still be there
+        lock = lock_state(config.state) if config.state.is_dir() else None
+    except DaemonRunning:
+        raise DaemonRunning(f"a dropq daemon is running on {config.state}: stop it first "
+                            f"(while it runs, it replaces any worker container removed)") from None
+    removed = []
+    try:
+        client = docker.from_env(timeout=60)
+        try:
+            instance = instance_id(config)
+            found = client.containers.list(all=True, filters={"label": [f"{LABEL_ROLE}=worker",
+                                                                        f"{LABEL_INSTANCE}={instance}"]})
+            for container in found:
+                # the instance is a hash of the state path: check the path itself too
+                if container.labels.get(LABEL_STATE) != str(config.state):
+                    continue
+                was = container.status
+                if was == "running":
+                    container.stop(timeout=int(config.jobs.kill_grace) + 5)  # its worker stops its job first
+                container.remove(force=True)
+                removed.append(f"worker {container.labels.get(LABEL_WORKER, '?')}: "
+                               f"removed container {container.id[:12]} (it was {was})")
+        finally:
+            client.close()
+    except docker.errors.DockerException as exc:
+        raise PoolError(f"could not remove the worker containers: {exc}") from None
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return removed
 
 
 class DockerPool(RestartingPool):
@@ -96,7 +140,7 @@ class DockerPool(RestartingPool):
 
     def labels(self, name: str) -> dict[str, str]:
         return {LABEL_ROLE: "worker", LABEL_INSTANCE: self.instance, LABEL_WORKER: name,
-                "io.dropq.state": str(self.config.state)}
+                LABEL_STATE: str(self.config.state)}
 
     def container_name(self, name: str) -> str:
         return f"dropq-{self.instance}-{name}"
@@ -224,6 +268,9 @@ class DockerPool(RestartingPool):
 
     def _incarnation(self, name: str, health: dict[str, Any]) -> dict[str, Any]:
         return {**health, "pid": self._ids.get(name)}  # the container id names the incarnation
+
+    def detail(self, name: str, health: dict[str, Any]) -> str:
+        return f"container {self._ids.get(name, '?')[:12]}"  # the full 64-character id overflows the dashboard
 
     def _restart(self, name: str) -> None:
         lock = self._restarting[name]

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import yaml
 
+from . import schema
 from .config import Config
 from .console import Screen, bar, duration, table
 from .errors import ConfigError, DaemonRunning, DropqError, PoolError, StoreError
@@ -54,6 +55,7 @@ examples:
   dropq retry moby --wait                     run a finished job again, on the same inputs
   dropq image build --offline                 build the worker image without a registry
   sudo dropq service install                  run the daemon on this config under systemd
+  dropq schema manifest > manifest.schema.json   a JSON Schema editors check manifests with
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
             6 daemon could not start, 7 the system refused (permission, disk full)
@@ -149,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one job: its result, or where it is")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
+
+    schema.add_parser(sub)
     return parser
 
 
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, program_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.program_args = program_args
+    if args.command == "schema":  # describes the files, so it needs no config.yaml to read
+        return schema.run(args)
     try:
         config = Config.load(args.config)
         return int(COMMANDS[args.command](config, args))

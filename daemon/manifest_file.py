@@ -39,7 +39,6 @@ def _schema_extra(schema: dict[str, Any]) -> None:
         if option.get("type") == "object":
             option["additionalProperties"] = False
             option["propertyNames"] = {"pattern": ENV_NAME, "not": {"enum": list(RESERVED_ENV)}}
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
 
 
 class ManifestFile(BaseModel):

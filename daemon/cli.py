@@ -53,7 +53,7 @@ examples:
   dropq logs moby --follow                    a job's stdout and stderr, as it runs
   dropq cancel moby                           cancel a queued or running job
   dropq retry moby --wait                     run a finished job again, on the same inputs
-  dropq image build --offline                 build the worker image without a registry
+  dropq image build --from-debian             build the worker image from Debian packages, no registry
   sudo dropq service install                  run the daemon on this config under systemd
   dropq schema manifest > manifest.schema.json   a JSON Schema editors check manifests with
 
@@ -141,10 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_sub.add_parser(
         "build", help="build the worker image (skipped when it is current)",
-        description="Build workers.docker.image from worker/Dockerfile. --offline needs no registry: it "
-                    "makes the base from Debian packages with debootstrap (as root) and docker import.")
-    build.add_argument("--offline", action="store_true", help="make the base image from Debian packages")
-    build.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for --offline")
+        description="Build workers.docker.image from the worker's Dockerfile. --from-debian needs no container "
+                    "registry, but a Debian mirror: it makes the base image from Debian packages with debootstrap "
+                    "(as root) and docker import, then builds the worker on it without network.")
+    build.add_argument("--from-debian", action="store_true",
+                       help="make the base image from Debian packages (needs root, debootstrap and a Debian mirror)")
+    build.add_argument("--mirror", metavar="URL",
+                       help="the Debian mirror for --from-debian, e.g. a local one (implies --from-debian; "
+                            "default: http://deb.debian.org/debian)")
+    # the old name, which promised a build without network; kept for scripts, with a warning
+    build.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     build.add_argument("--force", action="store_true", help="rebuild even when the image is current")
     build.add_argument("--tag", help="image name (default: workers.docker.image from the config)")
 
@@ -575,11 +581,15 @@ def cmd_service(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_image(config: Config, args: argparse.Namespace) -> int:
-    from .image import build
+    from .image import DEFAULT_MIRROR, build
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="dropq: %(message)s")
-    print(build(args.tag or config.workers.docker.image, offline=args.offline, mirror=args.mirror,
-                force=args.force))
+    if args.offline:
+        print("dropq: --offline is deprecated (it needs a Debian mirror, not no network): use --from-debian, "
+              "with --mirror URL for a local mirror", file=sys.stderr)
+    from_debian = args.from_debian or args.offline or args.mirror is not None
+    print(build(args.tag or config.workers.docker.image, from_debian=from_debian,
+                mirror=args.mirror or DEFAULT_MIRROR, force=args.force))
     return Exit.OK
 
 

@@ -166,10 +166,12 @@ def _sentence(problem: Problem) -> str:
         return "the manifest has no `program:` key naming the program to run"
     if kind == OWN:
         return problem.says
-    if key == "env" and len(loc) == 3 and loc[2] == "[key]":
-        return f"`env` has an invalid variable name {short(loc[1])}"
-    if key == "env" and len(loc) >= 2:
-        return f"`env.{short(loc[1])}` must be a string"
+    if key == "env" and len(problem.raw_loc) >= 2:
+        # ("env", NAME, "[key]") for the name itself, ("env", NAME, member) for its value
+        name = short(problem.raw_loc[1])
+        if problem.raw_loc[2:] == ("[key]",):
+            return f"`env` has an invalid variable name {name}"
+        return f"`env.{name}` must be a string"
     if key in ("inputs", "args") and len(loc) >= 2:
         # the type only: a repr of an untrusted nested value can be enormous
         return f"every item of `{key}` must be a string, not {type(problem.value).__name__}"

@@ -61,6 +61,8 @@ class Problem:
 
     #: the keys leading to the value, e.g. ("workers", "count"); an int is an item's index
     loc: tuple[str | int, ...]
+    #: pydantic's own location, union members' names included (a key a person wrote may look like one)
+    raw_loc: tuple[str | int, ...]
     #: pydantic's error type, or OWN / UNSAFE_PATH
     kind: str
     #: the phrase after the key ("must be a whole number"), or the whole sentence for OWN / UNSAFE_PATH
@@ -88,8 +90,12 @@ def _rank(error: ErrorDetails) -> int:
 def _problem(error: ErrorDetails) -> Problem:
     kind, ctx = error["type"], error.get("ctx") or {}
     # a union reports one error per member, under the member's name (e.g. ("args", 0, "str")); the
-    # member's name is not a key the person wrote
-    loc = tuple(p for p in error["loc"] if isinstance(p, int) or not _is_member_tag(p))
+    # member's name is not a key the person wrote. The first part is always a field's name, and the
+    # last part of an unknown key is that key, whatever it looks like.
+    raw = tuple(error["loc"])
+    keep_last = kind in _FIRST or kind == "invalid_key"
+    loc = tuple(p for i, p in enumerate(raw)
+                if i == 0 or (keep_last and i == len(raw) - 1) or isinstance(p, int) or not _is_member_tag(p))
     if kind in (OWN, UNSAFE_PATH):
         says = error["msg"]
     elif kind == "literal_error":
@@ -98,7 +104,7 @@ def _problem(error: ErrorDetails) -> Problem:
         says = _range_phrase(kind, ctx)
     else:
         says = _PHRASES.get(kind, error["msg"][:1].lower() + error["msg"][1:])
-    return Problem(loc=loc, kind=kind, says=says, value=error.get("input"))
+    return Problem(loc=loc, raw_loc=raw, kind=kind, says=says, value=error.get("input"))
 
 
 def _is_member_tag(part: str) -> bool:

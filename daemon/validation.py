@@ -3,9 +3,10 @@
 Why pydantic v2 (and not msgspec): the same model that validates a file also writes its JSON Schema
 (`dropq schema`), with a title and a description per key that editors show as the file is typed, so
 the schema cannot drift from the validator; field validators carry our own messages; it is typed for
-mypy; and it is widely packaged (PyPI wheels for every platform we run on; Debian packages it too,
-as v1 in bookworm and v2 from trixie on). msgspec is faster, but validation speed does not matter for
-a few files a second, and its schemas carry no per-field descriptions without duplicating them.
+mypy; and it has wheels for every platform we run on. msgspec is faster, but validation speed does not
+matter for a few files a second, and its schemas carry no per-field descriptions without duplicating
+them. Only the daemon needs it (the worker image does not). Debian bookworm's python3-pydantic is
+1.10 (v1), so there dropq takes pydantic from PyPI, like its other dependencies.
 
 Models run in strict mode: YAML already gives typed values, and a `"2"` where a number belongs is a
 mistake to report, not to coerce.

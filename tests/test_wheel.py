@@ -1,5 +1,6 @@
 """The built wheel works far from the checkout: `dropq run` with a job, the dashboard, `service unit`,
-`schema`, `image build` with the same worker source as the checkout (.ci/wheel-smoke does the work;
+`schema`, `image build` with the same worker source as the checkout, and where the Debian base image
+exists a real build from the wheel under a temporary tag (.ci/wheel-smoke does the work;
 CI also runs it on its own, before the test suite)."""
 
 from __future__ import annotations

@@ -270,11 +270,11 @@ def fig_latency(reps: int, scale: float) -> Figure:
 
 
 def docker_ready() -> bool:
-    """Whether an engine answers; the worker image is then built (offline, from Debian packages) unless it
+    """Whether an engine answers; the worker image is then built (from Debian packages) unless it
     is current, so the figure never measures a worker older than the code."""
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         return False
-    built = subprocess.run([sys.executable, "-m", "dropq", "image", "build", "--offline", "--tag", IMAGE],
+    built = subprocess.run([sys.executable, "-m", "dropq", "image", "build", "--from-debian", "--tag", IMAGE],
                            capture_output=True, text=True, cwd=ROOT)
     if built.returncode != 0:
         print(f"bench: could not build {IMAGE}: {built.stderr.strip()[-500:]}", file=sys.stderr)

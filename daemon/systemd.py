@@ -27,9 +27,18 @@ from .errors import DropqError
 log = logging.getLogger("dropq.systemd")
 
 UNIT_DIR = Path("/etc/systemd/system")
-#: the README of the checkout this runs from (an editable install), which has the service's section
-README = Path(__file__).resolve().parent.parent / "README.md"
 HOME_LIKE = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def checkout_readme(package: Path | None = None) -> Path | None:
+    """The README of the checkout this runs from (an editable install), which has the service's section.
+
+    Installed from a wheel, the package is site-packages/dropq/ and there is no checkout: whatever
+    README.md lies in site-packages is another project's, so none is named."""
+    package = Path(__file__).resolve().parent if package is None else package
+    readme = package.parent / "README.md"
+    in_checkout = package.name == "daemon" and (package.parent / "pyproject.toml").is_file()
+    return readme if in_checkout and readme.is_file() else None
 
 
 class Notifier:
@@ -126,13 +135,14 @@ def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_se
     """A unit for `dropq run` on `config`, sandboxed to the workspace it names."""
     paths = UnitPaths.of(config, exe=exe)
     assert config.source is not None  # UnitPaths.of checked it
+    readme = checkout_readme()
     lines = [
         "# Installed by `dropq service install`. Re-run that command after changing paths in the config.",
         "[Unit]",
         f"Description=dropq drop-folder batch processor ({config.source})",
         # the docker pool wants the engine up first; with the local pool this orders nothing
         "After=network.target docker.service",
-        *([f"Documentation=file://{README}"] if README.is_file() else []),
+        *([f"Documentation=file://{readme}"] if readme else []),
         "",
         "[Service]",
         # READY=1 is sent once the inbox is watched and the pool is up; WATCHDOG=1 comes from the intake

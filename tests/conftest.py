@@ -62,7 +62,7 @@ def _skip_or_fail(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def docker_image() -> str:
-    """The worker image on a real engine, built (offline) when missing or out of date."""
+    """The worker image on a real engine, built (from Debian packages) when missing or out of date."""
     try:
         import docker
 
@@ -75,7 +75,7 @@ def docker_image() -> str:
 
     if not image_is_current(client, WORKER_IMAGE):
         try:
-            build(WORKER_IMAGE, offline=True)
+            build(WORKER_IMAGE, from_debian=True)
         except DropqError as exc:
             _skip_or_fail(f"the worker image could not be built: {exc}")
     client.close()

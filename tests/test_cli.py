@@ -34,7 +34,8 @@ def test_a_bad_config_is_one_clear_line_and_exit_3(workspace: Workspace) -> None
     workspace.config.write_text("workers: {count: many}\n")
     done = dropq(workspace.config, "status")
     assert done.returncode == 3
-    assert done.stderr.strip() == "dropq: config key workers.count must be a whole number, not a string"
+    assert done.stderr.strip() == (f"dropq: {workspace.config}: config key workers.count must be a whole number, "
+                                   "not a string ('many')")
 
 
 def test_submit_wait_runs_a_program_on_a_file_from_elsewhere(workspace: Workspace, daemon: DaemonProcess) -> None:

@@ -48,11 +48,21 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("[1, 2]\n", "must be a mapping of keys"),
     ("a: [\n", "is not valid YAML"),
     ("workers: {docker: {on_shutdown: keep}}\n", "workers.docker.on_shutdown must be one of leave, remove"),
+    ("workers: {docker: {user: 1000}}\n", "config key workers.docker.user must be a string, not a whole number"),
+    ("workers: {str: 1}\n", "unknown config key workers.str"),
+    ("jobs: {max_output_bytes: 4096, max_file_bytes: 2048}\n", "jobs.max_file_bytes must be at least jobs.max_output"),
 ])
 def test_bad_config_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path, text)
     assert message in str(info.value)
+
+
+def test_a_refusal_names_the_file_and_the_value_found(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "workers: {count: two}\n")
+    assert str(info.value) == f"{tmp_path / 'config.yaml'}: config key workers.count must be a whole number, not a " \
+                              "string ('two')"
 
 
 def test_a_missing_config_file_says_so(tmp_path: Path) -> None:

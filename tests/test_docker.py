@@ -181,7 +181,7 @@ def test_a_rebuild_removes_the_image_it_replaced(docker_image: str) -> None:
     client.api.import_image_from_data(tar.getvalue(), repository="dropq-test-rebuild", tag="latest")
     old = client.images.get(tag)
     try:
-        said = build(tag, offline=True)
+        said = build(tag, from_debian=True)
         assert "removed the image it replaced" in said, said
         with pytest.raises(docker.errors.ImageNotFound):
             client.images.get(old.id)

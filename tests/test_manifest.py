@@ -59,6 +59,10 @@ def test_json_round_trip_is_lossless() -> None:
     ("program: echo\nenv: [A]\n", "`env` must be a mapping"),
     ("program: echo\nenv: {1A: x}\n", "invalid variable name"),
     ("program: echo\nenv: {DROPQ_JOB_ID: x}\n", "may not set DROPQ_JOB_ID"),
+    # names that pydantic also uses for a union's members are still the person's names
+    ("program: echo\nenv: {str: [x]}\n", "`env.str` must be a string"),
+    ("program: echo\nint: 3\n", "unknown key `int`"),
+    ("program: echo\nretry_on_exit: [0]\n", "`retry_on_exit` must be an exit code from 1 to 255"),
     ("program: echo\ntimeout: 0\n", "`timeout` must be a positive number"),
     ("program: echo\ntimeout: .inf\n", "`timeout` must be a positive number"),
     ("program: echo\ntimeout: 99999999\n", "at most"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .. import schema
 from ..config import Config
 from ..errors import ConfigError, DaemonRunning, DropqError, NoDaemon, PoolError, SchemaError, StoreError
 from .exits import Exit
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, program_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.program_args = program_args
+    if args.command == "schema":  # describes the files, so it needs no config.yaml to read
+        return schema.run(args)
     try:
         config = Config.load(config_path(args, os.environ))
         return int(COMMANDS[args.command](config, args))

@@ -30,9 +30,13 @@ def cmd_service(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_image(config: Config, args: argparse.Namespace) -> int:
-    from ..image import build
+    from ..image import DEFAULT_MIRROR, build
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="dropq: %(message)s")
-    print(build(args.tag or config.workers.docker.image, offline=args.offline, mirror=args.mirror,
-                force=args.force))
+    if args.offline:
+        print("dropq: --offline is deprecated (it needs a Debian mirror, not no network): use --from-debian, "
+              "with --mirror URL for a local mirror", file=sys.stderr)
+    from_debian = args.from_debian or args.offline or args.mirror is not None
+    print(build(args.tag or config.workers.docker.image, from_debian=from_debian,
+                mirror=args.mirror or DEFAULT_MIRROR, force=args.force))
     return Exit.OK

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import schema
 from ..jobs import JobStatus
 
 #: the configuration file when neither -c/--config nor $DROPQ_CONFIG names one
@@ -27,8 +28,9 @@ examples:
   dropq logs moby --follow                    a job's stdout and stderr, as it runs
   dropq cancel moby                           cancel a queued or running job
   dropq retry moby --wait                     run a finished job again, on the same inputs
-  dropq image build --offline                 build the worker image without a registry
+  dropq image build --from-debian             build the worker image from Debian packages, no registry
   sudo dropq service install                  run the daemon on this config under systemd
+  dropq schema manifest > manifest.schema.json   a JSON Schema editors check manifests with
 
 the configuration file: -c/--config PATH after the command, else -c/--config PATH before it,
 else $DROPQ_CONFIG, else ./config.yaml (`dropq run -c /srv/dropq/config.yaml` = `dropq -c ... run`)
@@ -147,10 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_sub.add_parser(
         "build", help="build the worker image (skipped when it is current)",
-        description="Build workers.docker.image from worker/Dockerfile. --offline needs no registry: it "
-                    "makes the base from Debian packages with debootstrap (as root) and docker import.")
-    build.add_argument("--offline", action="store_true", help="make the base image from Debian packages")
-    build.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for --offline")
+        description="Build workers.docker.image from the worker's Dockerfile. --from-debian needs no container "
+                    "registry, but a Debian mirror: it makes the base image from Debian packages with debootstrap "
+                    "(as root) and docker import, then builds the worker on it without network.")
+    build.add_argument("--from-debian", action="store_true",
+                       help="make the base image from Debian packages (needs root, debootstrap and a Debian mirror)")
+    build.add_argument("--mirror", metavar="URL",
+                       help="the Debian mirror for --from-debian, e.g. a local one (implies --from-debian; "
+                            "default: http://deb.debian.org/debian)")
+    # the old name, which promised a build without network; kept for scripts, with a warning
+    build.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     build.add_argument("--force", action="store_true", help="rebuild even when the image is current")
     build.add_argument("--tag", help="image name (default: workers.docker.image from the config)")
 
@@ -168,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one job: its result, or where it is")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
+
+    schema.add_parser(sub)
     return parser
 
 

@@ -30,7 +30,7 @@ INVOCATIONS: dict[str, list[str]] = {
 }
 
 BROKEN = "workers: {count: many}\n"
-BROKEN_MESSAGE = "dropq: config key workers.count must be a whole number, not a string\n"
+BROKEN_MESSAGE = "config key workers.count must be a whole number, not a string ('many')\n"
 
 
 def dropq_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -60,13 +60,13 @@ def test_every_command_reads_the_config_named_after_before_or_in_the_environment
         done = dropq_in(tmp_path, "--config", str(named), *argv)
     else:
         done = dropq_in(tmp_path, *argv, env={"DROPQ_CONFIG": str(named)})
-    assert (done.returncode, done.stderr) == (3, BROKEN_MESSAGE)
+    assert (done.returncode, done.stderr) == (3, f"dropq: {named}: {BROKEN_MESSAGE}")
 
 
 def test_the_option_may_follow_a_command_before_its_action(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text(BROKEN)
     done = dropq_in(tmp_path, "service", "-c", "broken.yaml", "unit")
-    assert (done.returncode, done.stderr) == (3, BROKEN_MESSAGE)
+    assert (done.returncode, done.stderr) == (3, f"dropq: {tmp_path / 'broken.yaml'}: {BROKEN_MESSAGE}")
 
 
 @pytest.mark.parametrize(("given", "used"), [

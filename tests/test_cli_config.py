@@ -66,7 +66,7 @@ def test_every_command_reads_the_config_named_after_before_or_in_the_environment
 def test_the_option_may_follow_a_command_before_its_action(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text(BROKEN)
     done = dropq_in(tmp_path, "service", "-c", "broken.yaml", "unit")
-    assert (done.returncode, done.stderr) == (3, f"dropq: {tmp_path / 'broken.yaml'}: {BROKEN_MESSAGE}")
+    assert (done.returncode, done.stderr) == (3, f"dropq: broken.yaml: {BROKEN_MESSAGE}")
 
 
 @pytest.mark.parametrize(("given", "used"), [

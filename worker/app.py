@@ -70,7 +70,8 @@ def _require_protocol(app: Flask, worker_name: str) -> None:
         if theirs == PROTOCOL:
             return None
         message = mismatch(worker_name, worker_protocol=PROTOCOL, daemon_protocol=theirs)
-        return jsonify(error=message, protocol=PROTOCOL), MISMATCH_STATUS, {"Upgrade": f"dropq-worker/{PROTOCOL}"}
+        # the version this worker speaks goes in our own header: WSGI may not send Upgrade (hop-by-hop)
+        return jsonify(error=message, protocol=PROTOCOL), MISMATCH_STATUS, {HEADER: str(PROTOCOL)}
 
 
 def _wait() -> float:

@@ -31,7 +31,7 @@ PROTOCOL = 3
 HEADER = "Dropq-Protocol"
 
 #: HTTP status of a request refused for its protocol version (426 Upgrade Required: the client must
-#: speak another version)
+#: speak another version, which the answer names in its own `Dropq-Protocol` header)
 MISMATCH_STATUS = 426
 
 #: no "." in a key: a job's side files are named `<key>.stdout` and so on, which no other key may be

@@ -83,7 +83,9 @@ class DockerPool(RestartingPool):
         self._events: Any = None
         self._watcher: threading.Thread | None = None
         self.keeps_jobs_running = self.settings.on_shutdown == "leave"
-        self._protocol_todo = f"the image {self.settings.image} is out of date: rebuild it with `dropq image build`"
+        # containers are made from the image only when replaced, so a rebuild needs a restart to take
+        self._protocol_todo = (f"the image {self.settings.image} is out of date: rebuild it with "
+                               "`dropq image build`, then restart dropq")
 
     def describe(self) -> str:
         return f"docker ({self.settings.image})"

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ def test_messages_survive_a_round_trip_through_json() -> None:
     health = Health(pid=42, protocol=PROTOCOL, name="w1", version="0.2.0", job="j3-2")
     for message in (spec, report, health):
         assert type(message).from_json(json.loads(json.dumps(message.to_json()))) == message
+        assert set(message.to_json()) == {f.name for f in fields(message)}, "every field is on the wire"
     assert report.done and report.outcome is Outcome.EXITED
 
 

@@ -66,7 +66,7 @@ def _require_protocol(app: Flask, worker_name: str) -> None:
         if request.path == "/health":
             return None
         given = request.headers.get(HEADER, "")
-        theirs = int(given) if given.isdigit() else 2  # daemons before protocol 3 sent no header
+        theirs = int(given) if given.isascii() and given.isdigit() else 2  # daemons before 3 sent none
         if theirs == PROTOCOL:
             return None
         message = mismatch(worker_name, worker_protocol=PROTOCOL, daemon_protocol=theirs)

@@ -296,8 +296,8 @@ class Staging:
             os.rmdir(self.output)  # usually empty or gone by now: one system call
         except FileNotFoundError:
             pass
-        except OSError:
-            shutil.rmtree(self.output, ignore_errors=True)
+        except OSError:  # not empty (or not a directory): the slow way
+            shutil.rmtree(self.output)
         for path in (self.stdout, self.stderr):
             try:
                 os.unlink(path)

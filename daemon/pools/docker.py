@@ -20,7 +20,7 @@ from typing import Any
 from dropq_worker.protocol import PROTOCOL, Health
 
 from ..config import Config
-from ..errors import PoolError, TransportError
+from ..errors import PoolError, ProtocolMismatch, TransportError
 from ..transport import Transport
 from .base import Incarnation, RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
 
@@ -241,7 +241,11 @@ class DockerPool(RestartingPool):
             self._create(name)
             self._wait_answering(name, time.monotonic() + 60)
         except PoolError as exc:
-            log.error("worker %s: %s", name, exc)
+            # a mismatch names the worker already; ensure() then meets it and the slot reports it
+            if isinstance(exc, ProtocolMismatch):
+                log.error("%s", exc)
+            else:
+                log.error("worker %s: %s", name, exc)
             time.sleep(5)  # do not spin against a broken engine or image; ensure() will try again
             self._ready[name].set()
             return

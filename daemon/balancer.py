@@ -58,6 +58,7 @@ class Balancer:
         # a restart finishes any such commit.
         self._commits: queue.SimpleQueue[tuple[WorkerHandle, JobRecord] | None] = queue.SimpleQueue()
         self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
+        self._publish_failed: str | None = None
         pool.on_change(self._pool_changed)
 
     def trouble(self) -> str | None:
@@ -66,7 +67,7 @@ class Balancer:
             return f"the slot of worker(s) {', '.join(sorted(self._broken))} failed"
         if self._committer.ident is not None and not self._committer.is_alive() and not self._stopping:
             return "the committer thread ended"
-        return None
+        return self._publish_failed
 
     def notify(self) -> None:
         with self._cond:
@@ -124,8 +125,11 @@ class Balancer:
                 remove_tree(worker.inputs_dir / key)
                 # no DELETE to make the worker forget it: keys are per attempt, and the worker keeps
                 # only its last 64 results anyway; one request less per job
-            except Exception:  # noqa: BLE001 - the job stays committing; the next start publishes it
+            except Exception as exc:  # noqa: BLE001 - the job stays committing; the next start publishes it
                 log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
+                # the daemon is unhealthy from here: the systemd watchdog is no longer fed, and the restart
+                # retries the commit (or, if the workspace cannot take renames, refuses to start with why)
+                self._publish_failed = f"publishing job {job.id} failed ({exc}); a restart retries it"
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job wherever it is; says what happened, in words for the log."""

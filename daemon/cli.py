@@ -19,7 +19,7 @@ from dropq_worker.protocol import WorkerState
 
 from .config import Config
 from .console import Screen, bar, duration, table
-from .errors import ConfigError, DaemonRunning, DropqError, PoolError, StoreError
+from .errors import ConfigError, DaemonRunning, DropqError, PoolError, SchemaError, StoreError
 from .jobs import FINAL, JobStatus
 from .manifest import is_manifest_name
 from .store import JobRecord, Store
@@ -35,7 +35,8 @@ class Exit(IntEnum):
     NOT_FOUND = 4
     #: --wait gave up before the job finished
     TIMEOUT = 5
-    #: the daemon could not start (another one runs, workers would not start)
+    #: the daemon could not start (another one runs, workers would not start, the state directory
+    #: is from a newer dropq)
     DAEMON = 6
     #: the system refused: a permission, a full disk, a missing folder
     SYSTEM = 7
@@ -58,7 +59,8 @@ examples:
   sudo dropq service install                  run the daemon on this config under systemd
 
 exit codes: 0 ok, 1 job did not succeed, 2 usage, 3 config error, 4 not found, 5 wait timed out,
-            6 daemon could not start, 7 the system refused (permission, disk full)
+            6 daemon could not start (or its state is from a newer dropq), 7 the system refused
+            (permission, disk full)
 """
 
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[args.command](config, args))
     except ConfigError as exc:
         return _fail(Exit.CONFIG, str(exc))
-    except (DaemonRunning, PoolError) as exc:
+    except (DaemonRunning, PoolError, SchemaError) as exc:
         return _fail(Exit.DAEMON, str(exc))
     except StoreError as exc:
         return _fail(Exit.NOT_FOUND, str(exc))
@@ -561,12 +563,8 @@ def cmd_service(config: Config, args: argparse.Namespace) -> int:
     if args.service_command == "unit":
         print(systemd.unit_text(config, exe=systemd.dropq_executable()), end="")
         return Exit.OK
-    path = systemd.install(config, name=args.name, unit_dir=args.unit_dir, user=args.user, start=args.now)
-    print(f"wrote {path}")
-    if args.now:
-        print(f"started {args.name}.service; follow it with: journalctl -u {args.name} -f")
-    else:
-        print(f"start it with: systemctl daemon-reload && systemctl enable --now {args.name}")
+    for line in systemd.install(config, name=args.name, unit_dir=args.unit_dir, user=args.user, start=args.now):
+        print(line)
     return Exit.OK
 
 

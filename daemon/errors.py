@@ -11,6 +11,10 @@ class ConfigError(DropqError):
     """The configuration file is missing, malformed, names an unknown key or has a wrong type."""
 
 
+class LayoutError(ConfigError):
+    """The workspace cannot work as laid out: its folders are not on one mount, or not in one folder."""
+
+
 class ManifestError(DropqError):
     """A manifest cannot be run. The message is the reason written to the job's result.yaml."""
 
@@ -21,6 +25,10 @@ class UnsafePathError(ManifestError):
 
 class StoreError(DropqError):
     """The job store refused an operation (a job that does not exist, or a transition not allowed)."""
+
+
+class SchemaError(DropqError):
+    """The job database cannot be used by this dropq: a newer one wrote it, or upgrading it failed."""
 
 
 class PoolError(DropqError):

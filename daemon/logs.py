@@ -14,6 +14,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from .escape import printable
+
 # journald reads a "<N>" prefix as the line's priority (sd-daemon(3)), so warnings show in colour
 # and `journalctl -p warning` works
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -21,9 +23,24 @@ _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggi
 
 def job_of(record: logging.LogRecord) -> str | None:
     """The job a log record is about, by the `job %s:` convention."""
+    if hasattr(record, "dropq_job"):
+        return record.dropq_job  # type: ignore[no-any-return]
     if isinstance(record.msg, str) and record.msg.startswith("job %s") and isinstance(record.args, tuple):
         return str(record.args[0]) if record.args else None
     return None
+
+
+class EscapeFilter(logging.Filter):
+    """Makes each record's message one line of plain text: file names and job ids come from untrusted
+    hands, and a newline in one would otherwise forge whole log lines, an escape sequence act on the
+    terminal showing the log. Tracebacks (exc_info) keep their lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "dropq_job"):
+            job = job_of(record)
+            record.dropq_job = printable(job) if job is not None else None
+            record.msg, record.args = printable(record.getMessage()), None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,6 +87,7 @@ def _under_journald(stream: TextIO) -> bool:
 
 def setup(level: str, fmt: str, stream: TextIO = sys.stderr) -> None:
     handler = logging.StreamHandler(stream)
+    handler.addFilter(EscapeFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     elif _under_journald(stream):

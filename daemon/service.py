@@ -28,6 +28,7 @@ from .store import Store
 from .systemd import Notifier
 from .watcher import InboxWatcher
 from .web import WebServer
+from .workspace import check_renames
 
 log = logging.getLogger("dropq.daemon")
 
@@ -66,6 +67,12 @@ class Daemon:
         for folder in (config.inbox, config.outbox, config.state, config.spool, config.workers_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_state(config.state)
+        try:
+            # once, before any job moves: a workspace split over mounts fails here with one line, not job by job
+            check_renames(config)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.notifier = notifier or Notifier()
         self.store = Store(config.database)
         self.metrics = Metrics(self.store)

@@ -3,12 +3,14 @@
 One connection, guarded by a lock, serves the daemon's threads. WAL lets the CLI and the dashboard
 read while the daemon writes. `synchronous=NORMAL` makes every committed transaction survive a
 crash of the process (kill -9); only a power loss can lose the last few, which is the trade SQLite
-documents for WAL mode.
+documents for WAL mode. The tables are made and upgraded by migrations.py, when the daemon opens
+the database; a database written by a newer dropq is refused, by readers too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -20,45 +22,11 @@ from typing import Any
 
 from dropq_worker.protocol import WorkerState
 
+from . import migrations
 from .errors import StoreError
 from .jobs import JobStatus, sources_of
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    id            TEXT NOT NULL UNIQUE,
-    source        TEXT NOT NULL,
-    status        TEXT NOT NULL,
-    priority      INTEGER NOT NULL DEFAULT 0,
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    retries       INTEGER NOT NULL DEFAULT 0,
-    worker        TEXT,
-    error         TEXT,
-    manifest      TEXT,
-    outcome       TEXT,
-    submitted_at  REAL NOT NULL,
-    started_at    REAL,
-    finished_at   REAL,
-    not_before    REAL NOT NULL DEFAULT 0,
-    deadline      REAL,
-    updated_at    REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (status, priority DESC, seq);
--- the dashboard's and the API's pages of jobs by status, newest first, and the throughput chart
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS workers (
-    name        TEXT PRIMARY KEY,
-    state       TEXT NOT NULL,
-    job         TEXT,
-    detail      TEXT,
-    updated_at  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key    TEXT PRIMARY KEY,
-    value  TEXT NOT NULL
-);
-"""
+log = logging.getLogger("dropq.store")
 
 
 @dataclass(frozen=True)
@@ -122,10 +90,22 @@ class Store:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+        try:
+            self._schema(readonly=readonly)
+        except BaseException:
+            self._db.close()
+            raise
         self._db.row_factory = sqlite3.Row
+
+    def _schema(self, *, readonly: bool) -> None:
+        """Refuse a database from a newer dropq; as the writer, bring an older one (or a new one) up to date."""
+        if readonly:
+            migrations.check_known(self._db, where=self.path.parent)
+            return
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        for step in migrations.migrate(self._db, where=self.path.parent):
+            log.info("job database %s: now at schema %d (%s)", self.path, step.version, step.why)
 
     def close(self) -> None:
         with self._lock:

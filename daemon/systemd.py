@@ -17,8 +17,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import workspace
 from .config import Config
 from .errors import DropqError
 
@@ -94,12 +96,36 @@ class Notifier:
 
 # --- the unit file ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class UnitPaths:
+    """What the unit opens in a filesystem that ProtectSystem=strict makes read-only."""
+
+    #: the workspace: inbox, outbox and state in one bind mount, so that renames between them work
+    workspace: Path
+    #: read-only inside the workspace: the programs and the configuration file
+    protected: tuple[Path, ...]
+    #: outside the workspace, needed to run: the config's folder, the programs, the virtualenv, the
+    #: interpreter it was made from, and the source of an editable install
+    readable: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, config: Config, *, exe: Path) -> UnitPaths:
+        if config.source is None:
+            raise DropqError("the unit needs the configuration's file (Config.load sets it)")
+        ws = workspace.root(config)
+        inside = [p for p in (config.programs, config.source) if p.is_relative_to(ws)]
+        needed = [config.programs, config.source.parent, _install_root(exe), *_runtime_roots()]
+        outside = [p for p in needed if not p.is_relative_to(ws)]
+        return cls(workspace=ws, protected=tuple(_unique(inside)), readable=tuple(_outermost(outside)))
+
+    def everything(self) -> list[Path]:
+        return [self.workspace, *self.protected, *self.readable]
+
+
 def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_sec: int = 30) -> str:
     """A unit for `dropq run` on `config`, sandboxed to the workspace it names."""
-    if config.source is None:
-        raise DropqError("the unit needs the configuration's file (Config.load sets it)")
-    writable = _unique([config.inbox, config.outbox, config.state])
-    readable = _unique([config.programs, config.source.parent, _install_root(exe)])
+    paths = UnitPaths.of(config, exe=exe)
+    assert config.source is not None  # UnitPaths.of checked it
     lines = [
         "# Installed by `dropq service install`. Re-run that command after changing paths in the config.",
         "[Unit]",
@@ -114,9 +140,12 @@ def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_se
         "Type=notify",
         "NotifyAccess=main",
         f"ExecStart={shlex.join([str(exe), '--config', str(config.source), 'run'])}",
-        f"WorkingDirectory={config.source.parent}",
+        f"WorkingDirectory={paths.workspace}",
         "Restart=on-failure",
         "RestartSec=2",
+        # exit 3 is a configuration error (a bad key, a workspace split over mounts): restarting cannot
+        # cure it, so the unit fails at once with the reason in the journal instead of looping
+        "RestartPreventExitStatus=3",
         f"WatchdogSec={watchdog_sec}",
         # building or adopting worker containers can take a while at the first start
         "TimeoutStartSec=180",
@@ -135,22 +164,30 @@ def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_se
     lines += [
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        "ReadWritePaths=" + " ".join(_quote(p) for p in writable),
-        "PrivateTmp=yes",
+        # ONE writable path: systemd makes each entry a bind mount of its own, and rename() across two
+        # mounts fails (EXDEV) even on one filesystem, which would break every claim and every commit
+        "ReadWritePaths=" + _quote(paths.workspace),
+    ]
+    if paths.protected:
+        lines.append("ReadOnlyPaths=" + " ".join("-" + _quote(p) for p in paths.protected))
+    if any(_is_under_tmp(p) for p in paths.everything()):
+        # PrivateTmp=yes would mount a fresh /tmp over the workspace (226/NAMESPACE at start)
+        lines.append("# PrivateTmp is off: the workspace is under a temporary folder")
+    else:
+        lines.append("PrivateTmp=yes")
+    lines += [
         "ProtectKernelTunables=yes",
         "ProtectControlGroups=yes",
         "RestrictSUIDSGID=yes",
         "LockPersonality=yes",
     ]
-    under_home = [p for p in writable + readable if _is_under_home(p)]
-    if under_home:
-        # ProtectHome=yes would hide the workspace; a tmpfs over the homes with the workspace bound
-        # back in keeps every other home out of reach
+    if any(_is_under_home(p) for p in paths.everything()):
+        # ProtectHome=yes would hide them; a tmpfs over the homes with what is needed bound back in keeps
+        # every other home out of reach
         lines.append("ProtectHome=tmpfs")
-        rw = [p for p in writable if _is_under_home(p)]
-        ro = [p for p in readable if _is_under_home(p) and not any(p.is_relative_to(w) for w in rw)]
-        if rw:
-            lines.append("BindPaths=" + " ".join(_quote(p) for p in rw))
+        if _is_under_home(paths.workspace):
+            lines.append("BindPaths=" + _quote(paths.workspace))
+        ro = [p for p in paths.readable if _is_under_home(p)]
         if ro:
             lines.append("BindReadOnlyPaths=" + " ".join(_quote(p) for p in ro))
     else:
@@ -160,24 +197,96 @@ def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_se
 
 
 def install(config: Config, *, name: str = "dropq", unit_dir: Path = UNIT_DIR, user: str | None = None,
-            exe: Path | None = None, start: bool = False) -> Path:
-    """Write the unit; with `start`, also reload systemd, enable the unit and (re)start it."""
+            exe: Path | None = None, start: bool = False) -> list[str]:
+    """Check what can be checked, make the workspace's folders, write the unit; with `start`, also reload
+    systemd, enable the unit and start it, and undo the enabling if it does not come up.
+
+    Returns what was done, a line each. Raises DropqError with a sentence rather than install a unit
+    that cannot work."""
     exe = exe or dropq_executable()
+    text = unit_text(config, exe=exe, user=user)  # refuses a workspace with no folder of its own
+    owner = _user_ids(user) if user else None
+    said: list[str] = []
+    if not config.programs.is_dir():
+        raise DropqError(f"the programs folder {config.programs} does not exist; make it (programs jobs may "
+                         "run go there) and run this again")
+    for folder in (config.inbox, config.outbox, config.state, config.spool, config.workers_dir):
+        # systemd sets up the namespace before dropq runs: a missing folder would fail with 226/NAMESPACE
+        made = _make(folder, owner)
+        if made and folder in (config.inbox, config.outbox, config.state):
+            said.append(f"made {folder}")
+    workspace.check_renames(config)
+    if any(_is_under_tmp(p) for p in (config.inbox, config.outbox, config.state)):
+        said.append(f"warning: the workspace {workspace.root(config)} is under a temporary folder, which the "
+                    "system may clean (systemd-tmpfiles removes old files in /tmp); prefer /srv or /var/lib")
     unit_dir.mkdir(parents=True, exist_ok=True)
     path = unit_dir / f"{name}.service"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(unit_text(config, exe=exe, user=user))
+    tmp.write_text(text)
     os.replace(tmp, path)
+    said.append(f"wrote {path}")
     if start:
-        systemctl = shutil.which("systemctl")
-        if systemctl is None:
-            raise DropqError("systemctl is not on PATH; the unit is written, but cannot be started here")
-        for argv in ([systemctl, "daemon-reload"], [systemctl, "enable", f"{name}.service"],
-                     [systemctl, "restart", f"{name}.service"]):
-            done = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise DropqError(f"{shlex.join(argv)} failed: {done.stderr.strip() or done.returncode}")
-    return path
+        _start(name)
+        said.append(f"started {name}.service; follow it with: journalctl -u {name} -f")
+    else:
+        said.append(f"start it with: systemctl daemon-reload && systemctl enable --now {name}")
+    return said
+
+
+def _make(folder: Path, owner: tuple[int, int] | None) -> bool:
+    """mkdir -p, giving each folder it makes to `owner` (the service's user must write in them)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir()
+        if owner is not None:
+            os.chown(path, *owner)
+    return bool(missing)
+
+
+def _start(name: str) -> None:
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        raise DropqError("systemctl is not on PATH; the unit is written, but cannot be started here")
+    unit = f"{name}.service"
+    for argv in ([systemctl, "daemon-reload"], [systemctl, "enable", unit]):
+        _systemctl(argv)
+    # Type=notify: restart returns once the daemon said READY=1, or fails if it exited first
+    started = subprocess.run([systemctl, "restart", unit], capture_output=True, text=True, check=False)
+    if started.returncode == 0:
+        return
+    # an enabled unit that cannot start would restart for ever and start again at every boot
+    subprocess.run([systemctl, "disable", "--now", unit], capture_output=True, check=False)
+    journal = subprocess.run(["journalctl", "-u", unit, "-n", "8", "--no-pager", "-o", "cat"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+    raise DropqError(f"{unit} did not start, so it was stopped and disabled again; its last log lines:\n"
+                     f"{journal or started.stderr.strip()}")
+
+
+def _systemctl(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DropqError(f"{shlex.join(argv)} failed: {done.stderr.strip() or done.returncode}")
+
+
+def _user_ids(user: str) -> tuple[int, int]:
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise DropqError(f"there is no user {user!r} on this system; create it or leave out --user") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _runtime_roots() -> list[Path]:
+    """Where the code that runs lives: the interpreter a virtualenv points at (pyenv's is under /root, which
+    ProtectHome hides), and the source folders of an editable install (the checkout, possibly in a home)."""
+    import dropq_worker
+
+    roots = [Path(sys.base_prefix).resolve()]
+    for package in (Path(__file__), Path(dropq_worker.__file__)):
+        roots.append(package.resolve().parent.parent)
+    return roots
 
 
 def dropq_executable() -> Path:
@@ -198,6 +307,16 @@ def _install_root(exe: Path) -> Path:
 
 def _is_under_home(path: Path) -> bool:
     return any(path.is_relative_to(home) for home in HOME_LIKE)
+
+
+def _is_under_tmp(path: Path) -> bool:
+    return any(path.is_relative_to(tmp) for tmp in (Path("/tmp"), Path("/var/tmp")))
+
+
+def _outermost(paths: list[Path]) -> list[Path]:
+    """The paths with any inside another one left out (a bind of the outer one covers it)."""
+    unique = _unique(paths)
+    return [p for p in unique if not any(p != q and p.is_relative_to(q) for q in unique)]
 
 
 def _unique(paths: list[Path]) -> list[Path]:

@@ -40,3 +40,22 @@ def test_under_journald_lines_carry_a_priority_and_no_time(workspace: Workspace,
     assert "<6>dropq.daemon: dropq is running: inbox " + str(workspace.inbox) in "\n".join(lines)
     assert any(line.startswith("<4>dropq.intake: job bad: rejected: ") for line in lines), lines
     assert all(line.startswith("<") for line in lines)
+
+
+def test_names_and_keys_from_a_manifest_cannot_forge_log_lines_or_reach_the_terminal(
+        workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    # a file name with a newline that forges a line, and an OSC sequence that retitles a terminal; an
+    # unknown key (echoed in the rejection) that clears the screen
+    evil = "x\x1b]0;pwned\x07\n2026-01-01 00:00:00 INFO    dropq.intake: FORGED.yaml"
+    workspace.drop(evil, {"program": "echo", "args": ["hi"]})
+    workspace.drop("keys.yaml", {"program": "echo", "\x1b[2J\x1b[Hclear": 1})
+    workspace.wait_results(2)
+    daemon.stop()
+    text = daemon.log_text()
+    assert "\x1b" not in text and "\x07" not in text
+    lines = text.splitlines()
+    assert not any(line.startswith("2026-01-01 00:00:00") for line in lines)
+    claimed = [line for line in lines if "FORGED" in line and "claimed" in line]
+    assert len(claimed) == 1 and "x\\x1b]0;pwned\\x07\\n2026-01-01" in claimed[0], lines
+    assert any("\\x1b[2J\\x1b[Hclear" in line for line in lines), lines

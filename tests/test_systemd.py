@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.config import Config
+from dropq.errors import LayoutError
 from dropq.service import Daemon
 from dropq.systemd import Notifier, unit_text
 from helpers import dropq
@@ -72,16 +75,25 @@ def test_the_installed_unit_passes_systemd_analyze_verify(workspace: Workspace, 
     assert done.returncode == 0, done.stderr
     unit = tmp_path / "dropq-test.service"
     text = unit.read_text()
+    home = "ProtectHome=tmpfs" if _interpreter_under_home() else "ProtectHome=yes"
     for line in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "KillMode=mixed", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-                 f"ReadWritePaths={workspace.inbox} {workspace.outbox} {workspace.state}",
+                 "ProtectSystem=strict", home, "RestartPreventExitStatus=3",
+                 # one writable path: a bind mount each would make every rename between them fail (EXDEV)
+                 f"ReadWritePaths={workspace.root}\n",
+                 f"ReadOnlyPaths=-{workspace.programs} -{workspace.config}\n",
                  f"--config {workspace.config} run"):
         assert line in text, line
+    # the workspace is under /tmp here: a private /tmp would hide it
+    assert "PrivateTmp=yes" not in text
     verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     # verify exits 0 even for unknown keys and bad values; what it says about them goes to stderr
     assert verified.returncode == 0 and verified.stderr == "", verified.stderr
     printed = dropq(workspace.config, "service", "unit")
     assert printed.returncode == 0 and printed.stdout == text
+
+
+def _interpreter_under_home() -> bool:
+    return any(Path(sys.base_prefix).resolve().is_relative_to(h) for h in ("/home", "/root", "/run/user"))
 
 
 def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> None:
@@ -91,8 +103,39 @@ def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> N
                                  base=tmp_path, source=Path("/home/ann/dq/config.yaml"))
     text = unit_text(config, exe=Path("/home/ann/dq/.venv/bin/dropq"))
     assert "ProtectHome=tmpfs" in text and "ProtectHome=yes" not in text
-    assert "BindPaths=/home/ann/dq/inbox /home/ann/dq/outbox /home/ann/dq/state" in text
-    assert "BindReadOnlyPaths=/home/ann/dq/programs /home/ann/dq /home/ann/dq/.venv" in text
+    assert "ReadWritePaths=/home/ann/dq\n" in text and "BindPaths=/home/ann/dq\n" in text
+    assert "ReadOnlyPaths=-/home/ann/dq/programs -/home/ann/dq/config.yaml\n" in text
+    assert "PrivateTmp=yes" in text
+    # the virtualenv is inside the bound workspace; an interpreter under a home (pyenv) is bound read-only
+    expected = {str(Path(sys.base_prefix).resolve())} if _interpreter_under_home() else set()
+    bound = next((line.split("=", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("BindReadOnlyPaths=")), [])
+    assert set(bound) == expected
+
+
+def test_inbox_outbox_and_state_with_no_folder_in_common_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("")
+    config = Config.from_mapping({"inbox": "/srv/in", "outbox": "/var/lib/out", "state": "/srv/state"},
+                                 base=tmp_path, source=tmp_path / "config.yaml")
+    with pytest.raises(LayoutError, match="have no folder in common but /"):
+        unit_text(config, exe=Path("/opt/dq/.venv/bin/dropq"))
+
+
+def test_the_daemon_refuses_a_workspace_split_over_mounts(workspace: Workspace) -> None:
+    """What the 0.1.0 unit did (a bind mount per folder), made with a bind mount in a private namespace."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare to make a bind mount")
+    workspace.state.mkdir()
+    script = (f"mount --bind {workspace.state} {workspace.state} && "
+              f"exec {sys.executable} -m dropq --config {workspace.config} run")
+    done = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"dropq: inbox ({workspace.inbox}) and spool ({workspace.state}/spool) are on "
+                                "different mounts"), done.stderr
+    assert not [p for p in os.listdir(workspace.inbox) if p.startswith(".dropq-probe-")]
 
 
 def test_the_daemon_notifies_ready_status_watchdog_and_stopping(
@@ -159,3 +202,39 @@ def test_a_daemon_whose_slot_died_stops_feeding_the_watchdog(
     finally:
         daemon.stop()
         notifier.close()
+
+
+def test_a_daemon_that_cannot_publish_is_unhealthy_and_stops_feeding_the_watchdog(
+        workspace: Workspace, daemon: DaemonProcess, notify_socket: NotifySocket) -> None:
+    """The outbox turned read-only under a running daemon (in its own mount namespace): the job stays
+    committing, STATUS says why, and the watchdog is no longer fed, so systemd restarts the daemon, whose
+    start-up retries the commit."""
+    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
+    if unshare is None or nsenter is None or os.geteuid() != 0:
+        pytest.skip("needs root, unshare and nsenter to remount the outbox read-only")
+    workspace.state.mkdir()
+    # the whole workspace is one bind mount (as under the unit), so the start-up probe passes
+    script = (f"mount --bind {workspace.root} {workspace.root} && "
+              f"exec {sys.executable} -m dropq --config {workspace.config} run")
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
+    proc = subprocess.Popen([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        notify_socket.wait_for("READY")
+        assert notify_socket.count("WATCHDOG", 1.5) >= 2
+        # in the daemon's namespace only: this test's view of the outbox stays writable
+        remount = f"mount --bind {workspace.outbox} {workspace.outbox} && mount -o remount,bind,ro {workspace.outbox}"
+        subprocess.run([nsenter, "-t", str(proc.pid), "-m", "sh", "-c", remount], check=True)
+        workspace.drop("blocked.yaml", {"program": "echo", "args": ["x"]})
+        said = notify_socket.wait_for("STATUS")
+        while not said["STATUS"].startswith("unhealthy"):
+            said = notify_socket.wait_for("STATUS")
+        assert said["STATUS"].startswith("unhealthy: publishing job blocked failed (")
+        assert "Read-only file system" in said["STATUS"]
+        notify_socket.messages.clear()
+        assert notify_socket.count("WATCHDOG", 2.0) == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        assert proc.stderr is not None
+        proc.stderr.close()

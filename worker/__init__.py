@@ -5,4 +5,4 @@ runs the named program on files below its own mounts, and reports how the progra
 daemon and the worker agree on (the version, the messages, the staging layout) is in `protocol`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

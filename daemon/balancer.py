@@ -278,7 +278,7 @@ class Balancer:
         while status is None or not status.done:
             try:
                 status = worker.transport.status(key, wait=POLL_WAIT)
-            except UnknownJob as exc:
+            except (UnknownJob, ProtocolMismatch) as exc:  # a mismatch: replaced by a worker of another version
                 self._lost(worker, job, str(exc))
                 return False
             except TransportError as exc:

@@ -18,13 +18,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dropq_worker.protocol import JobSpec, Outcome, Report, WorkerState
+
 from .config import Config
-from .errors import JobRefused, StoreError, TransportError, UnknownJob, WorkerBusy
+from .errors import JobRefused, ProtocolMismatch, StoreError, TransportError, UnknownJob, WorkerBusy
 from .jobs import JobStatus
 from .manifest import Manifest
 from .outbox import Outbox, job_key
 from .paths import remove_tree
-from .pools import Pool, WorkerHandle
+from .pools import Incarnation, Pool, WorkerHandle
 from .store import JobRecord, Store
 from .streams import last_line
 
@@ -156,7 +158,7 @@ class Balancer:
             if handle is not None:
                 try:
                     handle.transport.cancel(job_key(job))
-                except TransportError:
+                except (TransportError, ProtocolMismatch):
                     pass  # not there yet: the worker keeps the cancel, and the start ends as cancelled
             return f"cancelling it on worker {job.worker}"
         return f"it is {job.status.value}"
@@ -167,7 +169,7 @@ class Balancer:
         try:
             for job in self.store.with_status(JobStatus.RUNNING):
                 if job.worker == worker.name:
-                    health = self.pool.ensure(worker.name)
+                    health = self._ensure(worker)
                     if health is None:
                         break
                     log.info("job %s: re-attaching to worker %s", job.id, worker.name)
@@ -179,14 +181,32 @@ class Balancer:
         except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
             self._broken.add(worker.name)
-            self.store.set_worker(worker.name, "broken", detail="see the daemon's log")
+            self.store.set_worker(worker.name, WorkerState.BROKEN, detail="see the daemon's log")
+
+    def _ensure(self, worker: WorkerHandle) -> Incarnation | None:
+        """The worker once it answers (None when stopping). A worker of another protocol version is
+        recorded as broken, with the mismatch as the reason, and asked again whenever the pool changes
+        (it may have been replaced by one of this version) or a job arrives."""
+        said = None
+        while not self._stopping:
+            try:
+                return self.pool.ensure(worker.name)
+            except ProtocolMismatch as exc:
+                if str(exc) != said:  # once, not at every wake-up
+                    said = str(exc)
+                    log.error("%s", exc)
+                    self.store.set_worker(worker.name, WorkerState.BROKEN, detail=said)
+                with self._cond:
+                    if not self._stopping:
+                        self._cond.wait()
+        return None
 
     def _serve(self, worker: WorkerHandle) -> None:
         """Run jobs on `worker` until the daemon stops or the worker leaves the pool."""
-        health: dict[str, Any] | None = None
+        health: Incarnation | None = None
         while not self._stopping:
             if health is None:  # at start, and after anything went wrong with this worker
-                health = self.pool.ensure(worker.name)
+                health = self._ensure(worker)
                 if health is None:
                     return
             ready = self._next(worker, detail=self.pool.detail(worker.name, health))
@@ -223,13 +243,13 @@ class Balancer:
                 if job is not None:
                     return job
                 if not idle:  # written only when the slot is about to sleep: one write less per job
-                    self.store.set_worker(worker.name, "idle", detail=detail)
+                    self.store.set_worker(worker.name, WorkerState.IDLE, detail=detail)
                     idle = True
                 due = self.store.next_due()
                 self._cond.wait(None if due is None else max(0.0, due - self._now()))
         return None
 
-    def _run(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any]) -> bool:
+    def _run(self, worker: WorkerHandle, job: JobRecord, health: Incarnation) -> bool:
         """Run one job on `worker`; False if the worker misbehaved (it is then checked before reuse)."""
         key = job_key(job)
         assert job.manifest is not None
@@ -238,14 +258,22 @@ class Balancer:
         try:
             if manifest.inputs:
                 self._stage_inputs(worker, job, manifest)
-            spec = {
-                "id": key, "program": manifest.program, "args": list(manifest.args),
-                "inputs": [f"{key}/{rel}" for rel in manifest.inputs], "env": dict(manifest.env),
-                "timeout": manifest.timeout, "kill_grace": self.config.jobs.kill_grace,
-                "max_output_bytes": self.config.jobs.max_output_bytes,
-            }
+            spec = JobSpec(
+                key=key, job_id=job.id, program=manifest.program, args=tuple(manifest.args),
+                inputs=tuple(f"{key}/{rel}" for rel in manifest.inputs), env=dict(manifest.env),
+                timeout=manifest.timeout, kill_grace=self.config.jobs.kill_grace,
+                max_output_bytes=self.config.jobs.max_output_bytes,
+            )
             # started and waited for in one request; a cancel that overtakes it is kept by the worker
-            status: dict[str, Any] | None = worker.transport.start(spec, wait=POLL_WAIT)
+            status: Report | None = worker.transport.start(spec, wait=POLL_WAIT)
+        except ProtocolMismatch as exc:
+            # refused before it started: not the job's fault, so this attempt does not count; the slot
+            # checks the worker again, and reports it broken with the reason
+            log.error("job %s: %s", job.id, exc)
+            remove_tree(worker.inputs_dir / key)
+            self.store.transition(job.id, JobStatus.QUEUED, attempts=max(0, job.attempts - 1), worker=None)
+            self.notify()
+            return False
         except (JobRefused, WorkerBusy) as exc:
             self._lost(worker, job, str(exc))
             return False
@@ -257,33 +285,36 @@ class Balancer:
             status = None
         return self._follow(worker, job, health, status)
 
-    def _still_there(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any],
+    def _still_there(self, worker: WorkerHandle, job: JobRecord, health: Incarnation,
                      exc: TransportError) -> bool:
         """After a failed request: whether the same worker process answers again (else the job is lost)."""
         if self._stopping:
             self._lost(worker, job, "the daemon is shutting down")
             return False
-        again = self.pool.ensure(worker.name)
-        if again is None or again.get("pid") != health.get("pid"):
+        try:
+            again = self.pool.ensure(worker.name)
+        except ProtocolMismatch:
+            again = None  # replaced by a worker of another version: not the one running the job
+        if again is None or again.id != health.id:
             self._lost(worker, job, f"worker {worker.name} stopped answering ({exc})")
             return False
         return True
 
-    def _follow(self, worker: WorkerHandle, job: JobRecord, health: dict[str, Any],
-                status: dict[str, Any] | None = None) -> bool:
+    def _follow(self, worker: WorkerHandle, job: JobRecord, health: Incarnation,
+                status: Report | None = None) -> bool:
         """Long-poll the worker until the job ends (unless `status` says it has), then commit it."""
         key = job_key(job)
-        while status is None or status.get("state") != "done":
+        while status is None or not status.done:
             try:
                 status = worker.transport.status(key, wait=POLL_WAIT)
-            except UnknownJob as exc:
+            except (UnknownJob, ProtocolMismatch) as exc:  # a mismatch: replaced by a worker of another version
                 self._lost(worker, job, str(exc))
                 return False
             except TransportError as exc:
                 if not self._still_there(worker, job, health, exc):
                     return False
                 status = None
-        if status.get("outcome") == "stopped":
+        if status.outcome is Outcome.STOPPED:
             if not self._stopping:
                 # let the pool learn from the engine why (restarted, or taken out of the pool on purpose)
                 # before deciding whether the attempt counts; bounded, as a worker that neither comes back nor
@@ -294,7 +325,7 @@ class Balancer:
         self._commit(worker, job, status)
         return True
 
-    def _commit(self, worker: WorkerHandle, job: JobRecord, status: dict[str, Any]) -> None:
+    def _commit(self, worker: WorkerHandle, job: JobRecord, status: Report) -> None:
         manifest = Manifest.from_json(job.manifest) if job.manifest else None
         key = job_key(job)
         # the cause of a failure is most often the program's last words: keep them in the error
@@ -379,39 +410,39 @@ class Balancer:
             os.chmod(dst, 0o644)
 
 
-def outcome_of(status: dict[str, Any], manifest: Manifest | None, *, last_words: str | None = None
-               ) -> dict[str, Any]:
+def outcome_of(status: Report, manifest: Manifest | None, *, last_words: str | None = None) -> dict[str, Any]:
     """Turn a worker's report into the outcome recorded in the store and written to result.yaml.
 
     `last_words` (the last line of the program's stderr) ends the error of a program that exited
     non-zero or was killed by a signal, when the worker gave no reason of its own.
     """
-    kind = status.get("outcome")
-    code = status.get("exit_code")
-    sig = status.get("signal")
-    error = status.get("error")
-    if kind == "exited" and code == 0:
+    kind = status.outcome
+    code = status.exit_code
+    sig = status.signal
+    error = status.error
+    if kind is Outcome.EXITED and code == 0:
         final = JobStatus.SUCCEEDED
-    elif kind == "timed_out":
+    elif kind is Outcome.TIMED_OUT:
         final = JobStatus.TIMED_OUT
         limit = manifest.timeout if manifest else None
         cause = f" ({error})" if error else ""
         error = f"the program ran longer than its timeout of {limit:g} seconds and was stopped{cause}"
-    elif kind == "cancelled":
+    elif kind is Outcome.CANCELLED:
         final, error = JobStatus.CANCELLED, "the job was cancelled"
-    elif kind == "oom":
+    elif kind is Outcome.OOM:
         final = JobStatus.FAILED  # the worker's error names the memory limit
     else:
         final = JobStatus.FAILED
         said = f": {last_words}" if last_words else ""
-        if kind == "exited" and sig:
+        if kind is Outcome.EXITED and sig:
             error = error or f"the program was killed by signal {_signal_name(sig)}{said}"
-        elif kind == "exited" and error:
+        elif kind is Outcome.EXITED and error:
             error = f"the program exited with code {code}: {error}"
-        elif kind == "exited":
+        elif kind is Outcome.EXITED:
             error = f"the program exited with code {code}{said}"
-    keep = ("exit_code", "signal", "started_at", "finished_at", "stdout_truncated", "stderr_truncated")
-    outcome = {k: status.get(k) for k in keep if status.get(k) is not None}
+    kept = {"exit_code": code, "signal": sig, "started_at": status.started_at, "finished_at": status.finished_at,
+            "stdout_truncated": status.stdout_truncated, "stderr_truncated": status.stderr_truncated}
+    outcome: dict[str, Any] = {k: v for k, v in kept.items() if v is not None}
     outcome.update(status=final.value, error=error, exit_code=code)
     if manifest and manifest.output:
         outcome["stdout_as"] = manifest.output

@@ -35,6 +35,11 @@ class PoolError(DropqError):
     """Workers could not be started, found or adopted."""
 
 
+class ProtocolMismatch(PoolError):
+    """A worker speaks another version of the worker protocol than this daemon: its health answer says
+    so, or it refused a request for that reason. The message says what to do (rebuild the image...)."""
+
+
 class TransportError(DropqError):
     """A request to a worker failed: the worker is down, gone, or answered with something unexpected."""
 

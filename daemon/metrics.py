@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dropq_worker.protocol import WorkerState
+
 from .jobs import FINAL, JobStatus
 from .store import JobRecord, Store
 
@@ -58,7 +60,7 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("dropq_queue_depth", "Jobs queued and waiting for a worker",
                                 value=counts.get(JobStatus.QUEUED.value, 0))
         by_state = GaugeMetricFamily("dropq_workers", "Workers, by state", labels=["state"])
-        states: dict[str, int] = {"idle": 0, "busy": 0}
+        states: dict[str, int] = {WorkerState.IDLE.value: 0, WorkerState.BUSY.value: 0}
         for w in workers:
             states[w["state"]] = states.get(w["state"], 0) + 1
         for state, n in sorted(states.items()):

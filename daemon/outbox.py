@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
+from dropq_worker.protocol import Staging
+
 from .jobs import JobStatus
 from .paths import collect_tree, move, remove_tree
-from .pools.base import Staging
 from .store import JobRecord, Store
 
 log = logging.getLogger("dropq.outbox")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dropq_worker.protocol import WorkerState
+
 from . import migrations
 from .errors import StoreError
 from .jobs import JobStatus, sources_of
@@ -286,20 +288,20 @@ class Store:
                 (worker, now, now, row[0]),
             )
             db.execute(
-                "INSERT INTO workers (name, state, job, detail, updated_at) VALUES (?, 'busy', ?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET state = 'busy', job = excluded.job, detail = excluded.detail, "
-                "updated_at = excluded.updated_at",
-                (worker, row[0], detail, now),
+                "INSERT INTO workers (name, state, job, detail, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET state = excluded.state, job = excluded.job, "
+                "detail = excluded.detail, updated_at = excluded.updated_at",
+                (worker, WorkerState.BUSY.value, row[0], detail, now),
             )
         return self.get(row[0])
 
-    def set_worker(self, name: str, state: str, *, job: str | None = None, detail: str | None = None) -> None:
+    def set_worker(self, name: str, state: WorkerState, *, job: str | None = None, detail: str | None = None) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO workers (name, state, job, detail, updated_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET state = excluded.state, job = excluded.job, "
                 "detail = excluded.detail, updated_at = excluded.updated_at",
-                (name, state, job, detail, self._now()),
+                (name, state.value, job, detail, self._now()),
             )
 
     def forget_workers(self, keep: set[str]) -> None:

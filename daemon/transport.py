@@ -11,9 +11,14 @@ import http.client
 import json
 import socket
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from .errors import JobRefused, TransportError, UnknownJob, WorkerBusy
+from dropq_worker.protocol import HEADER, MISMATCH_STATUS, PROTOCOL, Health, JobSpec, ProtocolError, Report
+
+from .errors import JobRefused, ProtocolMismatch, TransportError, UnknownJob, WorkerBusy
+
+_T = TypeVar("_T")
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -41,7 +46,11 @@ class Transport:
             raise ValueError("give exactly one of socket_path and url")
         self.socket_path = socket_path
         self.url = url
-        self._token = token
+        # the same for every request: built once. The protocol header lets the worker refuse a daemon
+        # of another version before it reads the body.
+        self._headers = {"Content-Type": "application/json", HEADER: str(PROTOCOL)}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
         self.timeout = timeout
         self._local = threading.local()
         self._open: set[http.client.HTTPConnection] = set()
@@ -94,9 +103,9 @@ class Transport:
             self._open.clear()
 
     def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> tuple[int, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+        """Send one request; its status and decoded JSON body. A worker that refuses this daemon's
+        protocol version raises ProtocolMismatch, whatever the request."""
+        headers = self._headers
         payload = json.dumps(body).encode() if body is not None else None
         wait = timeout if timeout is not None else self.timeout
         for attempt in (1, 2):
@@ -120,43 +129,53 @@ class Transport:
             decoded = json.loads(data) if data else None
         except ValueError:
             raise TransportError(f"worker at {self} answered {resp.status} with something not JSON") from None
+        if resp.status == MISMATCH_STATUS:
+            error = decoded.get("error") if isinstance(decoded, dict) else None
+            raise ProtocolMismatch(str(error or f"the worker at {self} speaks another protocol than {PROTOCOL}"))
         return resp.status, decoded
 
     # --- the worker API ----------------------------------------------------------------------------
 
-    def health(self, *, timeout: float = 5.0) -> dict[str, Any]:
+    def health(self, *, timeout: float = 5.0) -> Health:
+        """The worker's health answer, whatever protocol it speaks (the pool checks that)."""
         status, body = self.request("GET", "/health", timeout=timeout)
-        if status != 200 or not isinstance(body, dict) or not body.get("ok"):
+        if status != 200:
             raise TransportError(f"worker at {self} is not healthy ({status})")
-        return body
+        return self._parse(Health.from_json, body)
 
-    def start(self, spec: dict[str, Any], *, wait: float = 0.0) -> dict[str, Any]:
-        """Start a job; with `wait`, wait up to that many seconds for its end. Its status document."""
+    def _parse(self, parse: Callable[[Any], _T], body: Any) -> _T:
+        try:
+            return parse(body)
+        except ProtocolError as exc:
+            raise TransportError(f"worker at {self} answered with a malformed message: {exc}") from None
+
+    def start(self, spec: JobSpec, *, wait: float = 0.0) -> Report:
+        """Start a job; with `wait`, wait up to that many seconds for its end. Its report."""
         path = f"/jobs?wait={wait}" if wait else "/jobs"
-        status, body = self.request("POST", path, spec, timeout=wait + self.timeout)
+        status, body = self.request("POST", path, spec.to_json(), timeout=wait + self.timeout)
         if status == 409:
             raise WorkerBusy(f"worker at {self} is busy")
         if status not in (200, 202):
             error = body.get("error") if isinstance(body, dict) else body
             kind = JobRefused if status == 400 else TransportError
             raise kind(f"worker at {self} refused the job ({status}): {error}")
-        return dict(body)
+        return self._parse(Report.from_json, body)
 
-    def status(self, job_id: str, *, wait: float = 0.0) -> dict[str, Any]:
-        status, body = self.request("GET", f"/jobs/{job_id}?wait={wait}", timeout=wait + self.timeout)
+    def status(self, key: str, *, wait: float = 0.0) -> Report:
+        status, body = self.request("GET", f"/jobs/{key}?wait={wait}", timeout=wait + self.timeout)
         if status == 404:
-            raise UnknownJob(f"worker at {self} does not know job {job_id}")
+            raise UnknownJob(f"worker at {self} does not know job {key}")
         if status != 200:
-            raise TransportError(f"worker at {self} answered {status} for job {job_id}")
-        return dict(body)
+            raise TransportError(f"worker at {self} answered {status} for job {key}")
+        return self._parse(Report.from_json, body)
 
-    def cancel(self, job_id: str) -> None:
-        status, _ = self.request("DELETE", f"/jobs/{job_id}")
+    def cancel(self, key: str) -> None:
+        status, _ = self.request("DELETE", f"/jobs/{key}")
         if status == 404:
-            raise UnknownJob(f"worker at {self} does not know job {job_id}")
+            raise UnknownJob(f"worker at {self} does not know job {key}")
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, key: str) -> None:
         try:
-            self.request("DELETE", f"/jobs/{job_id}")
-        except TransportError:
+            self.request("DELETE", f"/jobs/{key}")
+        except (TransportError, ProtocolMismatch):
             return  # forgetting is housekeeping; the worker drops old results by itself too

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import processes_mentioning, remove_containers  # noqa: E402
 
-WORKER_IMAGE = "dropq-worker:latest"
+#: the worker image docker tests use; another tag (DROPQ_TEST_IMAGE=dropq-worker:mybranch) lets a branch
+#: that changes worker/ test its own image without rebuilding the shared latest one
+WORKER_IMAGE = os.environ.get("DROPQ_TEST_IMAGE", "dropq-worker:latest")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

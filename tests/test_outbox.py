@@ -11,8 +11,8 @@ import yaml
 from dropq.jobs import JobStatus
 from dropq.outbox import Outbox
 from dropq.paths import collect_tree
-from dropq.pools.base import Staging
 from dropq.store import JobRecord, Store
+from dropq_worker.protocol import Staging
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import pytest
 
 from dropq.config import Config
 from dropq.errors import TransportError, UnknownJob, WorkerBusy
-from dropq.pools import Pool, find_staging
+from dropq.pools import Incarnation, Pool, find_staging
+from dropq_worker.protocol import PROTOCOL, JobSpec, JobState, Outcome
 from helpers import remove_containers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,18 +49,22 @@ def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def kill(pool: Pool, name: str, health: dict[str, object]) -> None:
+def spec(key: str, program: str, *args: str, inputs: tuple[str, ...] = ()) -> JobSpec:
+    return JobSpec(key=key, job_id=f"job-{key}", program=program, args=args, inputs=inputs)
+
+
+def kill(pool: Pool, name: str, incarnation: Incarnation) -> None:
     if pool.kind == "docker":
-        pool.client.containers.get(str(health["pid"])).kill()  # type: ignore[attr-defined]
+        pool.client.containers.get(incarnation.id).kill()  # type: ignore[attr-defined]
     else:
-        os.kill(int(str(health["pid"])), signal.SIGKILL)
+        os.kill(incarnation.health.pid, signal.SIGKILL)
 
 
 def test_workers_have_stable_names_and_answer(pool: Pool) -> None:
     assert [w.name for w in pool.workers()] == ["w1", "w2"]
     for worker in pool.workers():
         health = pool.ensure(worker.name, timeout=30)
-        assert health is not None and health["ok"] is True and health["job"] is None
+        assert health is not None and health.health.protocol == PROTOCOL and health.health.job is None
 
 
 def test_a_job_runs_and_its_files_appear_in_the_workers_jobs_dir(pool: Pool) -> None:
@@ -67,9 +72,9 @@ def test_a_job_runs_and_its_files_appear_in_the_workers_jobs_dir(pool: Pool) -> 
     (worker.inputs_dir / "c1").mkdir(parents=True, exist_ok=True)
     (worker.inputs_dir / "c1" / "in.txt").write_text("one two two\n")
     os.chmod(worker.inputs_dir / "c1" / "in.txt", 0o644)
-    worker.transport.start({"id": "c1", "program": "wordcount.py", "inputs": ["c1/in.txt"]})
+    worker.transport.start(spec("c1", "wordcount.py", inputs=("c1/in.txt",)))
     status = worker.transport.status("c1", wait=30)
-    assert (status["state"], status["outcome"], status["exit_code"]) == ("done", "exited", 0)
+    assert (status.state, status.outcome, status.exit_code) == (JobState.DONE, Outcome.EXITED, 0)
     assert (worker.jobs_dir / "c1.stdout").read_text() == "2 two\n1 one\n"
     # readers without a pool (recovery at start, `dropq logs`, the dashboard) find it too
     assert find_staging(pool.config, worker.name, "c1") == worker.staging("c1")
@@ -77,11 +82,11 @@ def test_a_job_runs_and_its_files_appear_in_the_workers_jobs_dir(pool: Pool) -> 
 
 def test_one_job_at_a_time(pool: Pool) -> None:
     worker = pool.workers()[1]
-    worker.transport.start({"id": "c2", "program": "sleep.py", "args": ["5"]})
+    worker.transport.start(spec("c2", "sleep.py", "5"))
     with pytest.raises(WorkerBusy):
-        worker.transport.start({"id": "c3", "program": "echo.py"})
+        worker.transport.start(spec("c3", "echo.py"))
     worker.transport.cancel("c2")
-    assert worker.transport.status("c2", wait=30)["outcome"] == "cancelled"
+    assert worker.transport.status("c2", wait=30).outcome is Outcome.CANCELLED
 
 
 def test_unknown_jobs_are_reported_as_such(pool: Pool) -> None:
@@ -96,11 +101,11 @@ def test_a_killed_worker_comes_back_as_a_new_incarnation(pool: Pool) -> None:
     kill(pool, name, before)
     deadline = time.monotonic() + 60
     after = pool.ensure(name, timeout=60)
-    while after is not None and after["pid"] == before["pid"] and time.monotonic() < deadline:
+    while after is not None and after.id == before.id and time.monotonic() < deadline:
         time.sleep(0.1)  # the old one may answer once more while it dies
         after = pool.ensure(name, timeout=60)
-    assert after is not None and after["pid"] != before["pid"]
-    assert after["job"] is None
+    assert after is not None and after.id != before.id
+    assert after.health.job is None
 
 
 def test_the_transport_reports_a_dead_worker_as_an_error(pool: Pool) -> None:

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from dropq_worker import procs
+from dropq_worker import __version__, procs
 from dropq_worker.app import create_app
 from dropq_worker.capture import CappedFile
+from dropq_worker.protocol import PROTOCOL, JobSpec
 from dropq_worker.runner import Runner, Settings, reap_abandoned
 
 PROGRAMS = {
@@ -48,14 +49,16 @@ def settings(tmp_path: Path) -> Settings:
 def client(settings: Settings) -> Iterator[FlaskClient]:
     runner = Runner(settings)
     app = create_app(runner=runner, name="test")
-    yield app.test_client()
+    client = app.test_client()
+    client.environ_base["HTTP_DROPQ_PROTOCOL"] = str(PROTOCOL)  # as the daemon's transport sends it
+    yield client
     runner.shutdown()
 
 
 def run(client: FlaskClient, spec: dict[str, Any], wait: float = 20) -> dict[str, Any]:
     resp = client.post("/jobs", json=spec)
     assert resp.status_code == 202, resp.get_json()
-    resp = client.get(f"/jobs/{spec['id']}?wait={wait}")
+    resp = client.get(f"/jobs/{spec['key']}?wait={wait}")
     assert resp.status_code == 200
     body = resp.get_json()
     assert body["state"] == "done", body
@@ -64,33 +67,34 @@ def run(client: FlaskClient, spec: dict[str, Any], wait: float = 20) -> dict[str
 
 def test_health(client: FlaskClient) -> None:
     body = client.get("/health").get_json()
-    assert body["ok"] is True and body["pid"] == os.getpid() and body["job"] is None
+    assert body == {"pid": os.getpid(), "protocol": PROTOCOL, "name": "test", "version": __version__, "job": None}
 
 
 def test_a_job_runs_and_its_stdout_is_captured(client: FlaskClient, settings: Settings) -> None:
-    body = run(client, {"id": "j1", "program": "hello.py"})
+    body = run(client, {"key": "j1", "job_id": "j1", "program": "hello.py"})
     assert (body["outcome"], body["exit_code"]) == ("exited", 0)
     assert (settings.jobs / "j1.stdout").read_text() == "hello\n"
 
 
 def test_the_job_gets_its_env_and_cwd(client: FlaskClient, settings: Settings) -> None:
-    run(client, {"id": "j2", "program": "env.py", "env": {"GREETING": "hi"}})
-    job_id, greeting, cwd = (settings.jobs / "j2.stdout").read_text().split()
-    assert (job_id, greeting, cwd) == ("j2", "hi", str(settings.jobs / "j2"))
+    # $DROPQ_JOB_ID is the job's id (its outbox folder), not the attempt's key that names its files
+    run(client, {"key": "j2-1", "job_id": "report-7", "program": "env.py", "env": {"GREETING": "hi"}})
+    job_id, greeting, cwd = (settings.jobs / "j2-1.stdout").read_text().split()
+    assert (job_id, greeting, cwd) == ("report-7", "hi", str(settings.jobs / "j2-1"))
 
 
 def test_inputs_are_resolved_under_the_inputs_folder(client: FlaskClient, settings: Settings) -> None:
-    run(client, {"id": "j9", "program": "cat.py", "inputs": ["j9/data.txt"]})
+    run(client, {"key": "j9", "job_id": "j9", "program": "cat.py", "inputs": ["j9/data.txt"]})
     assert (settings.jobs / "j9.stdout").read_text() == "input data\n"
 
 
 @pytest.mark.parametrize("spec", [
-    {"id": "x1", "program": "../secret.txt"},
-    {"id": "x2", "program": "/etc/passwd"},
-    {"id": "x3", "program": "cat.py", "inputs": ["../secret.txt"]},
-    {"id": "x4", "program": "cat.py", "inputs": ["/etc/passwd"]},
-    {"id": "../x5", "program": "hello.py"},
-    {"id": "x6", "program": "missing.py"},
+    {"key": "x1", "job_id": "x1", "program": "../secret.txt"},
+    {"key": "x2", "job_id": "x2", "program": "/etc/passwd"},
+    {"key": "x3", "job_id": "x3", "program": "cat.py", "inputs": ["../secret.txt"]},
+    {"key": "x4", "job_id": "x4", "program": "cat.py", "inputs": ["/etc/passwd"]},
+    {"key": "../x5", "job_id": "../x5", "program": "hello.py"},
+    {"key": "x6", "job_id": "x6", "program": "missing.py"},
     {"program": "hello.py"},
 ])
 def test_paths_are_rechecked_and_bad_specs_refused(client: FlaskClient, spec: dict[str, Any]) -> None:
@@ -101,15 +105,16 @@ def test_paths_are_rechecked_and_bad_specs_refused(client: FlaskClient, spec: di
 
 def test_a_symlinked_input_leading_outside_is_refused(client: FlaskClient, settings: Settings) -> None:
     os.symlink(settings.inputs.parent / "secret.txt", settings.inputs / "j9" / "link.txt")
-    resp = client.post("/jobs", json={"id": "j10", "program": "cat.py", "inputs": ["j9/link.txt"]})
+    resp = client.post("/jobs", json={"key": "j10", "job_id": "j10", "program": "cat.py", "inputs": ["j9/link.txt"]})
     assert resp.status_code == 400
     assert "outside" in resp.get_json()["error"]
 
 
 def test_one_job_at_a_time_and_posting_the_same_job_again_is_idempotent(client: FlaskClient) -> None:
-    assert client.post("/jobs", json={"id": "long", "program": "sleep.py", "args": ["5"]}).status_code == 202
-    assert client.post("/jobs", json={"id": "long", "program": "sleep.py", "args": ["5"]}).status_code == 202
-    assert client.post("/jobs", json={"id": "other", "program": "hello.py"}).status_code == 409
+    long = {"key": "long", "job_id": "long", "program": "sleep.py", "args": ["5"]}
+    assert client.post("/jobs", json=long).status_code == 202
+    assert client.post("/jobs", json=long).status_code == 202
+    assert client.post("/jobs", json={"key": "other", "job_id": "other", "program": "hello.py"}).status_code == 409
     assert client.get("/health").get_json()["job"] == "long"
     assert client.delete("/jobs/long").status_code == 202
     body = client.get("/jobs/long?wait=10").get_json()
@@ -118,13 +123,14 @@ def test_one_job_at_a_time_and_posting_the_same_job_again_is_idempotent(client: 
 
 def test_a_timeout_kills_the_group(client: FlaskClient) -> None:
     start = time.monotonic()
-    body = run(client, {"id": "t", "program": "sleep.py", "args": ["30"], "timeout": 0.3, "kill_grace": 0.5})
+    body = run(client, {"key": "t", "job_id": "t", "program": "sleep.py", "args": ["30"], "timeout": 0.3,
+                        "kill_grace": 0.5})
     assert body["outcome"] == "timed_out"
     assert time.monotonic() - start < 5
 
 
 def test_flooding_output_keeps_head_and_tail(client: FlaskClient, settings: Settings) -> None:
-    body = run(client, {"id": "f", "program": "flood.py", "max_output_bytes": 4096})
+    body = run(client, {"key": "f", "job_id": "f", "program": "flood.py", "max_output_bytes": 4096})
     text = (settings.jobs / "f.stdout").read_text()
     assert body["stdout_truncated"] is True and body["stdout_bytes"] == 50007
     assert text.startswith("A" * 2048) and text.endswith("THE END") and "dropq cut" in text
@@ -148,8 +154,8 @@ def test_an_escaped_setsid_grandchild_does_not_outlive_its_job(settings: Setting
         deadline = time.monotonic() + 20
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        transport.start({"id": "o", "program": "orphan.py"})
-        assert transport.status("o", wait=20)["state"] == "done"
+        transport.start(JobSpec(key="o", job_id="o", program="orphan.py"))
+        assert transport.status("o", wait=20).done
         pid = int((settings.jobs / "o.stdout").read_text())
         assert procs.start_time(pid) is None, "the grandchild that called setsid was killed and reaped"
         transport.close()
@@ -161,11 +167,11 @@ def test_an_escaped_setsid_grandchild_does_not_outlive_its_job(settings: Setting
 
 
 def test_a_start_may_wait_for_the_end_in_the_same_request(client: FlaskClient, settings: Settings) -> None:
-    resp = client.post("/jobs?wait=20", json={"id": "one", "program": "hello.py"})
+    resp = client.post("/jobs?wait=20", json={"key": "one", "job_id": "one", "program": "hello.py"})
     body = resp.get_json()
     assert resp.status_code == 200 and body["state"] == "done" and body["exit_code"] == 0, body
     assert (settings.jobs / "one.stdout").read_text() == "hello\n"
-    resp = client.post("/jobs?wait=0.2", json={"id": "slow", "program": "sleep.py", "args": ["5"]})
+    resp = client.post("/jobs?wait=0.2", json={"key": "slow", "job_id": "slow", "program": "sleep.py", "args": ["5"]})
     assert resp.status_code == 202 and resp.get_json()["state"] == "running"
     client.delete("/jobs/slow")
 
@@ -173,11 +179,11 @@ def test_a_start_may_wait_for_the_end_in_the_same_request(client: FlaskClient, s
 def test_a_cancel_that_overtakes_the_start_is_kept_and_the_job_never_runs(client: FlaskClient,
                                                                           settings: Settings) -> None:
     assert client.delete("/jobs/early").status_code == 404  # not here yet
-    resp = client.post("/jobs?wait=5", json={"id": "early", "program": "hello.py"})
+    resp = client.post("/jobs?wait=5", json={"key": "early", "job_id": "early", "program": "hello.py"})
     body = resp.get_json()
     assert resp.status_code == 200 and body["outcome"] == "cancelled", body
     assert not (settings.jobs / "early.stdout").exists() and not (settings.jobs / "early").exists()
-    run(client, {"id": "later", "program": "hello.py"})  # the worker is free for the next job
+    run(client, {"key": "later", "job_id": "later", "program": "hello.py"})  # the worker is free for the next job
 
 
 def test_the_abandoned_job_of_a_dead_worker_is_killed_by_its_pid_file(settings: Settings) -> None:
@@ -208,7 +214,7 @@ def test_a_token_is_required_when_configured(settings: Settings) -> None:
     c = app.test_client()
     assert c.get("/health").status_code == 401
     assert c.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert c.post("/jobs", json={"id": "z", "program": "hello.py"}).status_code == 401
+    assert c.post("/jobs", json={"key": "z", "job_id": "z", "program": "hello.py"}).status_code == 401
     assert not (settings.jobs / "z").exists(), "a refused request has no side effect"
     assert c.get("/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
@@ -222,9 +228,9 @@ def test_capped_file_keeps_everything_under_the_cap(tmp_path: Path) -> None:
 
 
 def test_a_forgotten_job_id_may_be_posted_again_and_runs_again(client: FlaskClient, settings: Settings) -> None:
-    run(client, {"id": "again", "program": "hello.py"})
+    run(client, {"key": "again", "job_id": "again", "program": "hello.py"})
     assert client.delete("/jobs/again").status_code == 200
     assert client.get("/jobs/again").status_code == 404
     (settings.jobs / "again.stdout").unlink()
-    run(client, {"id": "again", "program": "hello.py"})
+    run(client, {"key": "again", "job_id": "again", "program": "hello.py"})
     assert (settings.jobs / "again.stdout").read_text() == "hello\n", "it ran a second time"

@@ -13,20 +13,18 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import procs
 from .capture import CappedFile
+from .protocol import JobSpec, JobState, Outcome, ProtocolError, Report, Staging
 
 #: seconds to drain a job's pipes after it ended, in case something unkillable still holds them
 _DRAIN = 2.0
-#: no "." in an id: a job's side files are named `<id>.stdout` and so on, which no other id may be
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-+@=,")
 
 
-class SpecError(ValueError):
+class SpecError(ProtocolError):
     """The job description is malformed or names a path outside the worker's mounts."""
 
 
@@ -46,65 +44,6 @@ class Settings:
     python: str = "python3"
     #: PATH given to jobs
     path: str = "/usr/local/bin:/usr/bin:/bin"
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobSpec:
-    id: str
-    program: str
-    inputs: tuple[str, ...] = ()
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    timeout: float = 600.0
-    kill_grace: float = 5.0
-    max_output_bytes: int = 64 * 1024 * 1024
-
-    @classmethod
-    def from_json(cls, data: Any) -> JobSpec:
-        if not isinstance(data, dict):
-            raise SpecError("the job description must be a JSON object")
-        try:
-            spec = cls(
-                id=str(data["id"]),
-                program=str(data["program"]),
-                inputs=tuple(str(i) for i in data.get("inputs", ())),
-                args=tuple(str(a) for a in data.get("args", ())),
-                env={str(k): str(v) for k, v in dict(data.get("env") or {}).items()},
-                timeout=float(data.get("timeout", 600.0)),
-                kill_grace=float(data.get("kill_grace", 5.0)),
-                max_output_bytes=int(data.get("max_output_bytes", 64 * 1024 * 1024)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SpecError(f"malformed job description: {exc}") from None
-        if not spec.id or not set(spec.id) <= _ID_CHARS:
-            raise SpecError(f"invalid job id {spec.id!r} (letters, digits and _-+@=, only)")
-        if spec.timeout <= 0 or spec.max_output_bytes < 1024:
-            raise SpecError("timeout must be positive and max_output_bytes at least 1024")
-        return spec
-
-
-@dataclass(frozen=True)
-class Staging:
-    """A job's files in the staging folder, flat: `<id>/` is the program's working directory (the
-    job's output), and `<id>.stdout` and `<id>.stderr` lie beside it. One directory per job, and
-    nothing the daemon must delete afterwards: new directories and recently freed inodes are the
-    dearest file-system costs of a job (bench/RESULTS.md). The daemon reads the same layout
-    (daemon/pools/base.py, Staging)."""
-
-    jobs: Path
-    id: str
-
-    @property
-    def output(self) -> Path:
-        return self.jobs / self.id
-
-    @property
-    def stdout(self) -> Path:
-        return self.jobs / f"{self.id}.stdout"
-
-    @property
-    def stderr(self) -> Path:
-        return self.jobs / f"{self.id}.stderr"
 
 
 #: the running job's process group, for the next worker process should this one die (one job at a
@@ -130,7 +69,7 @@ class Job:
         self.spec = spec
         self.staging = staging
         self.done = threading.Event()
-        self.result: dict[str, Any] = {"id": spec.id, "state": "running", "started_at": time.time()}
+        self.report = Report(key=spec.key, state=JobState.RUNNING, started_at=time.time())
         self._wake_r, self._wake_w = os.pipe()
         self._wake_lock = threading.Lock()
         self.stop_reason: str | None = None
@@ -152,8 +91,6 @@ class Job:
                 os.close(fd)
             self._wake_r = self._wake_w = -1
 
-    def status(self) -> dict[str, Any]:
-        return dict(self.result)
 
 
 class Runner:
@@ -174,21 +111,21 @@ class Runner:
 
     def start(self, spec: JobSpec) -> Job:
         with self._lock:
-            known = self.get(spec.id)
+            known = self.get(spec.key)
             if known is not None:
                 return known  # the same job posted twice (the daemon retried a request): idempotent
             if self.current is not None:
-                raise Busy(self.current.spec.id)
+                raise Busy(self.current.spec.key)
             argv = self._argv(spec)
-            if spec.id in self._cancelled_early:
-                del self._cancelled_early[spec.id]
-                job = Job(spec, Staging(self.settings.jobs, spec.id))
+            if spec.key in self._cancelled_early:
+                del self._cancelled_early[spec.key]
+                job = Job(spec, Staging(self.settings.jobs, spec.key))
                 job.close_wake()
-                job.result.update(state="done", outcome="cancelled", exit_code=None, finished_at=time.time())
+                job.report = job.report.ended(Outcome.CANCELLED, finished_at=time.time())
                 self._remember(job)
                 job.done.set()
                 return job
-            staging = Staging(self.settings.jobs, spec.id)
+            staging = Staging(self.settings.jobs, spec.key)
             try:
                 staging.output.mkdir()
             except FileExistsError:  # left by a worker that died before the daemon took it away
@@ -196,22 +133,22 @@ class Runner:
                 staging.output.mkdir()
             job = Job(spec, staging)
             self._current = job
-            self._finished.pop(spec.id, None)
-        threading.Thread(target=self._run, args=(job, argv), name=f"job-{spec.id}", daemon=True).start()
+            self._finished.pop(spec.key, None)
+        threading.Thread(target=self._run, args=(job, argv), name=f"job-{spec.key}", daemon=True).start()
         return job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, key: str) -> Job | None:
         job = self._current
-        if job is not None and job.spec.id == job_id:
+        if job is not None and job.spec.key == key:
             return job
-        return self._finished.get(job_id)
+        return self._finished.get(key)
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, key: str) -> Job | None:
         """Stop the job if it runs; if this worker has not seen it yet, make sure it never starts."""
-        job = self.get(job_id)
+        job = self.get(key)
         if job is None:
             with self._lock:
-                self._cancelled_early[job_id] = None
+                self._cancelled_early[key] = None
                 while len(self._cancelled_early) > 64:
                     self._cancelled_early.pop(next(iter(self._cancelled_early)))
         elif not job.done.is_set():
@@ -220,14 +157,14 @@ class Runner:
 
     def _remember(self, job: Job) -> None:
         """Keep a finished job's result for the daemon to collect (the last 64); under self._lock."""
-        self._finished[job.spec.id] = job
+        self._finished[job.spec.key] = job
         while len(self._finished) > 64:
             self._finished.pop(next(iter(self._finished)))
 
-    def forget(self, job_id: str) -> bool:
+    def forget(self, key: str) -> bool:
         with self._lock:
-            job = self._finished.pop(job_id, None)
-            if self._current is not None and self._current.spec.id == job_id and self._current.done.is_set():
+            job = self._finished.pop(key, None)
+            if self._current is not None and self._current.spec.key == key and self._current.done.is_set():
                 self._current = None
         return job is not None
 
@@ -259,29 +196,29 @@ class Runner:
             "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
             "PYTHONDONTWRITEBYTECODE": "1",
             **job.spec.env,
-            "DROPQ_JOB_ID": job.spec.id,
+            "DROPQ_JOB_ID": job.spec.job_id,
             "DROPQ_OUTPUT": str(output),
         }
         if job.spec.inputs:  # the daemon makes a job's inputs folder only when it has inputs
-            env["DROPQ_INPUTS"] = str(self.settings.inputs / job.spec.id)
+            env["DROPQ_INPUTS"] = str(self.settings.inputs / job.spec.key)
         return env
 
     def _run(self, job: Job, argv: list[str]) -> None:
         try:
-            result = _execute(job, argv, self._env(job))
-        except Exception as exc:  # noqa: BLE001 - whatever happened, the job must end with a result
-            result = {"outcome": "error", "exit_code": None, "error": f"the worker failed to run the job: {exc}"}
+            report = _execute(job, argv, self._env(job))
+        except Exception as exc:  # noqa: BLE001 - whatever happened, the job must end with a report
+            report = job.report.ended(Outcome.ERROR, finished_at=time.time(),
+                                      error=f"the worker failed to run the job: {exc}")
         finally:
             job.close_wake()
         procs.kill_leftovers()
-        result = {**job.result, **result, "state": "done", "finished_at": time.time()}
         with self._lock:
-            job.result = result
+            job.report = report
             self._remember(job)
         job.done.set()
 
 
-def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+def _execute(job: Job, argv: list[str], env: dict[str, str]) -> Report:
     spec = job.spec
     out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes)
     err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes)
@@ -293,10 +230,11 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     except OSError as exc:
         out.close()
         err.close()
-        return {"outcome": "error", "exit_code": None, "error": f"the program could not be started: {exc.strerror}"}
+        return job.report.ended(Outcome.ERROR, finished_at=time.time(),
+                                error=f"the program could not be started: {exc.strerror}")
     # one write(), no temporary file: a worker killed before it lands leaves the file empty, which
     # reap_abandoned skips, as it would a job killed before this line
-    (job.staging.jobs / RUNNING).write_text(json.dumps({"id": job.spec.id, "pgid": proc.pid,
+    (job.staging.jobs_dir / RUNNING).write_text(json.dumps({"id": job.spec.key, "pgid": proc.pid,
                                                         "start": procs.start_time(proc.pid)}))
     procs.make_oom_victim(proc.pid)
     ooms_before, refusals_before = procs.oom_kills(), procs.pids_refusals()
@@ -317,26 +255,23 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
                  "allows (a fork bomb?)")
     if code == -signal.SIGXFSZ or (code and _hit_file_limit(job.staging.output)):
         error = "a file the program wrote reached the worker's file size limit (jobs.max_file_bytes)"
-    if outcome == "exited" and code == -signal.SIGKILL and ooms_before is not None:
+    if outcome is Outcome.EXITED and code == -signal.SIGKILL and ooms_before is not None:
         after = procs.oom_kills()
         if after is not None and after > ooms_before:
             limit = procs.memory_limit()
-            outcome = "oom"
+            outcome = Outcome.OOM
             error = ("the program ran out of memory and was killed by the kernel"
                      + (f" (the worker's memory limit is {procs.human_bytes(limit)})" if limit else ""))
-    return {
-        "outcome": outcome,
-        "exit_code": code if code is not None and code >= 0 else None,
-        "signal": -code if code is not None and code < 0 else None,
-        "error": error,
-        "stdout_bytes": out.total,
-        "stderr_bytes": err.total,
-        "stdout_truncated": out.truncated,
-        "stderr_truncated": err.truncated,
-    }
+    return job.report.ended(
+        outcome, finished_at=time.time(),
+        exit_code=code if code is not None and code >= 0 else None,
+        signal=-code if code is not None and code < 0 else None,
+        error=error, stdout_bytes=out.total, stderr_bytes=err.total,
+        stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+    )
 
 
-def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile) -> str:  # noqa: C901
+def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile) -> Outcome:  # noqa: C901
     """Pump output until the program exits; stop the group at the timeout or on request. The outcome."""
     assert proc.stdout is not None and proc.stderr is not None
     sel = selectors.DefaultSelector()
@@ -347,7 +282,7 @@ def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: Ca
     pidfd = os.pidfd_open(proc.pid)
     sel.register(pidfd, selectors.EVENT_READ)
     sel.register(job._wake_r, selectors.EVENT_READ)
-    outcome = "exited"
+    outcome = Outcome.EXITED
     deadline = time.monotonic() + job.spec.timeout
     phase = "running"  # -> "terminating" (SIGTERM sent) -> "killed" (SIGKILL sent) ; "exited" when reaped
     try:
@@ -356,7 +291,7 @@ def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: Ca
             events = sel.select(timeout)
             if not events and time.monotonic() >= deadline:
                 if phase == "running":
-                    outcome = "timed_out"
+                    outcome = Outcome.TIMED_OUT
                     procs.kill_group(proc.pid, signal.SIGTERM)
                     phase, deadline = "terminating", time.monotonic() + job.spec.kill_grace
                 elif phase == "terminating":
@@ -369,7 +304,7 @@ def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: Ca
                 if fd == job._wake_r:
                     os.read(fd, 64)
                     if phase == "running":
-                        outcome = "cancelled" if job.stop_reason == "cancel" else "stopped"
+                        outcome = Outcome.CANCELLED if job.stop_reason == "cancel" else Outcome.STOPPED
                         procs.kill_group(proc.pid, signal.SIGTERM)
                         phase, deadline = "terminating", time.monotonic() + job.spec.kill_grace
                 elif fd == pidfd:

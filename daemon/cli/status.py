@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+from dropq_worker.protocol import WorkerState
+
 from ..config import Config
 from ..console import Screen, bar, duration, table
 from ..jobs import FINAL, JobStatus
@@ -65,7 +67,7 @@ def _worker_lines(snap: _Snapshot) -> list[str]:
     rows = []
     for w in snap.workers:
         job = snap.jobs.get(w["job"]) if w["job"] else None
-        elapsed = snap.now - job.started_at if job and job.started_at and w["state"] == "busy" else None
+        elapsed = snap.now - job.started_at if job and job.started_at and w["state"] == WorkerState.BUSY else None
         rows.append([w["name"], w["state"] if snap.running else "stopped", w["job"] or "-", duration(elapsed),
                      w["detail"] or ""])
     return table(["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"], rows, right=[3])

@@ -1,5 +1,5 @@
 """Where workers come from. The balancer sees only `Pool` and `WorkerHandle`."""
 
-from .base import Pool, WorkerHandle, find_staging, staging_dirs
+from .base import Incarnation, Pool, WorkerHandle, find_staging, staging_dirs
 
-__all__ = ["Pool", "WorkerHandle", "find_staging", "staging_dirs"]
+__all__ = ["Incarnation", "Pool", "WorkerHandle", "find_staging", "staging_dirs"]

@@ -15,50 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from dropq_worker.protocol import PROTOCOL, Health, Staging, mismatch
 
 from ..config import Config
-from ..errors import PoolError, TransportError
-from ..paths import remove_tree
+from ..errors import ProtocolMismatch, TransportError
 from ..transport import Transport
 
 log = logging.getLogger("dropq.pool")
-
-
-@dataclass(frozen=True)
-class Staging:
-    """A job attempt's files in its worker's staging folder, laid out by the worker (worker/runner.py,
-    Staging): `<key>/` is the program's working directory, which becomes the job's output/, and
-    `<key>.stdout` and `<key>.stderr` lie beside it. Flat, so that a job costs the file system one
-    new directory there, not two; all three move into the outbox, so nothing is left to delete."""
-
-    jobs_dir: Path
-    key: str
-
-    @property
-    def output(self) -> Path:
-        return self.jobs_dir / self.key
-
-    @property
-    def stdout(self) -> Path:
-        return self.jobs_dir / f"{self.key}.stdout"
-
-    @property
-    def stderr(self) -> Path:
-        return self.jobs_dir / f"{self.key}.stderr"
-
-    def exists(self) -> bool:
-        """Whether any of it is there (a commit interrupted half-way may have moved some pieces)."""
-        return any(os.path.lexists(path) for path in (self.output, self.stdout, self.stderr))
-
-    def remove(self) -> None:
-        """Remove what is left of it (nothing, once published)."""
-        remove_tree(self.output)
-        for path in (self.stdout, self.stderr):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
 
 
 @dataclass(frozen=True)
@@ -76,20 +40,24 @@ class WorkerHandle:
         return Staging(self.jobs_dir, key)
 
 
-#: the worker protocol this daemon speaks (worker/__init__.py, PROTOCOL)
-PROTOCOL = 2
+@dataclass(frozen=True, kw_only=True)
+class Incarnation:
+    """One life of a worker, as `Pool.ensure` finds it: its health answer, and what tells this life from
+    the next (a worker that restarted is another incarnation under the same name, and a job it was
+    running is lost)."""
+
+    health: Health
+    #: the worker's process id (local pool) or container id (docker, compose)
+    id: str
 
 
-def speaks_our_protocol(health: dict[str, Any]) -> bool:
-    return health.get("protocol") == PROTOCOL
-
-
-def check_protocol(name: str, health: dict[str, Any], *, hint: str) -> None:
-    """Refuse a worker that speaks another protocol: it would put a job's files where the daemon does not
-    look. `hint` says how to bring it up to date."""
-    if not speaks_our_protocol(health):
-        raise PoolError(f"worker {name} speaks worker protocol {health.get('protocol', 1)}, this daemon {PROTOCOL}: "
-                        f"it runs another version of dropq's worker; {hint}")
+def check_protocol(name: str, health: Health, *, todo: str | None = None) -> None:
+    """Refuse a worker that speaks another protocol: it would read a job, or lay out its files, differently.
+    `todo` says how to bring an older worker up to date, when the general advice does not fit."""
+    if health.protocol != PROTOCOL:
+        older = health.protocol < PROTOCOL
+        raise ProtocolMismatch(mismatch(name, worker_protocol=health.protocol, daemon_protocol=PROTOCOL,
+                                        todo=todo if older else None))
 
 
 def staging_dirs(config: Config, worker: str) -> list[Path]:
@@ -133,12 +101,13 @@ class Pool(ABC):
         """The worker slots, in a stable order."""
 
     @abstractmethod
-    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+    def ensure(self, name: str, *, timeout: float | None = None) -> Incarnation | None:
         """Block until worker `name` answers its health check, replacing it if it is dead or hung.
 
-        Returns its health document (its `pid` identifies the incarnation, so a caller can tell a
-        worker that restarted from one that merely hiccuped), or None if the pool is stopping or the
-        timeout passed.
+        Returns its incarnation (so a caller can tell a worker that restarted from one that merely
+        hiccuped), or None if the pool is stopping or the timeout passed. Raises ProtocolMismatch if
+        the worker answers with another protocol version and the pool cannot replace it by one that
+        speaks this daemon's.
         """
 
     @abstractmethod
@@ -152,9 +121,9 @@ class Pool(ABC):
         replaced by the pool itself) say False."""
         return False
 
-    def detail(self, name: str, health: dict[str, Any]) -> str:
+    def detail(self, name: str, health: Incarnation) -> str:
         """What `dropq workers` and the dashboard show to tell this incarnation of worker `name` apart."""
-        return f"pid {health.get('pid')}"
+        return f"pid {health.id}"
 
     def describe(self) -> str:
         return self.kind
@@ -167,16 +136,18 @@ class RestartingPool(Pool):
     config: Config
     _handles: dict[str, WorkerHandle]
     _ready: dict[str, threading.Event]
+    #: what to do about a worker of an older protocol, when the general advice does not fit this pool
+    _protocol_todo: str | None = None
 
     @abstractmethod
     def _restart(self, name: str) -> None:
         """Replace worker `name` and wait until the new one answers (or give up, logging why)."""
 
-    def _incarnation(self, name: str, health: dict[str, Any]) -> dict[str, Any]:
-        """The health document as ensure() returns it; its "pid" must name this incarnation."""
-        return health
+    def _incarnation(self, name: str, health: Health) -> Incarnation:
+        """What ensure() returns for a healthy worker: by default its process id names its incarnation."""
+        return Incarnation(health=health, id=str(health.pid))
 
-    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+    def ensure(self, name: str, *, timeout: float | None = None) -> Incarnation | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         handle = self._handles[name]
         while not self._stopping.is_set():
@@ -194,6 +165,7 @@ class RestartingPool(Pool):
                 log.warning("worker %s: failed its health check (%s); replacing it", name, exc)
                 self._restart(name)
                 continue
+            check_protocol(name, health, todo=self._protocol_todo)
             return self._incarnation(name, health)
         return None
 

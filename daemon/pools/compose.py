@@ -20,14 +20,16 @@ import time
 from typing import Any
 
 from ..config import Config
-from ..errors import PoolError, TransportError
+from ..errors import ProtocolMismatch, TransportError
 from ..transport import Transport
-from .base import Pool, WorkerHandle, check_protocol, wait_answering, worker_token
+from .base import Incarnation, Pool, WorkerHandle, check_protocol, wait_answering, worker_token
 from .docker import IN_WORK, container_user
 
 log = logging.getLogger("dropq.pool.compose")
 
 COMPOSE_ROLE = "compose-worker"
+#: what to do about a replica of an older protocol: compose, not the daemon, makes the replicas
+_PROTOCOL_TODO = "rebuild its image with `dropq image build` and recreate the compose service"
 
 
 class ComposePool(Pool):
@@ -115,11 +117,14 @@ class ComposePool(Pool):
         gone = lambda: self._stopping.is_set() or host not in self._handles  # noqa: E731
         if wait_answering(handle.transport, time.monotonic() + limit, give_up=gone, max_delay=0.5):
             try:
-                check_protocol(host, handle.transport.health(timeout=5.0),
-                               hint="rebuild its image with `dropq image build` and recreate the compose service")
-            except (PoolError, TransportError) as exc:
+                check_protocol(host, handle.transport.health(timeout=5.0), todo=_PROTOCOL_TODO)
+            except TransportError as exc:
                 log.error("worker %s: %s", host, exc)
                 return
+            except ProtocolMismatch as exc:
+                # ready all the same: its slot's ensure() meets the mismatch too, and reports the worker
+                # broken with this reason where `dropq workers` and the dashboard show it
+                log.error("%s", exc)
             ready.set()
             self._changed()
         elif not gone():
@@ -178,11 +183,11 @@ class ComposePool(Pool):
         with self._lock:
             return name in self._retired
 
-    def detail(self, name: str, health: dict[str, Any]) -> str:
+    def detail(self, name: str, health: Incarnation) -> str:
         with self._lock:
             return f"container {self._ids.get(name, '?')[:12]}"
 
-    def ensure(self, name: str, *, timeout: float | None = None) -> dict[str, Any] | None:
+    def ensure(self, name: str, *, timeout: float | None = None) -> Incarnation | None:
         while not self._stopping.is_set():
             with self._lock:
                 handle, ready = self._handles.get(name), self._ready.get(name)
@@ -203,7 +208,8 @@ class ComposePool(Pool):
                             name, exc)
                 ready.clear()
                 continue
-            return {**health, "pid": self._ids.get(name)}
+            check_protocol(name, health, todo=_PROTOCOL_TODO)
+            return Incarnation(health=health, id=self._ids.get(name, ""))  # the container id names it
         return None
 
     def stop(self) -> None:

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dropq_worker.protocol import PROTOCOL, Health
+
 from ..config import Config
-from ..errors import DaemonRunning, PoolError, TransportError
+from ..errors import DaemonRunning, PoolError, ProtocolMismatch, TransportError
 from ..transport import Transport
-from .base import RestartingPool, WorkerHandle, check_protocol, speaks_our_protocol, wait_answering, worker_token
+from .base import Incarnation, RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.docker")
 
@@ -125,6 +127,9 @@ class DockerPool(RestartingPool):
         self._events: Any = None
         self._watcher: threading.Thread | None = None
         self.keeps_jobs_running = self.settings.on_shutdown == "leave"
+        # containers are made from the image only when replaced, so a rebuild needs a restart to take
+        self._protocol_todo = (f"the image {self.settings.image} is out of date: rebuild it with "
+                               "`dropq image build`, then restart dropq")
 
     def describe(self) -> str:
         return f"docker ({self.settings.image})"
@@ -183,9 +188,9 @@ class DockerPool(RestartingPool):
                 except TransportError:
                     pass
                 else:
-                    if not speaks_our_protocol(health):
-                        log.info("worker %s: container %s runs another version of the worker; replacing it",
-                                 name, container.short_id)
+                    if health.protocol != PROTOCOL:  # left by the dropq this one replaced
+                        log.info("worker %s: container %s speaks protocol %d, this daemon %d; replacing it",
+                                 name, container.short_id, health.protocol, PROTOCOL)
                         container.remove(force=True)
                         continue
                     self._ids[name] = container.id
@@ -235,8 +240,7 @@ class DockerPool(RestartingPool):
     def _wait_answering(self, name: str, deadline: float) -> None:
         transport = self._handles[name].transport
         if wait_answering(transport, deadline):
-            check_protocol(name, transport.health(timeout=5.0),
-                           hint=f"the image {self.settings.image} is out of date: rebuild it with `dropq image build`")
+            check_protocol(name, transport.health(timeout=5.0), todo=self._protocol_todo)
             self._ready[name].set()
             return
         logs = self._container_logs(name)
@@ -266,10 +270,10 @@ class DockerPool(RestartingPool):
             if not self._stopping.is_set():
                 log.error("lost the Docker event stream (%s); deaths are now noticed by health checks", exc)
 
-    def _incarnation(self, name: str, health: dict[str, Any]) -> dict[str, Any]:
-        return {**health, "pid": self._ids.get(name)}  # the container id names the incarnation
+    def _incarnation(self, name: str, health: Health) -> Incarnation:
+        return Incarnation(health=health, id=self._ids.get(name, ""))  # the container id names it
 
-    def detail(self, name: str, health: dict[str, Any]) -> str:
+    def detail(self, name: str, health: Incarnation) -> str:
         return f"container {self._ids.get(name, '?')[:12]}"  # the full 64-character id overflows the dashboard
 
     def _restart(self, name: str) -> None:
@@ -284,7 +288,11 @@ class DockerPool(RestartingPool):
             self._create(name)
             self._wait_answering(name, time.monotonic() + 60)
         except PoolError as exc:
-            log.error("worker %s: %s", name, exc)
+            # a mismatch names the worker already; ensure() then meets it and the slot reports it
+            if isinstance(exc, ProtocolMismatch):
+                log.error("%s", exc)
+            else:
+                log.error("worker %s: %s", name, exc)
             time.sleep(5)  # do not spin against a broken engine or image; ensure() will try again
             self._ready[name].set()
             return

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from ..errors import PoolError, TransportError
+from ..errors import PoolError, ProtocolMismatch, TransportError
 from ..transport import Transport
-from .base import RestartingPool, WorkerHandle, speaks_our_protocol, wait_answering, worker_token
+from .base import RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.local")
 
@@ -100,12 +100,15 @@ class LocalPool(RestartingPool):
             return False
         try:
             health = handle.transport.health(timeout=2.0)
-            proc = _Proc(int(health["pid"]), None)
-        except (TransportError, KeyError, ValueError, ProcessLookupError):
+            proc = _Proc(health.pid, None)
+        except (TransportError, ProcessLookupError):
             return False
-        if not speaks_our_protocol(health):  # left by the dropq this one replaced
-            log.info("worker %s: process %d runs another version of the worker; replacing it", name, proc.pid)
+        try:
+            check_protocol(name, health)
+        except ProtocolMismatch as exc:  # left by the dropq this one replaced: ours speaks our protocol
+            log.warning("%s; replacing its process %d by one of this version", exc, proc.pid)
             proc.signal(signal.SIGTERM)
+            proc.close()
             return False
         with self._lock:
             self._procs[name] = proc

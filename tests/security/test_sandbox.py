@@ -15,6 +15,7 @@ import pytest
 from conftest import DaemonProcess, Workspace
 from dropq.errors import TransportError
 from dropq.transport import Transport
+from dropq_worker.protocol import PROTOCOL
 from helpers import record_attack
 
 pytestmark = pytest.mark.docker
@@ -217,7 +218,7 @@ def test_api_calls_from_the_host_without_or_with_a_wrong_token_are_refused(sandb
     assert refused == 2 and mode == 0o600 and token.stat().st_mode & 0o777 == 0o600
     right = Transport(socket_path=sock, token=token.read_text())
     try:
-        assert right.health()["ok"] is True
+        assert right.health().protocol == PROTOCOL
     except TransportError as exc:  # pragma: no cover - a failure message, not a branch
         raise AssertionError(exc) from exc
     finally:

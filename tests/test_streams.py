@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.balancer import outcome_of
 from dropq.streams import last_line
+from dropq_worker.protocol import JobState, Outcome, Report
 from helpers import dropq, dropq_json
 
 MISSING = "ModuleNotFoundError: No module named 'dropq_no_such_module'"
@@ -61,12 +63,18 @@ def test_invalid_utf8_becomes_replacement_characters(tmp_path: Path) -> None:
      "the program exited with code 1: a file reached the limit"),
     ({"outcome": "exited", "exit_code": 0}, None),
 ])
-def test_outcome_ends_a_failure_with_the_last_words(status: dict[str, object], error: str | None) -> None:
-    assert outcome_of(status, None, last_words=MISSING)["error"] == error
+def test_outcome_ends_a_failure_with_the_last_words(status: dict[str, Any], error: str | None) -> None:
+    assert outcome_of(_report(**status), None, last_words=MISSING)["error"] == error
 
 
 def test_outcome_without_last_words_is_as_before() -> None:
-    assert outcome_of({"outcome": "exited", "exit_code": 1}, None)["error"] == "the program exited with code 1"
+    assert outcome_of(_report(outcome="exited", exit_code=1), None)["error"] == "the program exited with code 1"
+
+
+def _report(*, outcome: str, **details: Any) -> Report:
+    """A finished job's report, as the worker sends it."""
+    return Report(key="k1-1", state=JobState.RUNNING, started_at=1.0).ended(Outcome(outcome), finished_at=2.0,
+                                                                            **details)
 
 
 @pytest.mark.parametrize("pool", ["local", pytest.param("docker", marks=pytest.mark.docker)])

@@ -45,3 +45,7 @@ class UnknownJob(TransportError):
 
 class DaemonRunning(DropqError):
     """Another daemon already holds this state directory."""
+
+
+class EngineUnavailable(DropqError):
+    """No Docker engine answers where DOCKER_HOST (or the default socket) says one is."""

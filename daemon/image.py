@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import DropqError
+from .engine import engine_client
+from .errors import DropqError, EngineUnavailable
 
 log = logging.getLogger("dropq.image")
 
@@ -42,14 +43,10 @@ def source_digest(folder: Path = WORKER_DIR) -> str:
 
 
 def _client() -> Any:
-    import docker
-
     try:
-        client = docker.from_env(timeout=600)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - the SDK raises several kinds when no engine answers
-        raise ImageError(f"no Docker engine answers: {exc}") from None
-    return client
+        return engine_client(timeout=600)
+    except EngineUnavailable as exc:
+        raise ImageError(str(exc)) from None
 
 
 def image_is_current(client: Any, tag: str) -> bool:

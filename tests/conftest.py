@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import processes_mentioning, remove_containers  # noqa: E402
+from helpers import engine, processes_mentioning, remove_containers  # noqa: E402
 
 WORKER_IMAGE = "dropq-worker:latest"
 
@@ -52,7 +52,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                                                   for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
-def _skip_or_fail(reason: str) -> None:
+def _skip_or_fail(reason: str) -> NoReturn:
     # Docker tests may skip on a machine without an engine, but CI (DROPQ_REQUIRE_DOCKER=1) must see
     # them fail instead: a skipped sandbox test proves nothing.
     if os.environ.get("DROPQ_REQUIRE_DOCKER") == "1":
@@ -63,22 +63,20 @@ def _skip_or_fail(reason: str) -> None:
 @pytest.fixture(scope="session")
 def docker_image() -> str:
     """The worker image on a real engine, built (offline) when missing or out of date."""
-    try:
-        import docker
-
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - whatever the reason, there is no engine to test on
-        _skip_or_fail(f"no Docker engine answers ({type(exc).__name__})")
+    client = engine()
+    if client is None:
+        _skip_or_fail("no Docker engine answers")
     from dropq.errors import DropqError
     from dropq.image import build, image_is_current
 
-    if not image_is_current(client, WORKER_IMAGE):
-        try:
-            build(WORKER_IMAGE, offline=True)
-        except DropqError as exc:
-            _skip_or_fail(f"the worker image could not be built: {exc}")
-    client.close()
+    try:
+        if not image_is_current(client, WORKER_IMAGE):
+            try:
+                build(WORKER_IMAGE, offline=True)
+            except DropqError as exc:
+                _skip_or_fail(f"the worker image could not be built: {exc}")
+    finally:
+        client.close()
     return WORKER_IMAGE
 
 

@@ -39,26 +39,38 @@ def dropq_json(config: Path, *args: str) -> Any:
     return json.loads(done.stdout)
 
 
+def engine() -> Any | None:
+    """A client of the Docker engine (the caller closes it), or None when no engine answers.
+
+    Tests reach the engine only through here: docker-py itself leaks its socket when no engine answers
+    (docker/docker-py#3356), which pytest's filterwarnings=error turns into an error in a later test."""
+    from dropq.engine import engine_client
+    from dropq.errors import EngineUnavailable
+
+    try:
+        return engine_client(timeout=10)
+    except EngineUnavailable:
+        return None
+
+
 def remove_containers(state: Path) -> int:
     """Remove the worker containers of the daemon whose state directory is `state` (by label)."""
+    client = engine()
+    if client is None:
+        return 0  # no engine: nothing of ours can be running on it
     try:
-        import docker
-
-        client = docker.from_env(timeout=10)
         found = client.containers.list(all=True, filters={"label": f"io.dropq.state={state.resolve()}"})
-    except Exception:  # noqa: BLE001 - no engine: nothing of ours can be running on it
-        return 0
-    for container in found:
-        container.remove(force=True)
-    client.close()
+        for container in found:
+            container.remove(force=True)
+    finally:
+        client.close()
     return len(found)
 
 
 def containers_of(state: Path) -> dict[str, Any]:
     """The running worker containers of the daemon on `state`, by worker name."""
-    import docker
-
-    client = docker.from_env(timeout=10)
+    client = engine()
+    assert client is not None, "no Docker engine answers"
     found = client.containers.list(filters={"label": f"io.dropq.state={state.resolve()}"})
     return {c.labels["io.dropq.worker"]: c for c in found}
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import PoolError, TransportError
+from ..engine import engine_client
+from ..errors import EngineUnavailable, PoolError, TransportError
 from ..transport import Transport
 from .base import RestartingPool, WorkerHandle, check_protocol, speaks_our_protocol, wait_answering, worker_token
 
@@ -32,14 +33,12 @@ IN_PROGRAMS, IN_INPUTS, IN_WORK = "/dropq/programs", "/dropq/inputs", "/dropq/wo
 
 def docker_available(config: Config) -> tuple[bool, str]:
     """Whether the docker pool can run here, and why (or why not), in words for the log."""
-    try:
-        import docker
-        import docker.errors
+    import docker.errors
 
-        client = docker.from_env(timeout=5)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure to reach an engine means: use local
-        return False, f"no Docker engine answers ({type(exc).__name__})"
+    try:
+        client = engine_client(timeout=5)
+    except EngineUnavailable as exc:  # whatever the reason, there is no engine: use local
+        return False, str(exc)
     image = config.workers.docker.image
     try:
         client.images.get(image)

@@ -80,6 +80,14 @@ def docker_image() -> str:
     return WORKER_IMAGE
 
 
+def _merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -88,9 +96,7 @@ class Workspace:
         self.programs = root / "programs"
         self.state = root / "state"
         self.config = root / "config.yaml"
-
-    def configure(self, **overrides: Any) -> None:
-        data: dict[str, Any] = {
+        self.settings: dict[str, Any] = {
             "workers": {"pool": "local", "count": 2},
             "intake": {"rescan": 1, "settle": 0.5, "input_grace": 2},
             "jobs": {"kill_grace": 1},
@@ -99,12 +105,14 @@ class Workspace:
             # a free port each: tests run daemons side by side, and never on the operator's 8787
             "http": {"port": 0},
         }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        self.config.write_text(yaml.safe_dump(data))
+
+    def configure(self, **overrides: Any) -> None:
+        """Merge `overrides` into the current settings (at any depth) and write config.yaml.
+
+        Merged, never rebuilt from the defaults: a fixture's settings (the docker pool of a sandbox
+        test) must survive a test's own `configure(jobs=...)`."""
+        _merge(self.settings, overrides)
+        self.config.write_text(yaml.safe_dump(self.settings))
 
     def drop(self, name: str, manifest: dict[str, Any] | str) -> Path:
         """Drop a manifest the way `dropq submit` does: write a dotfile, rename it in."""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -51,6 +54,48 @@ def engine() -> Any | None:
         return engine_client(timeout=10)
     except EngineUnavailable:
         return None
+
+
+class PipeLines:
+    """The lines of a child's output pipe, read by a thread as they come.
+
+    A test waits for one line with a timeout, then takes the rest. Never mix readline() on the pipe with
+    communicate(): the text wrapper's buffer already holds lines that communicate() never sees."""
+
+    def __init__(self, pipe: IO[bytes] | None) -> None:
+        assert pipe is not None, "the child's stream must be subprocess.PIPE"
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        with pipe:
+            for line in pipe:
+                self._lines.put(line.decode())
+        self._lines.put(None)  # end of the stream
+
+    def next(self, timeout: float) -> str:
+        """The next line; AssertionError if none comes within `timeout` or the stream ends."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout}s") from None
+        assert line is not None, "the stream ended"
+        return line
+
+    def rest(self, timeout: float) -> str:
+        """Every further line, once the stream has ended (within `timeout`)."""
+        deadline = time.monotonic() + timeout
+        out = []
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"the stream did not end within {timeout}s; so far {out}") from None
+            if line is None:
+                self._thread.join()
+                return "".join(out)
+            out.append(line)
 
 
 def remove_containers(state: Path) -> int:

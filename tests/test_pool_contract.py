@@ -18,6 +18,7 @@ import pytest
 from dropq.config import Config
 from dropq.errors import TransportError, UnknownJob, WorkerBusy
 from dropq.pools import Pool, find_staging
+from dropq.transport import Transport
 from helpers import remove_containers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,13 @@ def test_the_transport_reports_a_dead_worker_as_an_error(pool: Pool) -> None:
     health = pool.ensure(worker.name, timeout=30)
     assert health is not None
     pool.stop()
-    if pool.kind == "docker":
-        return  # stop() removed the containers (on_shutdown: remove); nothing is left to ask
+    # stop() ended the worker (the process, or the container with on_shutdown: remove): a new
+    # connection finds no one listening; the pool's own transport refuses after its abort() too
+    fresh = Transport(socket_path=worker.transport.socket_path, token="any")
+    try:
+        with pytest.raises(TransportError):
+            fresh.health(timeout=2)
+    finally:
+        fresh.close()
     with pytest.raises(TransportError):
         worker.transport.health(timeout=2)

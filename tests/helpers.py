@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,6 +41,36 @@ def dropq_json(config: Path, *args: str) -> Any:
     done = dropq(config, *args, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "the condition") -> Any:
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout` seconds.
+    Tests wait for a state this way, never with a fixed sleep that hopes the state has come."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def job_status(config: Path, job_id: str) -> str | None:
+    """The job's status in the store (through `dropq show`), or None while it has no record yet."""
+    shown = dropq(config, "show", job_id, "--json")
+    return str(json.loads(shown.stdout)["status"]) if shown.returncode == 0 else None
+
+
+def wait_for_status(config: Path, job_id: str, *statuses: str, timeout: float = 30.0) -> str:
+    """Wait until the job `job_id` is in one of `statuses`; the status it reached."""
+    return str(wait_until(lambda: (s := job_status(config, job_id)) in statuses and s, timeout=timeout,
+                          what=f"{job_id} to be {' or '.join(statuses)}"))
+
+
+def meta(config: Path, key: str) -> str:
+    """One of the daemon's published figures (`dropq status --json`'s daemon section)."""
+    return str(dropq_json(config, "status")["daemon"].get(key, ""))
 
 
 def engine() -> Any | None:

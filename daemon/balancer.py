@@ -33,10 +33,6 @@ log = logging.getLogger("dropq.balancer")
 POLL_WAIT = 30.0
 
 
-class WorkerLost(Exception):
-    """The worker running a job died or restarted; the job must be retried elsewhere."""
-
-
 class Balancer:
     def __init__(self, *, config: Config, store: Store, pool: Pool, outbox: Outbox,
                  now: Callable[[], float] = time.time) -> None:
@@ -122,7 +118,7 @@ class Balancer:
                 remove_tree(worker.inputs_dir / key)
                 # no DELETE to make the worker forget it: keys are per attempt, and the worker keeps
                 # only its last 64 results anyway; one request less per job
-            except Exception:  # noqa: BLE001 - the job stays committing; the next start publishes it
+            except Exception:  # the job stays committing; the next start publishes it
                 log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
 
     def cancel(self, job_id: str) -> str:
@@ -177,7 +173,7 @@ class Balancer:
                     return
                 if not self._run(worker, ready, health):
                     health = None
-        except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
+        except Exception:  # a slot that dies silently would strand its worker
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
             self._broken.add(worker.name)
             self.store.set_worker(worker.name, "broken", detail="see the daemon's log")

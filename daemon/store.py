@@ -159,7 +159,7 @@ class Store:
         marks = ",".join("?" * len(statuses))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq LIMIT ?",  # noqa: S608 - marks only
+                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq LIMIT ?",  # formats in `?` marks only
                 (*[s.value for s in statuses], limit),
             ).fetchall()
         return [JobRecord.from_row(r) for r in rows]
@@ -176,9 +176,9 @@ class Store:
         if statuses:
             where = f"WHERE status IN ({','.join('?' * len(statuses))})"
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",  # noqa: S608
+            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                     (*params, limit, offset)).fetchall()
-            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()[0]  # noqa: S608
+            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()[0]
         return [JobRecord.from_row(r) for r in rows], int(total)
 
     def finished_per_minute(self, since: float) -> list[tuple[int, str, int]]:
@@ -273,7 +273,7 @@ class Store:
         marks = ",".join("?" * len(allowed))
         with self._tx() as db:
             cur = db.execute(
-                f"UPDATE jobs SET status = ?, {sets} WHERE id = ? AND status IN ({marks})",  # noqa: S608
+                f"UPDATE jobs SET status = ?, {sets} WHERE id = ? AND status IN ({marks})",
                 (target.value, *fields.values(), job_id, *allowed),
             )
             if cur.rowcount != 1:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,7 +37,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     from helpers import FAULT_ROWS, SECURITY_ROWS
 
-    tables = [
+    tables: list[tuple[str, Sequence[tuple[Any, ...]], tuple[str, ...]]] = [
         ("fault injection: every job must be committed exactly once", FAULT_ROWS,
          ("fault", "submitted", "faults", "committed", "lost", "duplicated", "stuck")),
         ("security: every attack must be contained", SECURITY_ROWS, ("attack", "tried", "contained", "escaped")),
@@ -176,7 +176,7 @@ class DaemonProcess:
               run_args: tuple[str, ...] = ()) -> DaemonProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._offset = self.log.stat().st_size if self.log.exists() else 0
-        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_fh = open(self.log, "ab")  # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dropq", "--config", str(self.ws.config), "run", *run_args],
             stdout=self._log_fh, stderr=subprocess.STDOUT, cwd=self.ws.root, env={**os.environ, **(env or {})},

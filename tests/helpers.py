@@ -117,7 +117,7 @@ class PipeLines:
     def rest(self, timeout: float) -> str:
         """Every further line, once the stream has ended (within `timeout`)."""
         deadline = time.monotonic() + timeout
-        out = []
+        out: list[str] = []
         while True:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))

@@ -183,7 +183,7 @@ def test_manifests_present_at_start_are_taken_at_once_unless_a_writer_has_them_o
         workspace: Workspace, daemon: DaemonProcess) -> None:
     workspace.configure(intake={"settle": 30, "rescan": 30})
     workspace.drop("ready.yaml", {"program": "echo", "args": ["ready"]})  # just now: not settled
-    held = open(workspace.inbox / "held.yaml", "w")  # noqa: SIM115 - closed below, while the daemon runs
+    held = open(workspace.inbox / "held.yaml", "w")  # closed below, while the daemon runs
     try:
         held.write("program: echo\n")
         held.flush()

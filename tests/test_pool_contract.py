@@ -50,8 +50,10 @@ def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
 
 
 def kill(pool: Pool, name: str, health: dict[str, object]) -> None:
-    if pool.kind == "docker":
-        pool.client.containers.get(str(health["pid"])).kill()  # type: ignore[attr-defined]
+    from dropq.pools.docker import DockerPool
+
+    if isinstance(pool, DockerPool):
+        pool.client.containers.get(str(health["pid"])).kill()
     else:
         os.kill(int(str(health["pid"])), signal.SIGKILL)
 

@@ -263,6 +263,3 @@ class DockerPool(RestartingPool):
         else:
             log.info("leaving %d worker container(s) running for the next start to adopt", len(self._ids))
         self.client.close()
-
-    def container_ids(self) -> dict[str, str]:
-        return dict(self._ids)

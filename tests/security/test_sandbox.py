@@ -231,10 +231,10 @@ def test_api_calls_from_the_host_without_or_with_a_wrong_token_are_refused(sandb
         refused += status == 401
     assert not (sandbox.state / "workers" / "w1" / "work" / "jobs" / "evil").exists(), "no side effect"
     mode = os.stat(sock).st_mode & 0o777
-    token = (sandbox.state / "workers" / "w1" / "token")
+    token_file = sandbox.state / "workers" / "w1" / "token"
     record_attack("worker API without or with a wrong token", 2, refused)
-    assert refused == 2 and mode == 0o600 and token.stat().st_mode & 0o777 == 0o600
-    right = Transport(socket_path=sock, token=token.read_text())
+    assert refused == 2 and mode == 0o600 and token_file.stat().st_mode & 0o777 == 0o600
+    right = Transport(socket_path=sock, token=token_file.read_text())
     try:
         assert right.health()["ok"] is True
     except TransportError as exc:  # pragma: no cover - a failure message, not a branch

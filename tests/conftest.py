@@ -52,6 +52,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                                                   for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With DROPQ_REQUIRE_ALL=1 (CI sets it), a test that skips fails instead: CI installs every tool a
+    test needs (Docker, debootstrap, GNU parallel, systemd-analyze, chromium), so a skip there means a
+    test silently stopped testing anything."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and os.environ.get("DROPQ_REQUIRE_ALL") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"DROPQ_REQUIRE_ALL=1, but the test skipped: {reason}"
+
+
 def _skip_or_fail(reason: str) -> NoReturn:
     # Docker tests may skip on a machine without an engine, but CI (DROPQ_REQUIRE_DOCKER=1) must see
     # them fail instead: a skipped sandbox test proves nothing.

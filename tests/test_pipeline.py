@@ -168,8 +168,10 @@ def test_a_manifest_written_slowly_in_place_is_not_read_early(workspace: Workspa
     with open(path, "w") as fh:
         fh.write("program: echo\n")
         fh.flush()
-        # longer than the settle time and the rescan interval: only the close may release it
-        time.sleep(2.5)
+        # two rescans later (a second apart, so past the 0.5 s settle time too) the writer still has it
+        # open: only its close may release it
+        rescans = int(meta(workspace.config, "watcher_rescans"))
+        wait_until(lambda: int(meta(workspace.config, "watcher_rescans")) >= rescans + 2, what="two rescans")
         assert not (workspace.outbox / "typed").exists()
         assert path.exists(), "the manifest must not be claimed while its writer has it open"
         fh.write("args: [typed, slowly]\n")

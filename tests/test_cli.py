@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from conftest import DaemonProcess, Workspace
-from helpers import PipeLines, dropq, dropq_json
+from helpers import PipeLines, dropq, dropq_json, wait_until
 
 
 def wait_until_running(workspace: Workspace, job_id: str, timeout: float = 30.0) -> None:
@@ -92,6 +92,9 @@ def test_a_second_daemon_on_the_same_state_refuses_to_start(workspace: Workspace
 def test_logs_follow_prints_output_while_the_job_runs(workspace: Workspace, daemon: DaemonProcess) -> None:
     daemon.start()
     workspace.drop("tick.yaml", {"program": "ticker", "args": ["15", "0.2"]})
+    # follow from the middle: the lines already written arrive as one burst, then the live ones
+    # (a burst is what a reader that drops buffered lines loses)
+    wait_until(lambda: dropq(workspace.config, "logs", "tick").stdout.count("\n") >= 3, what="3 lines written")
     follow = subprocess.Popen([sys.executable, "-m", "dropq", "--config", str(workspace.config), "logs", "tick",
                                "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

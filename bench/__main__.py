@@ -62,7 +62,7 @@ class Bench:
         self.watch: _Renames | None = None
 
     def start(self) -> float:
-        self.log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.root / "daemon.log", "ab")  # closed in stop()
         started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "dropq", "-c", str(self.root / "config.yaml"), "run"],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -38,10 +38,6 @@ POLL_WAIT = 30.0
 SETTLE_WAIT = 30.0
 
 
-class WorkerLost(Exception):
-    """The worker running a job died or restarted; the job must be retried elsewhere."""
-
-
 class Balancer:
     def __init__(self, *, config: Config, store: Store, pool: Pool, outbox: Outbox,
                  now: Callable[[], float] = time.time) -> None:
@@ -128,7 +124,7 @@ class Balancer:
                 remove_tree(worker.inputs_dir / key)
                 # no DELETE to make the worker forget it: keys are per attempt, and the worker keeps
                 # only its last 64 results anyway; one request less per job
-            except Exception as exc:  # noqa: BLE001 - the job stays committing; the next start publishes it
+            except Exception as exc:  # the job stays committing; the next start publishes it
                 log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
                 # the daemon is unhealthy from here: the systemd watchdog is no longer fed, and the restart
                 # retries the commit (or, if the workspace cannot take renames, refuses to start with why)
@@ -178,7 +174,7 @@ class Balancer:
                 self._serve(worker)
                 if self._leave(worker):
                     return
-        except Exception:  # noqa: BLE001 - a slot that dies silently would strand its worker
+        except Exception:  # a slot that dies silently would strand its worker
             log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
             self._broken.add(worker.name)
             self.store.set_worker(worker.name, WorkerState.BROKEN, detail="see the daemon's log")

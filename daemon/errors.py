@@ -62,3 +62,7 @@ class DaemonRunning(DropqError):
 
 class NoDaemon(DropqError):
     """No daemon runs on the configuration's state folder, so a job waited for could never end."""
+
+
+class EngineUnavailable(DropqError):
+    """No Docker engine answers where DOCKER_HOST (or the default socket) says one is."""

@@ -23,7 +23,8 @@ from typing import Any
 
 import dropq_worker
 
-from .errors import DropqError
+from .engine import engine_client
+from .errors import DropqError, EngineUnavailable
 
 log = logging.getLogger("dropq.image")
 
@@ -78,14 +79,10 @@ def _context(into: Path) -> Path:
 
 
 def _client() -> Any:
-    import docker
-
     try:
-        client = docker.from_env(timeout=600)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - the SDK raises several kinds when no engine answers
-        raise ImageError(f"no Docker engine answers: {exc}") from None
-    return client
+        return engine_client(timeout=600)
+    except EngineUnavailable as exc:
+        raise ImageError(str(exc)) from None
 
 
 def image_is_current(client: Any, tag: str) -> bool:
@@ -172,7 +169,7 @@ def build_debian_base(client: Any, tag: str, *, mirror: str) -> None:
                  ", ".join(BASE_PACKAGES))
         cmd = [debootstrap, "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "bookworm",
                str(rootfs), mirror]
-        done = subprocess.run(cmd, capture_output=True, text=True)  # noqa: S603
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
             raise ImageError(f"debootstrap failed ({done.returncode}):\n{tail}")
@@ -180,7 +177,7 @@ def build_debian_base(client: Any, tag: str, *, mirror: str) -> None:
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             shutil.rmtree(rootfs / junk, ignore_errors=True)
         archive = Path(tmp) / "rootfs.tar"
-        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(archive), "."], check=True)  # noqa: S603, S607
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(archive), "."], check=True)
         repository, _, version = tag.partition(":")
         log.info("importing the root filesystem as %s", tag)
         client.api.import_image(src=str(archive), repository=repository, tag=version or "latest")

@@ -118,7 +118,7 @@ class Intake:
                 if self._heartbeat is not None:
                     self._heartbeat()
                 self._handle(item)
-            except Exception:  # noqa: BLE001 - one bad file must never stop the intake
+            except Exception:  # one bad file must never stop the intake
                 log.exception("intake failed on %r; it will be retried at the next rescan", item)
 
     def _handle(self, item: _Offer | str) -> None:

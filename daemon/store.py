@@ -141,7 +141,7 @@ class Store:
         marks = ",".join("?" * len(statuses))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq LIMIT ?",  # noqa: S608 - marks only
+                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq LIMIT ?",  # formats in `?` marks only
                 (*[s.value for s in statuses], limit),
             ).fetchall()
         return [JobRecord.from_row(r) for r in rows]
@@ -164,9 +164,9 @@ class Store:
             params.append(since)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",  # noqa: S608
+            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                     (*params, limit, offset)).fetchall()
-            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()[0]  # noqa: S608
+            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()[0]
         return [JobRecord.from_row(r) for r in rows], int(total)
 
     def finished_per_minute(self, since: float) -> list[tuple[int, str, int]]:
@@ -261,7 +261,7 @@ class Store:
         marks = ",".join("?" * len(allowed))
         with self._tx() as db:
             cur = db.execute(
-                f"UPDATE jobs SET status = ?, {sets} WHERE id = ? AND status IN ({marks})",  # noqa: S608
+                f"UPDATE jobs SET status = ?, {sets} WHERE id = ? AND status IN ({marks})",
                 (target.value, *fields.values(), job_id, *allowed),
             )
             if cur.rowcount != 1:

@@ -1,5 +1,5 @@
-"""How a request reaches a worker: HTTP/1.1 over a Unix socket (local and docker pools) or TCP with a
-bearer token (swarm and static pools). The balancer sees neither, only `Transport`.
+"""How a request reaches a worker: HTTP/1.1 over a Unix socket on the shared mount, with a bearer token.
+The balancer sees only `Transport`.
 
 Built on http.client rather than requests: one persistent keep-alive connection per caller thread,
 no Unix-socket adapter to bolt on, and a few hundred microseconds less per call on the hot path.
@@ -40,12 +40,8 @@ class _UnixConnection(http.client.HTTPConnection):
 class Transport:
     """A worker's address. Thread-safe: each thread keeps its own connection."""
 
-    def __init__(self, *, socket_path: str | None = None, url: str | None = None, token: str | None = None,
-                 timeout: float = 10.0) -> None:
-        if (socket_path is None) == (url is None):
-            raise ValueError("give exactly one of socket_path and url")
+    def __init__(self, *, socket_path: str, token: str | None = None, timeout: float = 10.0) -> None:
         self.socket_path = socket_path
-        self.url = url
         # the same for every request: built once. The protocol header lets the worker refuse a daemon
         # of another version before it reads the body.
         self._headers = {"Content-Type": "application/json", HEADER: str(PROTOCOL)}
@@ -58,17 +54,12 @@ class Transport:
         self._aborted = False
 
     def __repr__(self) -> str:
-        return f"Transport({self.socket_path or self.url})"
+        return f"Transport({self.socket_path})"
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self.socket_path is not None:
-                conn = _UnixConnection(self.socket_path, timeout)
-            else:
-                assert self.url is not None
-                host = self.url.split("://", 1)[-1].rstrip("/")
-                conn = http.client.HTTPConnection(host, timeout=timeout)
+            conn = _UnixConnection(self.socket_path, timeout)
             self._local.conn = conn
             with self._open_lock:
                 self._open.add(conn)

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from conftest import DaemonProcess, Workspace
-from helpers import dropq, dropq_json
+from helpers import PipeLines, dropq, dropq_json, wait_until
 
 
 def wait_until_running(workspace: Workspace, job_id: str, timeout: float = 30.0) -> None:
@@ -94,19 +94,23 @@ def test_a_second_daemon_on_the_same_state_refuses_to_start(workspace: Workspace
 def test_logs_follow_prints_output_while_the_job_runs(workspace: Workspace, daemon: DaemonProcess) -> None:
     daemon.start()
     workspace.drop("tick.yaml", {"program": "ticker", "args": ["15", "0.2"]})
+    # follow from the middle: the lines already written arrive as one burst, then the live ones
+    # (a burst is what a reader that drops buffered lines loses)
+    wait_until(lambda: dropq(workspace.config, "logs", "tick").stdout.count("\n") >= 3, what="3 lines written")
     follow = subprocess.Popen([sys.executable, "-m", "dropq", "--config", str(workspace.config), "logs", "tick",
-                               "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert follow.stdout is not None
-        assert follow.stdout.readline() == "tick 1 of 15\n"
+        out, err = PipeLines(follow.stdout), PipeLines(follow.stderr)
+        assert out.next(timeout=30) == "tick 1 of 15\n"
         # the first line arrived while the program still had 14 to print
         assert dropq_json(workspace.config, "show", "tick")["status"] == "running"
-        rest, err = follow.communicate(timeout=60)
+        rest, errors = out.rest(timeout=60), err.rest(timeout=60)
+        assert follow.wait(timeout=30) == 0
     finally:
         follow.kill()
-    assert follow.returncode == 0
+        follow.wait()
     assert rest == "".join(f"tick {n} of 15\n" for n in range(2, 16))
-    assert err == "ticker: done\n"
+    assert errors == "ticker: done\n"
     assert dropq(workspace.config, "logs", "tick", "--stderr").stdout == ""
 
 

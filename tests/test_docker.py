@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from helpers import containers_of, dropq_json
+from helpers import containers_of, dropq_json, engine
 
 pytestmark = pytest.mark.docker
 
@@ -172,7 +172,8 @@ def test_a_rebuild_removes_the_image_it_replaced(docker_image: str) -> None:
 
     from dropq.image import build
 
-    client = docker.from_env(timeout=120)
+    client = engine()
+    assert client is not None
     tag = "dropq-test-rebuild:latest"
     # an out-of-date image under the tag: any image without the current worker source's label
     tar = io.BytesIO()

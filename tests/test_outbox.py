@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from dropq_worker.protocol import Staging
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Store, Outbox, Path]:
+def setup(tmp_path: Path) -> Iterator[tuple[Store, Outbox, Path]]:
     store = Store(tmp_path / "db.sqlite3")
     outbox = Outbox(root=tmp_path / "outbox", spool=tmp_path / "spool", store=store)
     (tmp_path / "outbox").mkdir()

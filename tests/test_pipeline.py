@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from helpers import dropq, dropq_json
+from helpers import dropq, dropq_json, meta, wait_for_status, wait_until
 
 
 def worker_pid_running(ws: Workspace, job_id: str, timeout: float = 10.0) -> int:
@@ -140,7 +140,7 @@ def test_an_input_that_arrives_after_its_manifest_is_waited_for(workspace: Works
                                                                 daemon: DaemonProcess) -> None:
     daemon.start()
     workspace.drop("late.yaml", {"program": "wordcount", "input": "data/late.txt"})
-    time.sleep(0.7)
+    wait_for_status(workspace.config, "late", "waiting")  # claimed, and held for its input
     assert not (workspace.outbox / "late").exists()
     workspace.put("data/late.txt", "late words\n")
     result = workspace.wait_results(1)["late"]
@@ -151,8 +151,9 @@ def test_an_input_that_arrives_after_its_manifest_is_waited_for(workspace: Works
 def test_priority_order_with_one_worker(workspace: Workspace, daemon: DaemonProcess) -> None:
     workspace.configure(workers={"pool": "local", "count": 1})
     daemon.start()
-    workspace.drop("blocker.yaml", {"program": "sleep", "args": ["1.5"]})
-    time.sleep(0.5)  # the blocker occupies the only worker while the rest queue up
+    workspace.drop("blocker.yaml", {"program": "sleep", "args": ["5"]})
+    # the blocker occupies the only worker while the rest queue up
+    wait_for_status(workspace.config, "blocker", "running")
     order = [("low1", 0), ("high1", 9), ("low2", 0), ("mid", 5), ("high2", 9)]
     for name, priority in order:
         workspace.drop(f"{name}.yaml", {"program": "echo", "args": [name], "priority": priority})
@@ -167,8 +168,10 @@ def test_a_manifest_written_slowly_in_place_is_not_read_early(workspace: Workspa
     with open(path, "w") as fh:
         fh.write("program: echo\n")
         fh.flush()
-        # longer than the settle time and the rescan interval: only the close may release it
-        time.sleep(2.5)
+        # two rescans later (a second apart, so past the 0.5 s settle time too) the writer still has it
+        # open: only its close may release it
+        rescans = int(meta(workspace.config, "watcher_rescans"))
+        wait_until(lambda: int(meta(workspace.config, "watcher_rescans")) >= rescans + 2, what="two rescans")
         assert not (workspace.outbox / "typed").exists()
         assert path.exists(), "the manifest must not be claimed while its writer has it open"
         fh.write("args: [typed, slowly]\n")
@@ -182,14 +185,15 @@ def test_manifests_present_at_start_are_taken_at_once_unless_a_writer_has_them_o
         workspace: Workspace, daemon: DaemonProcess) -> None:
     workspace.configure(intake={"settle": 30, "rescan": 30})
     workspace.drop("ready.yaml", {"program": "echo", "args": ["ready"]})  # just now: not settled
-    held = open(workspace.inbox / "held.yaml", "w")  # noqa: SIM115 - closed below, while the daemon runs
+    held = open(workspace.inbox / "held.yaml", "w")  # closed below, while the daemon runs
     try:
         held.write("program: echo\n")
         held.flush()
         daemon.start()
         # well within the 30 s settle time: nothing has it open, so it is complete
         assert workspace.wait_results(1, timeout=15)["ready"]["status"] == "succeeded"
-        time.sleep(1)
+        # the start-up rescan that claimed ready.yaml has decided about held.yaml too (it sorts first),
+        # and the next rescan is 30 s away: its staying in the inbox now is the decision
         assert (workspace.inbox / "held.yaml").exists(), "claimed while a writer still had it open"
         held.write("args: [held, at, start]\n")
     finally:
@@ -206,7 +210,9 @@ def test_dotfiles_and_other_files_are_left_alone(workspace: Workspace, daemon: D
     (workspace.inbox / "draft.yaml~").write_text("program: echo\n")
     workspace.drop("real.yaml", {"program": "echo"})
     workspace.wait_results(1)
-    time.sleep(1.5)  # a rescan passes
+    # two more rescans: one that began after the files were there has finished
+    rescans = int(meta(workspace.config, "watcher_rescans"))
+    wait_until(lambda: int(meta(workspace.config, "watcher_rescans")) >= rescans + 2, what="two rescans")
     assert sorted(os.listdir(workspace.inbox)) == [".hidden.yaml", "draft.yaml~", "notes.txt"]
     assert list(workspace.results()) == ["real"]
 
@@ -236,7 +242,7 @@ def test_a_restart_with_queued_jobs_loses_none_and_runs_none_twice(workspace: Wo
     daemon.start()
     for i in range(8):
         workspace.drop(f"q{i}.yaml", {"program": "sleep", "args": ["0.3"]})
-    time.sleep(1.0)
+    wait_until(lambda: dropq_json(workspace.config, "status")["jobs"].get("succeeded"), what="a first job done")
     assert daemon.stop() == 0, "SIGTERM is a clean exit"
     done_before = set(workspace.results())
     assert len(done_before) < 8, "the restart must happen while jobs are still queued"
@@ -253,12 +259,15 @@ def test_kill_9_of_the_daemon_mid_job_recovers_every_job_exactly_once(workspace:
     workspace.configure(workers={"pool": "local", "count": 2})
     daemon.start()
     for i in range(6):
-        workspace.drop(f"k{i}.yaml", {"program": "sleep", "args": ["0.8"]})
-    time.sleep(1.0)
+        workspace.drop(f"k{i}.yaml", {"program": "sleep", "args": ["3"]})
+    # both workers mid-job, the rest still queued: the moment the kill is about
+    wait_until(lambda: dropq_json(workspace.config, "status")["jobs"].get("running") == 2, what="2 jobs running")
     daemon.kill()
     daemon.start()
     results = workspace.wait_results(6, timeout=60)
-    time.sleep(0.5)
+    # no job is active any more, so no further folder can appear
+    wait_until(lambda: not {"queued", "running", "committing"} & set(dropq_json(workspace.config, "status")["jobs"]),
+               what="an idle store")
     assert sorted(os.listdir(workspace.outbox)) == sorted(f"k{i}" for i in range(6))
     assert all(r["status"] == "succeeded" for r in results.values()), results
     assert "adopted running worker" in daemon.log_text()
@@ -330,10 +339,14 @@ def test_a_backlog_larger_than_max_queued_is_claimed_as_the_queue_drains(workspa
                                                                         daemon: DaemonProcess) -> None:
     workspace.configure(workers={"pool": "local", "count": 2}, intake={"max_queued": 5})
     for i in range(40):
-        workspace.drop(f"bk{i}.yaml", {"program": "echo", "args": [str(i)]})
+        workspace.drop(f"bk{i}.yaml", {"program": "sleep", "args": ["0.1"]})
     daemon.start()
-    time.sleep(0.3)
-    assert len(os.listdir(workspace.inbox)) > 20, "most of the backlog waits in the inbox"
+    # sampled while the backlog drains: never more than max_queued claimed and waiting for a worker
+    queued = []
+    while len(workspace.results()) < 40:
+        queued.append(dropq_json(workspace.config, "status")["jobs"].get("queued", 0))
+        assert len(queued) < 2000, "the backlog did not drain"
+    assert max(queued) <= 5, queued
     results = workspace.wait_results(40, timeout=60)
     assert all(r["status"] == "succeeded" for r in results.values())
     assert "further manifests wait in the inbox until the queue drains" in daemon.log_text()

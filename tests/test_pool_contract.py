@@ -18,6 +18,7 @@ import pytest
 from dropq.config import Config
 from dropq.errors import TransportError, UnknownJob, WorkerBusy
 from dropq.pools import Incarnation, Pool, find_staging
+from dropq.transport import Transport
 from dropq_worker.protocol import PROTOCOL, JobSpec, JobState, Outcome
 from helpers import remove_containers
 
@@ -54,8 +55,10 @@ def spec(key: str, program: str, *args: str, inputs: tuple[str, ...] = ()) -> Jo
 
 
 def kill(pool: Pool, name: str, incarnation: Incarnation) -> None:
-    if pool.kind == "docker":
-        pool.client.containers.get(incarnation.id).kill()  # type: ignore[attr-defined]
+    from dropq.pools.docker import DockerPool
+
+    if isinstance(pool, DockerPool):
+        pool.client.containers.get(incarnation.id).kill()
     else:
         os.kill(incarnation.health.pid, signal.SIGKILL)
 
@@ -113,7 +116,13 @@ def test_the_transport_reports_a_dead_worker_as_an_error(pool: Pool) -> None:
     health = pool.ensure(worker.name, timeout=30)
     assert health is not None
     pool.stop()
-    if pool.kind == "docker":
-        return  # stop() removed the containers (on_shutdown: remove); nothing is left to ask
+    # stop() ended the worker (the process, or the container with on_shutdown: remove): a new
+    # connection finds no one listening; the pool's own transport refuses after its abort() too
+    fresh = Transport(socket_path=worker.transport.socket_path, token="any")
+    try:
+        with pytest.raises(TransportError):
+            fresh.health(timeout=2)
+    finally:
+        fresh.close()
     with pytest.raises(TransportError):
         worker.transport.health(timeout=2)

@@ -134,7 +134,7 @@ def start_worker(root: Path, *, protocol: int, name: str = "w1", folder: Path | 
             "--name", name, "--programs", str(root / "programs"), "--inputs", str(folder / "inputs"),
             "--jobs", str(folder / "jobs"), "--python", sys.executable]
     env = {**os.environ, **({"DROPQ_WORKER_TOKEN": token} if token else {})}
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
     transport = Transport(socket_path=str(folder / "worker.sock"), token=token)
     deadline = time.monotonic() + 30
     try:

@@ -17,9 +17,8 @@ import pytest
 from conftest import DaemonProcess, Workspace
 from dropq.config import Config
 from dropq.errors import LayoutError
-from dropq.service import Daemon
 from dropq.systemd import Notifier, unit_text
-from helpers import dropq
+from helpers import dropq, dropq_json
 
 
 class NotifySocket:
@@ -108,7 +107,7 @@ def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> N
     assert "PrivateTmp=yes" in text
     # the virtualenv is inside the bound workspace; an interpreter under a home (pyenv) is bound read-only
     expected = {str(Path(sys.base_prefix).resolve())} if _interpreter_under_home() else set()
-    bound = next((line.split("=", 1)[1].split() for line in text.splitlines()
+    bound: list[str] = next((line.split("=", 1)[1].split() for line in text.splitlines()
                   if line.startswith("BindReadOnlyPaths=")), [])
     assert set(bound) == expected
 
@@ -183,25 +182,27 @@ def test_a_watchdog_meant_for_another_process_is_ignored(tmp_path: Path) -> None
 
 
 def test_a_daemon_whose_slot_died_stops_feeding_the_watchdog(
-        workspace: Workspace, notify_socket: NotifySocket) -> None:
-    """A real daemon in this process: once a balancer slot has died, no more WATCHDOG=1 (systemd then
-    restarts the service), and STATUS says why."""
-    notifier = Notifier({"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"})
-    daemon = Daemon(Config.load(workspace.config), notifier=notifier)
-    daemon.start()
-    try:
-        notify_socket.wait_for("READY")
-        assert notify_socket.count("WATCHDOG", 1.5) >= 3
-        daemon.balancer._broken.add("w1")  # what a slot's crash handler records
-        said = notify_socket.wait_for("STATUS", timeout=5)
-        while not said["STATUS"].startswith("unhealthy"):
-            said = notify_socket.wait_for("STATUS", timeout=5)
-        assert said["STATUS"] == "unhealthy: the slot of worker(s) w1 failed"
-        notify_socket.messages.clear()
-        assert notify_socket.count("WATCHDOG", 2.0) == 0
-    finally:
-        daemon.stop()
-        notifier.close()
+        workspace: Workspace, daemon: DaemonProcess, notify_socket: NotifySocket) -> None:
+    """Once a balancer slot has really died, no more WATCHDOG=1 (systemd then restarts the service), and
+    STATUS says why. The crash is real: the worker's inputs folder is replaced by a file, so staging the
+    next job's input raises in the slot's thread, as a broken disk or a stray hand in the state folder would."""
+    workspace.configure(workers={"count": 1})
+    daemon.start(wait=False, env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"})
+    notify_socket.wait_for("READY")
+    assert notify_socket.count("WATCHDOG", 1.5) >= 3
+    inputs = workspace.state / "workers" / "w1" / "inputs"
+    shutil.rmtree(inputs)
+    inputs.write_text("not a folder\n")
+    workspace.put("words.txt", "one two\n")
+    workspace.drop("crash.yaml", {"program": "wordcount", "input": "words.txt"})
+    said = notify_socket.wait_for("STATUS", timeout=30)
+    while not said["STATUS"].startswith("unhealthy"):
+        said = notify_socket.wait_for("STATUS", timeout=30)
+    assert said["STATUS"] == "unhealthy: the slot of worker(s) w1 failed"
+    assert "slot w1 failed" in daemon.log_text()
+    assert [w["state"] for w in dropq_json(workspace.config, "workers")] == ["broken"]
+    notify_socket.messages.clear()
+    assert notify_socket.count("WATCHDOG", 2.0) == 0
 
 
 def test_a_daemon_that_cannot_publish_is_unhealthy_and_stops_feeding_the_watchdog(

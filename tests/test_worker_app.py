@@ -18,6 +18,7 @@ from dropq_worker.app import create_app
 from dropq_worker.capture import CappedFile
 from dropq_worker.protocol import PROTOCOL, JobSpec
 from dropq_worker.runner import Runner, Settings, reap_abandoned
+from helpers import wait_until
 
 PROGRAMS = {
     "hello.py": "print('hello', flush=True)\n",
@@ -142,7 +143,15 @@ def test_an_escaped_setsid_grandchild_does_not_outlive_its_job(settings: Setting
     import sys
     import tempfile
 
+    from dropq.errors import TransportError
     from dropq.transport import Transport
+
+    def answers(transport: Transport) -> bool:
+        try:
+            transport.health(timeout=1)
+        except TransportError:
+            return False
+        return True
     from dropq_worker import procs
 
     sock = Path(tempfile.mkdtemp(prefix="dqw-")) / "w.sock"
@@ -151,9 +160,8 @@ def test_an_escaped_setsid_grandchild_does_not_outlive_its_job(settings: Setting
                              "--python", settings.python])
     try:
         transport = Transport(socket_path=str(sock))
-        deadline = time.monotonic() + 20
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # answering, not merely bound: the socket file exists a moment before the server listens
+        wait_until(lambda: sock.exists() and answers(transport), timeout=20, what="the worker to answer")
         transport.start(JobSpec(key="o", job_id="o", program="orphan.py"))
         assert transport.status("o", wait=20).done
         pid = int((settings.jobs / "o.stdout").read_text())

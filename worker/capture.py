@@ -16,7 +16,7 @@ class CappedFile:
     def __init__(self, path: Path, *, cap: int) -> None:
         # unbuffered: each chunk read from the pipe is on disk at once, for `dropq logs --follow` and the
         # dashboard; the chunks are pipe-sized, so this costs no extra system calls worth counting
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb", buffering=0)  # closed in close()
         self._tail_cap = min(cap // 2, _MAX_TAIL)
         self._head_cap = cap - self._tail_cap
         self._written = 0

@@ -223,7 +223,7 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> Report:
     out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes)
     err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes)
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv is built from checked paths, never a shell
+        proc = subprocess.Popen(  # argv is built from checked paths, never a shell
             argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
         )

@@ -20,7 +20,8 @@ from typing import Any
 from dropq_worker.protocol import PROTOCOL, Health
 
 from ..config import Config
-from ..errors import DaemonRunning, PoolError, ProtocolMismatch, TransportError
+from ..engine import engine_client
+from ..errors import DaemonRunning, EngineUnavailable, PoolError, ProtocolMismatch, TransportError
 from ..transport import Transport
 from .base import Incarnation, RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
 
@@ -35,14 +36,12 @@ IN_PROGRAMS, IN_INPUTS, IN_WORK = "/dropq/programs", "/dropq/inputs", "/dropq/wo
 
 def docker_available(config: Config) -> tuple[bool, str]:
     """Whether the docker pool can run here, and why (or why not), in words for the log."""
-    try:
-        import docker
-        import docker.errors
+    import docker.errors
 
-        client = docker.from_env(timeout=5)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure to reach an engine means: use local
-        return False, f"no Docker engine answers ({type(exc).__name__})"
+    try:
+        client = engine_client(timeout=5)
+    except EngineUnavailable as exc:  # whatever the reason, there is no engine: use local
+        return False, str(exc)
     image = config.workers.docker.image
     try:
         client.images.get(image)
@@ -319,6 +318,3 @@ class DockerPool(RestartingPool):
         else:
             log.info("leaving %d worker container(s) running for the next start to adopt", len(self._ids))
         self.client.close()
-
-    def container_ids(self) -> dict[str, str]:
-        return dict(self._ids)

@@ -129,7 +129,7 @@ class LocalPool(RestartingPool):
                 "--jobs", str(handle.jobs_dir), "--python", self._python,
                 "--max-file-bytes", str(self.config.jobs.max_file_bytes)]
         env = {**os.environ, "DROPQ_WORKER_TOKEN": worker_token(sock.parent / "token")}
-        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)  # noqa: S603
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         with self._lock:
             self._procs[name] = _Proc(popen.pid, popen)
         log.info("worker %s: started process %d", name, popen.pid)
@@ -239,7 +239,7 @@ def _real_interpreter(name: str) -> str:
     if found is None:
         raise PoolError(f"workers.python: {name!r} was not found on PATH")
     try:
-        out = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True,  # noqa: S603
+        out = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True,
                              text=True, timeout=30, check=True).stdout.strip()
     except (subprocess.SubprocessError, OSError) as exc:
         raise PoolError(f"workers.python: {found} does not run: {exc}") from None

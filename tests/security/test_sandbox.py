@@ -16,7 +16,7 @@ from conftest import DaemonProcess, Workspace
 from dropq.errors import TransportError
 from dropq.transport import Transport
 from dropq_worker.protocol import PROTOCOL
-from helpers import record_attack
+from helpers import containers_of, dropq_json, record_attack
 
 pytestmark = pytest.mark.docker
 
@@ -97,6 +97,21 @@ def sandbox(workspace: Workspace, docker_image: str) -> Iterator[Workspace]:
                  "docker": {"image": docker_image, "memory": "128m", "pids_limit": 48, "tmpfs_size": "16m"}},
         jobs={"max_output_bytes": 1024 * 1024, "kill_grace": 1})
     yield workspace
+    # every sandbox test must have asserted where its jobs ran (an attack "contained" on the local
+    # pool proves nothing); this catches a test that forgot, or a config that lost the pool
+    if (workspace.state / "dropq.sqlite3").exists():
+        pool = dropq_json(workspace.config, "status")["daemon"].get("pool", "")
+        assert pool.startswith("docker ("), f"the daemon ran on the {pool!r} pool, not in containers"
+
+
+def ran_in_containers(ws: Workspace, *job_ids: str) -> None:
+    """Assert that the daemon runs the docker pool, and that each job ran on one of its containers."""
+    pool = dropq_json(ws.config, "status")["daemon"]["pool"]
+    assert pool.startswith("docker ("), f"the daemon runs the {pool!r} pool, not containers"
+    containers = containers_of(ws.state)
+    for job_id in job_ids:
+        worker = ws.result(job_id)["worker"]
+        assert worker in containers, f"{job_id} ran on {worker}, which is not a container of this daemon"
 
 
 @pytest.fixture
@@ -133,6 +148,7 @@ def test_in_container_attacks_are_contained(sandbox: Workspace, daemon: DaemonPr
     sandbox.drop("attack.yaml", {"program": "attacker", "args": [str(port)]})
     result = sandbox.wait_results(1, timeout=60)["attack"]
     assert result["status"] == "succeeded", result
+    ran_in_containers(sandbox, "attack")
     report = json.loads((sandbox.outbox / "attack" / "stdout.txt").read_text())
     for name, verdict in report.items():
         record_attack(name, 1, int(verdict.startswith("contained")))
@@ -152,20 +168,22 @@ def test_resource_attacks_end_as_their_own_clear_errors(sandbox: Workspace, daem
         sandbox.drop(f"{name}.yaml", manifest)
     sandbox.drop("bystander.yaml", {"program": "echo", "args": ["unharmed"]})
     results = sandbox.wait_results(len(jobs) + 1, timeout=240)
+    ran_in_containers(sandbox, "bystander", *jobs)
     assert results["bystander"]["status"] == "succeeded", "other jobs keep running"
+    contained = {}
     for name, (_, phrase) in jobs.items():
         r = results[name]
-        ok = r["status"] in ("failed", "timed_out") and phrase in (r["error"] or "") if phrase else True
+        contained[name] = phrase is None or (r["status"] in ("failed", "timed_out") and phrase in (r["error"] or ""))
+    contained["filltmp"] &= "No space left on device" in (sandbox.outbox / "filltmp" / "stderr.txt").read_text()
+    flood = results["flood"]
+    stdout = (sandbox.outbox / "flood" / "stdout.txt").read_bytes()
+    # the flood is contained when its stdout was capped at max_output_bytes and the tail kept
+    contained["flood"] = (flood["status"] == "succeeded" and flood["stdout_truncated"] is True
+                          and len(stdout) < 1024 * 1024 + 200 and stdout.endswith(b"THE END"))
+    for name, ok in contained.items():
         record_attack({"forkbomb": "fork bomb", "balloon": "memory balloon", "filltmp": "disk fill (/tmp tmpfs)",
                        "flood": "1 GiB of stdout"}[name], 1, int(ok))
-        if phrase:
-            assert ok, (name, r)
-    assert "No space left on device" in (sandbox.outbox / "filltmp" / "stderr.txt").read_text()
-    flood = results["flood"]
-    size = (sandbox.outbox / "flood" / "stdout.txt").stat().st_size
-    assert flood["status"] == "succeeded" and flood["stdout_truncated"] is True
-    assert size < 1024 * 1024 + 200, "capped at max_output_bytes"
-    assert (sandbox.outbox / "flood" / "stdout.txt").read_bytes().endswith(b"THE END"), "the tail is kept"
+    assert all(contained.values()), {name: results[name] for name, ok in contained.items() if not ok}
 
 
 def test_planted_links_and_special_files_are_never_followed(sandbox: Workspace, daemon: DaemonProcess) -> None:
@@ -174,6 +192,7 @@ def test_planted_links_and_special_files_are_never_followed(sandbox: Workspace, 
     shadow_before = shadow.read_bytes() if os.access(shadow, os.R_OK) else b""
     sandbox.drop("plant.yaml", {"program": "plant"})
     result = sandbox.wait_results(1, timeout=60)["plant"]
+    ran_in_containers(sandbox, "plant")
     folder = sandbox.outbox / "plant"
     links = [p for p in folder.rglob("*") if p.is_symlink()]
     specials = [p for p in folder.rglob("*") if not (p.is_dir() or p.is_file()) or p.is_symlink()]
@@ -191,8 +210,7 @@ def test_a_setsid_grandchild_is_gone_when_its_job_ends(sandbox: Workspace, daemo
     daemon.start()
     sandbox.drop("escape.yaml", {"program": "escape"})
     assert sandbox.wait_results(1, timeout=60)["escape"]["status"] == "succeeded"
-    from helpers import containers_of
-
+    ran_in_containers(sandbox, "escape")
     alive = []
     for container in containers_of(sandbox.state).values():
         top = container.top(ps_args="-eo pid,args")["Processes"] or []
@@ -204,6 +222,7 @@ def test_a_setsid_grandchild_is_gone_when_its_job_ends(sandbox: Workspace, daemo
 def test_api_calls_from_the_host_without_or_with_a_wrong_token_are_refused(sandbox: Workspace,
                                                                            daemon: DaemonProcess) -> None:
     daemon.start()
+    ran_in_containers(sandbox)
     sock = str(sandbox.state / "workers" / "w1" / "work" / "worker.sock")
     refused = 0
     for token in (None, "wrong-token"):
@@ -213,10 +232,10 @@ def test_api_calls_from_the_host_without_or_with_a_wrong_token_are_refused(sandb
         refused += status == 401
     assert not (sandbox.state / "workers" / "w1" / "work" / "jobs" / "evil").exists(), "no side effect"
     mode = os.stat(sock).st_mode & 0o777
-    token = (sandbox.state / "workers" / "w1" / "token")
+    token_file = sandbox.state / "workers" / "w1" / "token"
     record_attack("worker API without or with a wrong token", 2, refused)
-    assert refused == 2 and mode == 0o600 and token.stat().st_mode & 0o777 == 0o600
-    right = Transport(socket_path=sock, token=token.read_text())
+    assert refused == 2 and mode == 0o600 and token_file.stat().st_mode & 0o777 == 0o600
+    right = Transport(socket_path=sock, token=token_file.read_text())
     try:
         assert right.health().protocol == PROTOCOL
     except TransportError as exc:  # pragma: no cover - a failure message, not a branch
@@ -231,6 +250,7 @@ def test_a_file_past_the_size_limit_stops_the_program_saying_so(sandbox: Workspa
     sandbox.drop("big.yaml", {"program": "big_file", "timeout": 60})
     sandbox.drop("bystander.yaml", {"program": "echo"})
     results = sandbox.wait_results(2, timeout=60)
+    ran_in_containers(sandbox, "big", "bystander")
     big = results["big"]
     contained = big["status"] == "failed" and "file size limit" in big["error"]
     contained = contained and (sandbox.outbox / "big" / "output" / "big.bin").stat().st_size <= 4 * 1024 * 1024

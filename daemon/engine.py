@@ -1,0 +1,57 @@
+"""A client of the Docker engine, made only once the engine answers.
+
+docker-py leaves its Unix socket unclosed when the engine does not answer (docker/docker-py#3356,
+open at docker 7.1): the socket is collected later as a ResourceWarning, in whatever code runs then.
+So where the engine is a Unix socket, connect to it once ourselves (closing it either way) before the
+SDK is asked anything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from .errors import EngineUnavailable
+
+DEFAULT_SOCKET = "/var/run/docker.sock"
+
+
+def engine_socket() -> str | None:
+    """The Unix socket the Docker SDK would use, or None when DOCKER_HOST names another kind of address."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if not host:
+        return DEFAULT_SOCKET
+    for scheme in ("unix://", "http+unix://"):
+        if host.startswith(scheme):
+            return "/" + host[len(scheme):].lstrip("/")
+    return None
+
+
+def probe(path: str, timeout: float) -> None:
+    """Raise EngineUnavailable unless something accepts connections on the Unix socket `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise EngineUnavailable(f"no Docker engine answers on {path} ({exc.strerror or exc})") from None
+
+
+def engine_client(*, timeout: float | None = 60) -> Any:
+    """A docker.DockerClient whose engine has answered a ping; the caller closes it."""
+    import docker
+
+    path = engine_socket()
+    if path is not None:
+        probe(path, timeout=5.0 if timeout is None else min(timeout, 5.0))
+    try:
+        client = docker.from_env(timeout=timeout)
+    except docker.errors.DockerException as exc:
+        raise EngineUnavailable(f"no Docker engine answers: {exc}") from None
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - the SDK raises several kinds when no engine answers
+        client.close()
+        raise EngineUnavailable(f"no Docker engine answers: {exc}") from None
+    return client

@@ -73,7 +73,7 @@ def meta(config: Path, key: str) -> str:
     return str(dropq_json(config, "status")["daemon"].get(key, ""))
 
 
-def engine() -> Any | None:
+def engine(timeout: float = 10) -> Any | None:
     """A client of the Docker engine (the caller closes it), or None when no engine answers.
 
     Tests reach the engine only through here: docker-py itself leaks its socket when no engine answers
@@ -82,7 +82,7 @@ def engine() -> Any | None:
     from dropq.errors import EngineUnavailable
 
     try:
-        return engine_client(timeout=10)
+        return engine_client(timeout=timeout)
     except EngineUnavailable:
         return None
 

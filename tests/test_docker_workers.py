@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from helpers import containers_of, dropq, dropq_json
+from helpers import containers_of, dropq, dropq_json, engine
 
 pytestmark = pytest.mark.docker
 
@@ -28,9 +28,8 @@ def docker_ws(workspace: Workspace, docker_image: str) -> Workspace:
 def decoy(docker_image: str) -> Iterator[Any]:
     """A worker container of another daemon (another state directory), created but never started: the
     removal must leave it alone."""
-    import docker
-
-    client = docker.from_env(timeout=30)
+    client = engine(timeout=30)
+    assert client is not None  # docker_image made sure an engine answers
     other = f"/tmp/not-this-state-{uuid.uuid4().hex[:8]}"
     container = client.containers.create(
         docker_image, name=f"dq-decoy-{uuid.uuid4().hex[:10]}",
@@ -76,9 +75,8 @@ def test_workers_remove_clears_the_containers_a_stopped_daemon_left_and_only_tho
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.splitlines()) == sorted(
         f"worker {name}: removed container {cid[:12]} (it was running)" for name, cid in left.items())
-    import docker
-
-    client = docker.from_env(timeout=30)
+    client = engine(timeout=30)
+    assert client is not None
     try:
         ours = client.containers.list(all=True, filters={"label": f"io.dropq.state={docker_ws.state}"})
         assert ours == [], "every container of this daemon is gone, stopped ones too"

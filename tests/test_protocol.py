@@ -40,6 +40,7 @@ from dropq_worker.protocol import (
     Report,
     Staging,
 )
+from helpers import engine
 
 OLD = PROTOCOL - 1
 
@@ -253,9 +254,8 @@ def test_the_program_gets_the_jobs_id_as_dropq_job_id(workspace: Workspace, daem
 def image_tag(docker_image: str) -> Iterator[tuple[str, Callable[[bool], None]]]:
     """A tag of this test's own for the worker image, and a function that points it at the image under
     test, or (True) at the same image speaking the previous protocol."""
-    import docker
-
-    client = docker.from_env(timeout=120)
+    client = engine(timeout=120)
+    assert client is not None  # docker_image made sure an engine answers
     current, old = "dropq-test-protocol:worker", "dropq-test-protocol:old"
     dockerfile = (f"FROM {docker_image}\nUSER root\n"
                   f"RUN sed -i 's/^PROTOCOL = {PROTOCOL}$/PROTOCOL = {OLD}/' /opt/dropq/dropq_worker/protocol.py"

@@ -16,6 +16,7 @@ import yaml
 from systemd_box import LABEL, Box, BoxError, ensure_image, wheelhouse
 
 from conftest import ROOT, _skip_or_fail
+from helpers import engine
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -24,13 +25,9 @@ CONFIG = {"workers": {"pool": "local", "count": 1}, "http": {"port": 0}, "intake
 
 @pytest.fixture(scope="module")
 def box() -> Iterator[Box]:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=120)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - whatever the reason, there is no engine to test on
-        _skip_or_fail(f"no Docker engine answers ({type(exc).__name__})")
+    client = engine(timeout=120)
+    if client is None:
+        _skip_or_fail("no Docker engine answers")
     try:
         image = ensure_image(client)
     except BoxError as exc:

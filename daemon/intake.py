@@ -128,6 +128,8 @@ class Intake:
         #: names closed after writing in place, and when to look whether they stayed untouched
         self._quiet: dict[str, float] = {}
         self._quiet_period = quiet
+        #: other files (inputs, perhaps) closed after writing in place, and the end of their quiet period
+        self._closed_inputs: dict[str, float] = {}
         #: names whose claim failed, retried with back-off (see trouble())
         self._failing: dict[str, ClaimTrouble] = {}
         self._trouble_shown: str | None = None
@@ -198,8 +200,8 @@ class Intake:
                 self._cancel_file(item.rel)
             elif "/" not in item.rel and is_manifest_name(item.rel):
                 self._arrived(item.rel, item.arrival)
-            elif self._waiting:
-                self._check_waiting()
+            else:
+                self._input_arrived(item.rel, item.arrival)
             return
         now = self._now()
         if self._backlog:
@@ -219,6 +221,9 @@ class Intake:
         for name, trouble in list(self._failing.items()):
             if trouble.next_try <= now:
                 self._try_claim(name)
+        for rel, due in list(self._closed_inputs.items()):
+            if due + self.config.intake.input_grace < now:
+                del self._closed_inputs[rel]  # a data file no manifest named (yet): forget it
         if self._waiting:
             self._check_waiting()
 
@@ -234,6 +239,27 @@ class Intake:
         else:
             self._settle(name)
 
+    def _input_arrived(self, rel: str, arrival: Arrival) -> None:
+        """Any other file: an input is taken with the same care as a manifest, so a closed one waits
+        for its quiet period too (rsync --inplace copies the data before the manifest)."""
+        if arrival is Arrival.CLOSED:
+            self._closed_inputs[rel] = self._now() + self._quiet_period
+        else:
+            self._closed_inputs.pop(rel, None)
+        if self._waiting:
+            self._check_waiting()
+
+    def _quiet_input(self, rel: str, st: os.stat_result) -> bool:
+        """Whether input `rel` is past the quiet period after its close (or was not closed in place)."""
+        due = self._closed_inputs.get(rel)
+        if due is None:
+            return True
+        now = self._now()
+        if due > now or _touched(st) + self._quiet_period > now:
+            return False
+        del self._closed_inputs[rel]
+        return True
+
     def _next_wakeup(self) -> float:
         times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values()),
                  *self._quiet.values(), *(t.next_try for t in self._failing.values())]
@@ -248,7 +274,7 @@ class Intake:
 
     def _rescan(self) -> None:
         for rel in self._release_abandoned():
-            log.warning("%s was marked as being written, but nothing has it open: taking it", rel)
+            log.warning("%s was marked as being written, but nothing has it open: taking it", printable(rel))
         first = self.rescans == 0
         self.rescans += 1
         self._next_rescan = self._now() + self.config.intake.rescan
@@ -387,7 +413,7 @@ class Intake:
             return
         job_id = safe_id(name[: -len(CANCEL_SUFFIX)])
         what = self._cancel(job_id)
-        log.info("job %s: cancel requested (%s): %s", job_id, name, what)
+        log.info("job %s: cancel requested (%s): %s", job_id, printable(name), what)
         os.unlink(path)
 
     # --- claiming ------------------------------------------------------------------------------
@@ -549,7 +575,7 @@ class Intake:
                 kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
                 self._reject_id(job_id, f"input {rel!r} is {kind}; inputs must be regular files")
                 return
-            if self._being_written(rel) or ("/" in rel and not self._settled(st)):
+            if self._being_written(rel) or not self._quiet_input(rel, st) or ("/" in rel and not self._settled(st)):
                 missing.append(rel)
                 continue
             try:
@@ -571,7 +597,7 @@ class Intake:
 
     def _settled(self, st: os.stat_result) -> bool:
         """Unchanged for the settle time: how files the watcher does not see (in subfolders) count as complete."""
-        return st.st_mtime + self.config.intake.settle <= self._now()
+        return _touched(st) + self.config.intake.settle <= self._now()
 
     def _check_waiting(self) -> None:
         for job_id in list(self._waiting):

@@ -82,6 +82,25 @@ def test_rsync_inplace_exits_0_every_time_and_each_manifest_runs_once(workspace:
     assert stdout_tokens(workspace) == {f"r{i}": f"rsync-{i}" for i in range(20)}
 
 
+def test_rsync_inplace_of_inputs_with_their_manifests_exits_0(workspace: Workspace, daemon: DaemonProcess) -> None:
+    rsync = need("rsync")
+    daemon.start()
+    src = workspace.root / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"d{i}.txt").write_text(f"words of {i}\n")
+        (src / f"w{i}.yaml").write_text(yaml.safe_dump({"program": "wordcount.py", "input": f"d{i}.txt"}))
+        # the manifest first, then its data (within intake.input_grace): the job is waiting for the data,
+        # which must not be taken at its close either. Each file with its own rsync, as a script would.
+        for name in (f"w{i}.yaml", f"d{i}.txt"):
+            done = subprocess.run([rsync, "-a", "--inplace", str(src / name), str(workspace.inbox) + "/"],
+                                  capture_output=True, text=True, timeout=60)
+            assert (done.returncode, done.stderr) == (0, ""), name
+    results = workspace.wait_results(8, timeout=60)
+    assert {name: r["status"] for name, r in results.items()} == {f"w{i}": "succeeded" for i in range(8)}
+    assert all((workspace.outbox / f"w{i}" / "inputs" / f"d{i}.txt").exists() for i in range(8))
+
+
 def test_cp_p_and_unzip_exit_0_and_each_manifest_runs_once(workspace: Workspace, daemon: DaemonProcess) -> None:
     cp, zip_, unzip = need("cp"), need("zip"), need("unzip")
     daemon.start()

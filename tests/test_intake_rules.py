@@ -169,6 +169,21 @@ def test_closed_then_opened_for_writing_again_waits_for_the_next_close(rig: Rig)
     assert list(rig.jobs()) == ["a"]
 
 
+def test_an_input_closed_in_place_waits_for_its_quiet_period_too(rig: Rig) -> None:
+    data = rig.write("data.txt", "some words\n")
+    rig.clock.t = rig.ctime(data)
+    rig.intake.offer("data.txt", Arrival.CLOSED)
+    rig.write("m.yaml", "program: echo\ninput: data.txt\n")
+    rig.intake.offer("m.yaml", Arrival.WHOLE)
+    rig.intake.run_pending()
+    assert rig.store.get("m").status.value == "waiting"
+    assert data.exists(), "an input was taken at its close, under rsync's feet"
+    rig.clock.t += QUIET_AFTER_CLOSE
+    rig.intake.run_pending()
+    assert not data.exists() and (rig.config.spool / "m" / "inputs" / "data.txt").exists()
+    assert rig.store.get("m").status.value == "queued"
+
+
 def test_settling_by_age_goes_by_the_ctime_not_an_old_mtime(rig: Rig) -> None:
     path = rig.write("a.yaml")
     os.utime(path, (1e9, 1e9))

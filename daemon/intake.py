@@ -10,7 +10,7 @@ quiet period after a close, input deadlines, claim retries, the periodic rescan)
 ever race.
 
 One odd file affects only itself. A name that is not UTF-8 (a Latin-1 `é` from an old Samba share or
-zip file) is claimed under a safe id (see `safe_id`). A claim that fails (EXDEV when inbox and spool
+zip file) is claimed under a safe id (see `claims.safe_id`). A claim that fails (EXDEV when inbox and spool
 are different mounts, EACCES, EBUSY...) is undone completely, logged once with its reason, and
 retried with back-off (1 s doubling to 60 s) while the others are claimed as usual.
 
@@ -29,11 +29,11 @@ import queue
 import stat
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from .config import Config
 from .errors import ManifestError, StoreError
 from .jobs import JobStatus
@@ -52,51 +52,10 @@ _FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IF
                stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
-#: a job id (a spool and outbox folder name) is at most this many bytes of UTF-8, leaving room under
-#: the 255-byte limit of a file name for a "-N" suffix and the outbox's ".<id>.tmp"
-MAX_ID_BYTES = 200
-#: a claim that failed is tried again after this many seconds, doubling up to CLAIM_RETRY_CAP
-CLAIM_RETRY_FIRST = 1.0
-CLAIM_RETRY_CAP = 60.0
-
-
-def printable(name: str) -> str:
-    """A file name as a person can read it, and as the store and logs can hold it: bytes that are not
-    UTF-8 (which os.listdir returns as lone surrogates) are shown as backslash escapes (`caf\\xe9.yaml`)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def safe_id(stem: str) -> str:
-    """The job id for a manifest's stem: the stem itself where it is printable UTF-8; else with each byte
-    that is not UTF-8 and each control character (a newline, say) replaced by U+FFFD, and cut to
-    MAX_ID_BYTES. Not unique by itself: the intake adds a suffix where the id is taken."""
-    text = os.fsencode(stem).decode("utf-8", "replace")
-    text = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in text)
-    raw = text.encode()
-    if len(raw) > MAX_ID_BYTES:
-        text = raw[:MAX_ID_BYTES].decode("utf-8", "ignore")
-    return text or "\ufffd"
-
-
 @dataclass(frozen=True)
 class _Offer:
     rel: str
     arrival: Arrival
-
-
-@dataclass
-class ClaimTrouble:
-    """A manifest that could not be claimed: retried with back-off until it can, or is gone."""
-
-    #: its name in the inbox, printable
-    name: str
-    #: why the last try failed, e.g. "[Errno 18] Invalid cross-device link: ..."
-    reason: str
-    attempts: int = 1
-    #: when the first try failed (the intake's clock)
-    since: float = 0.0
-    #: when to try again
-    next_try: float = field(default=0.0, repr=False)
 
 
 class Intake:
@@ -131,7 +90,7 @@ class Intake:
         #: other files (inputs, perhaps) closed after writing in place, and the end of their quiet period
         self._closed_inputs: dict[str, float] = {}
         #: names whose claim failed, retried with back-off (see trouble())
-        self._failing: dict[str, ClaimTrouble] = {}
+        self._failing = ClaimRetries()
         self._trouble_shown: str | None = None
         self._thread: threading.Thread | None = None
         self._next_rescan = 0.0
@@ -218,9 +177,8 @@ class Intake:
         for name, due in list(self._quiet.items()):
             if due <= now:
                 self._check_quiet(name)
-        for name, trouble in list(self._failing.items()):
-            if trouble.next_try <= now:
-                self._try_claim(name)
+        for name in self._failing.due(now):
+            self._try_claim(name)
         for rel, due in list(self._closed_inputs.items()):
             if due + self.config.intake.input_grace < now:
                 del self._closed_inputs[rel]  # a data file no manifest named (yet): forget it
@@ -262,7 +220,7 @@ class Intake:
 
     def _next_wakeup(self) -> float:
         times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values()),
-                 *self._quiet.values(), *(t.next_try for t in self._failing.values())]
+                 *self._quiet.values(), *self._failing.next_times()]
         if self._heartbeat is not None:
             times.append(self._now() + self._heartbeat_every)
         if self._backlog:
@@ -440,51 +398,32 @@ class Intake:
 
     def _try_claim(self, name: str) -> None:
         """Claim `name`; if that fails, record why and when to try again, and carry on with the others."""
-        trouble = self._failing.get(name)
-        if trouble is not None and trouble.next_try > self._now():
-            return  # its back-off has not passed: an event or rescan does not cut it short
+        if not self._failing.may_try(name, self._now()):
+            return
         try:
             claimed = self._claim(name)
         except Exception as exc:  # noqa: BLE001 - one manifest that cannot be claimed must not stop the others
-            self._claim_failed(name, exc, trouble)
+            if os.path.lexists(self.config.inbox / name):
+                self._failing.failed(name, exc, self._now())
+            else:
+                self._failing.cleared(name)  # taken away meanwhile: nothing left to claim
+            self._publish_trouble()
             return
+        trouble = self._failing.cleared(name)
         if trouble is not None:
-            del self._failing[name]
             if claimed:
                 log.info("%s: claimed after %d failed attempt(s)", trouble.name, trouble.attempts)
             self._publish_trouble()
 
-    def _claim_failed(self, name: str, exc: Exception, trouble: ClaimTrouble | None) -> None:
-        now = self._now()
-        if not os.path.lexists(self.config.inbox / name):
-            self._failing.pop(name, None)  # taken away meanwhile: nothing left to claim
-            self._publish_trouble()
-            return
-        reason = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        if trouble is None:
-            trouble = self._failing[name] = ClaimTrouble(name=printable(name), reason=reason, since=now)
-            # once, with the reason; a traceback only for what is not a file-system error (a bug)
-            log.warning("cannot claim %s: %s; retrying with back-off", trouble.name, reason,
-                        exc_info=not isinstance(exc, OSError))
-        else:
-            trouble.attempts += 1
-            trouble.reason = reason
-            log.debug("cannot claim %s (attempt %d): %s", trouble.name, trouble.attempts, reason)
-        trouble.next_try = now + min(CLAIM_RETRY_CAP, CLAIM_RETRY_FIRST * 2 ** (trouble.attempts - 1))
-        self._publish_trouble()
-
     def failing(self) -> list[ClaimTrouble]:
         """The manifests that cannot be claimed at the moment, oldest trouble first."""
-        return sorted(self._failing.values(), key=lambda t: (t.since, t.name))
+        return self._failing.failing()
 
     def trouble(self) -> str | None:
         """A short sentence while some manifest cannot be claimed, e.g. "cannot claim 3 manifest(s):
         [Errno 18] Invalid cross-device link: ..."; None when every claim succeeds. The same text is kept
         in the store's meta as `intake_trouble` (empty when all is well) for `dropq status`."""
-        failing = self.failing()
-        if not failing:
-            return None
-        return f"cannot claim {len(failing)} manifest(s): {failing[0].reason}"
+        return self._failing.trouble()
 
     def _publish_trouble(self) -> None:
         text = self.trouble() or ""

@@ -18,8 +18,9 @@ import pytest
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent
 
 from dropq import intake as intake_module
+from dropq.claims import MAX_ID_BYTES, printable, safe_id
 from dropq.config import Config
-from dropq.intake import MAX_ID_BYTES, Intake, printable, safe_id
+from dropq.intake import Intake
 from dropq.manifest import is_manifest_name
 from dropq.outbox import Outbox
 from dropq.store import Store

@@ -5,8 +5,18 @@ place. Then the manifest is parsed; the input files it names are claimed with it
 job's spool folder), waiting a grace period for any not there yet. A manifest that cannot be run is
 not lost: it is rejected, which publishes an outbox folder that says why.
 
-One thread does all of this, fed by the watcher and woken by its own timers (settle checks, input
-deadlines, the periodic rescan), so no two claims ever race.
+One thread does all of this, fed by the watcher and woken by its own timers (settle checks, the
+quiet period after a close, input deadlines, claim retries, the periodic rescan), so no two claims
+ever race.
+
+One odd file affects only itself. A name that is not UTF-8 (a Latin-1 `é` from an old Samba share or
+zip file) is claimed under a safe id (see `claims.safe_id`). A claim that fails (EXDEV when inbox and spool
+are different mounts, EACCES, EBUSY...) is undone completely, logged once with its reason, and
+retried with back-off (1 s doubling to 60 s) while the others are claimed as usual.
+
+Health, for `dropq status`, STATUS= and the watchdog: `Intake.trouble()` is a short sentence while
+some manifest cannot be claimed (None when all is well), and the same text is kept in the store's
+meta under `intake_trouble` (empty when all is well); `Intake.failing()` lists each failing name.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from .config import Config
 from .errors import ManifestError, StoreError
 from .jobs import JobStatus
@@ -30,6 +41,7 @@ from .manifest import Manifest, is_manifest_name
 from .outbox import Outbox
 from .paths import move, resolve_inside
 from .store import JobRecord, Store
+from .watcher import QUIET_AFTER_CLOSE, Arrival
 
 log = logging.getLogger("dropq.intake")
 
@@ -43,7 +55,7 @@ _FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IF
 @dataclass(frozen=True)
 class _Offer:
     rel: str
-    complete: bool
+    arrival: Arrival
 
 
 class Intake:
@@ -54,7 +66,7 @@ class Intake:
                  mark_being_written: Callable[[str], None] = lambda _: None,
                  cancel: Callable[[str], str] = lambda _: "cancelling is not available",
                  heartbeat: Callable[[], None] | None = None, heartbeat_every: float = 5.0,
-                 now: Callable[[], float] = time.time) -> None:
+                 quiet: float = QUIET_AFTER_CLOSE, now: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
         self.outbox = outbox
@@ -71,7 +83,15 @@ class Intake:
         self._now = now
         self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
         self._waiting: dict[str, float] = {}  # job id -> deadline for its inputs
-        self._settling: dict[str, tuple[tuple[int, int], float]] = {}  # name -> (size, mtime_ns), due
+        self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}  # name -> (size, mtime, ctime), due
+        #: names closed after writing in place, and when to look whether they stayed untouched
+        self._quiet: dict[str, float] = {}
+        self._quiet_period = quiet
+        #: other files (inputs, perhaps) closed after writing in place, and the end of their quiet period
+        self._closed_inputs: dict[str, float] = {}
+        #: names whose claim failed, retried with back-off (see trouble())
+        self._failing = ClaimRetries()
+        self._trouble_shown: str | None = None
         self._thread: threading.Thread | None = None
         self._next_rescan = 0.0
         #: names a rescan found but left in the inbox because the queue was full (intake.max_queued)
@@ -86,11 +106,23 @@ class Intake:
 
     # --- feeding the thread --------------------------------------------------------------------
 
-    def offer(self, rel: str, complete: bool) -> None:
-        self._queue.put(_Offer(rel, complete))
+    def offer(self, rel: str, arrival: Arrival) -> None:
+        self._queue.put(_Offer(rel, arrival))
 
     def rescan_now(self) -> None:
         self._queue.put("rescan")
+
+    def run_pending(self) -> None:
+        """Handle every offer made so far, then whatever has come due by the clock, as the thread does
+        when it wakes: drives the intake without its thread (unit tests, with an injected `now`)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._handle(item)
+        self._handle("timer")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="intake", daemon=True)
@@ -126,27 +158,69 @@ class Intake:
             if "/" not in item.rel and item.rel.endswith(CANCEL_SUFFIX) and not item.rel.startswith("."):
                 self._cancel_file(item.rel)
             elif "/" not in item.rel and is_manifest_name(item.rel):
-                if item.complete:
-                    self._settling.pop(item.rel, None)
-                    self._claim(item.rel)
-                else:
-                    self._settle(item.rel)
-            elif self._waiting:
-                self._check_waiting()
+                self._arrived(item.rel, item.arrival)
+            else:
+                self._input_arrived(item.rel, item.arrival)
             return
         now = self._now()
         if self._backlog:
             self._drain_backlog()
         if item == "rescan" or (now >= self._next_rescan and not self._backlog):
             self._rescan()
+        self._timers(now)
+
+    def _timers(self, now: float) -> None:
+        """Whatever has come due: settle checks, quiet periods, claim retries, inputs awaited."""
         for name, (_, due) in list(self._settling.items()):
             if due <= now:
                 self._settle(name)
+        for name, due in list(self._quiet.items()):
+            if due <= now:
+                self._check_quiet(name)
+        for name in self._failing.due(now):
+            self._try_claim(name)
+        for rel, due in list(self._closed_inputs.items()):
+            if due + self.config.intake.input_grace < now:
+                del self._closed_inputs[rel]  # a data file no manifest named (yet): forget it
         if self._waiting:
             self._check_waiting()
 
+    def _arrived(self, name: str, arrival: Arrival) -> None:
+        """A manifest the watcher reported, taken as its way of arriving says (see watcher.Arrival)."""
+        if arrival is Arrival.WHOLE:
+            self._settling.pop(name, None)
+            self._quiet.pop(name, None)
+            self._try_claim(name)
+        elif arrival is Arrival.CLOSED:
+            self._settling.pop(name, None)
+            self._quiet[name] = self._now() + self._quiet_period
+        else:
+            self._settle(name)
+
+    def _input_arrived(self, rel: str, arrival: Arrival) -> None:
+        """Any other file: an input is taken with the same care as a manifest, so a closed one waits
+        for its quiet period too (rsync --inplace copies the data before the manifest)."""
+        if arrival is Arrival.CLOSED:
+            self._closed_inputs[rel] = self._now() + self._quiet_period
+        else:
+            self._closed_inputs.pop(rel, None)
+        if self._waiting:
+            self._check_waiting()
+
+    def _quiet_input(self, rel: str, st: os.stat_result) -> bool:
+        """Whether input `rel` is past the quiet period after its close (or was not closed in place)."""
+        due = self._closed_inputs.get(rel)
+        if due is None:
+            return True
+        now = self._now()
+        if due > now or _touched(st) + self._quiet_period > now:
+            return False
+        del self._closed_inputs[rel]
+        return True
+
     def _next_wakeup(self) -> float:
-        times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values())]
+        times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values()),
+                 *self._quiet.values(), *self._failing.next_times()]
         if self._heartbeat is not None:
             times.append(self._now() + self._heartbeat_every)
         if self._backlog:
@@ -158,7 +232,7 @@ class Intake:
 
     def _rescan(self) -> None:
         for rel in self._release_abandoned():
-            log.warning("%s was marked as being written, but nothing has it open: taking it", rel)
+            log.warning("%s was marked as being written, but nothing has it open: taking it", printable(rel))
         first = self.rescans == 0
         self.rescans += 1
         self._next_rescan = self._now() + self.config.intake.rescan
@@ -174,16 +248,11 @@ class Intake:
         # are settled by age when their turn comes.
         held = self._open_now() if first else None
         for name in names:
-            if is_manifest_name(name) and not self._being_written(name) and name not in self._settling:
-                if name in backlog:
-                    continue
-                if self._full:
-                    self._backlog.append(name)
-                    continue
-                missed += not first and self._settled_since(name, 2.0)
-                self._settle(name, held=held)
-            elif name.endswith(CANCEL_SUFFIX) and not name.startswith("."):
-                self._cancel_file(name)
+            # each name in its own try: one file that trips over a bug must not keep the rest unclaimed
+            try:
+                missed += self._scan_one(name, first=first, held=held, backlog=backlog)
+            except Exception:  # noqa: BLE001 - logged with its traceback; the other names carry on
+                log.exception("intake failed on %s; the other files carry on", printable(name))
         if missed:
             self.missed += missed
             # events are being lost (an inotify queue overflow, most likely during a burst): look
@@ -192,6 +261,21 @@ class Intake:
                         "rescanning again in 1 s", missed)
             self._next_rescan = min(self._next_rescan, self._now() + 1.0)
         self._health()
+
+    def _scan_one(self, name: str, *, first: bool, held: set[tuple[int, int]] | None, backlog: set[str]) -> bool:
+        """Look at one name a rescan found; whether it is a manifest the watcher should have reported."""
+        if name.endswith(CANCEL_SUFFIX) and not name.startswith("."):
+            self._cancel_file(name)
+            return False
+        if (not is_manifest_name(name) or self._being_written(name) or name in self._settling
+                or name in self._quiet or name in self._failing or name in backlog):
+            return False
+        if self._full:
+            self._backlog.append(name)
+            return False
+        missed = not first and self._settled_since(name, 2.0)
+        self._settle(name, held=held)
+        return missed
 
     def _queue_full(self) -> bool:
         """Whether intake.max_queued jobs are queued. An estimate, counted again every 50 claims (a
@@ -219,7 +303,7 @@ class Intake:
 
     def _settled_since(self, name: str, seconds: float) -> bool:
         try:
-            return os.lstat(self.config.inbox / name).st_mtime + seconds <= self._now()
+            return _touched(os.lstat(self.config.inbox / name)) + seconds <= self._now()
         except FileNotFoundError:
             return False
 
@@ -227,6 +311,7 @@ class Intake:
         self.store.set_meta("watcher_rescans", str(self.rescans))
         self.store.set_meta("watcher_missed", str(self.missed))
         self.store.set_meta("watcher_last_rescan", f"{self._now():.3f}")
+        self._publish_trouble()
 
     def _settle(self, name: str, *, held: set[tuple[int, int]] | None = None) -> None:
         """Claim `name` once it has been unchanged for the settle time (where no close event tells). With
@@ -236,59 +321,138 @@ class Intake:
         except FileNotFoundError:
             self._settling.pop(name, None)
             return
-        complete = held is not None
-        if held is not None and (st.st_dev, st.st_ino) in held:
-            self._mark_being_written(name)
+        if held is not None:
+            if (st.st_dev, st.st_ino) in held:
+                self._mark_being_written(name)
+            else:
+                self._check_quiet(name)  # at once, unless something touched it a moment ago
             return
-        sig = (st.st_size, st.st_mtime_ns)
+        # ctime, not only mtime: `rsync -t`, `cp -p` and `unzip` give a fresh copy an old mtime, but
+        # no client can set the ctime, which every write, chmod and utime moves to now
+        sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         settle = self.config.intake.settle
         now = self._now()
         previous = self._settling.get(name)
-        if (complete or (previous is not None and previous[0] == sig and previous[1] <= now)
-                or st.st_mtime_ns / 1e9 + settle <= now):
+        if (previous is not None and previous[0] == sig and previous[1] <= now) or _touched(st) + settle <= now:
             self._settling.pop(name, None)
-            if self._queue_full():
-                self._backlog.appendleft(name)
-                return
-            self._claim(name)
+            self._take(name)
         else:
             self._settling[name] = (sig, now + settle)
+
+    def _check_quiet(self, name: str) -> None:
+        """Take `name`, closed after writing, once nothing has touched it for the quiet period: a client
+        may still set its times or mode by path right after the close (rsync --inplace, unzip)."""
+        try:
+            st = os.lstat(self.config.inbox / name)
+        except FileNotFoundError:
+            self._quiet.pop(name, None)
+            return
+        if self._being_written(name):
+            self._quiet.pop(name, None)  # opened for writing again: its next close offers it again
+            return
+        due = _touched(st) + self._quiet_period
+        if due > self._now():
+            self._quiet[name] = max(due, self._quiet.get(name, 0.0))
+            return
+        self._quiet.pop(name, None)
+        self._take(name)
+
+    def _take(self, name: str) -> None:
+        """Claim a complete manifest, unless the queue is full (then it waits in the backlog)."""
+        if self._queue_full():
+            self._backlog.appendleft(name)
+            return
+        self._try_claim(name)
 
     def _cancel_file(self, name: str) -> None:
         """`inbox/<id>.cancel` asks to cancel job <id> (how `dropq cancel` asks, too)."""
         path = self.config.inbox / name
         if not os.path.lexists(path):
             return
-        job_id = name[: -len(CANCEL_SUFFIX)]
+        job_id = safe_id(name[: -len(CANCEL_SUFFIX)])
         what = self._cancel(job_id)
-        log.info("job %s: cancel requested (%s): %s", job_id, name, what)
+        log.info("job %s: cancel requested (%s): %s", job_id, printable(name), what)
         os.unlink(path)
 
     # --- claiming ------------------------------------------------------------------------------
 
     def _reserve_id(self, stem: str) -> str:
-        candidate, n = stem, 1
-        while self.store.id_taken(candidate) or self.outbox.folder_taken(candidate):
+        base = safe_id(stem)
+        candidate, n = base, 1
+        while (self.store.id_taken(candidate) or self.outbox.folder_taken(candidate)
+               or self._spool_taken(candidate)):
             n += 1
-            candidate = f"{stem}-{n}"
+            candidate = f"{base}-{n}"
         return candidate
 
-    def _claim(self, name: str) -> None:
+    def _spool_taken(self, job_id: str) -> bool:
+        """Whether spool/<id> holds something. An empty folder is a failed claim's leftover: reused."""
+        path = self.config.spool / job_id
+        try:
+            st = os.lstat(path)
+            return not (stat.S_ISDIR(st.st_mode) and not os.listdir(path))
+        except FileNotFoundError:
+            return False
+
+    # --- claim failures: undone, retried with back-off, reported ----------------------------------
+
+    def _try_claim(self, name: str) -> None:
+        """Claim `name`; if that fails, record why and when to try again, and carry on with the others."""
+        if not self._failing.may_try(name, self._now()):
+            return
+        try:
+            claimed = self._claim(name)
+        except Exception as exc:  # noqa: BLE001 - one manifest that cannot be claimed must not stop the others
+            if os.path.lexists(self.config.inbox / name):
+                self._failing.failed(name, exc, self._now())
+            else:
+                self._failing.cleared(name)  # taken away meanwhile: nothing left to claim
+            self._publish_trouble()
+            return
+        trouble = self._failing.cleared(name)
+        if trouble is not None:
+            if claimed:
+                log.info("%s: claimed after %d failed attempt(s)", trouble.name, trouble.attempts)
+            self._publish_trouble()
+
+    def failing(self) -> list[ClaimTrouble]:
+        """The manifests that cannot be claimed at the moment, oldest trouble first."""
+        return self._failing.failing()
+
+    def trouble(self) -> str | None:
+        """A short sentence while some manifest cannot be claimed, e.g. "cannot claim 3 manifest(s):
+        [Errno 18] Invalid cross-device link: ..."; None when every claim succeeds. The same text is kept
+        in the store's meta as `intake_trouble` (empty when all is well) for `dropq status`."""
+        return self._failing.trouble()
+
+    def _publish_trouble(self) -> None:
+        text = self.trouble() or ""
+        if text != self._trouble_shown:
+            self.store.set_meta("intake_trouble", text)
+            self._trouble_shown = text
+
+    def _claim(self, name: str) -> bool:
+        """Move inbox/`name` into the spool and record the job; False if it is gone. Raises OSError (and
+        leaves nothing behind) if the move fails."""
         src = self.config.inbox / name
         if not os.path.lexists(src):
-            return
+            return False
         job_id = self._reserve_id(name.rsplit(".", 1)[0])
         folder = self.config.spool / job_id
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)  # exists: an empty leftover of a failed claim (_spool_taken)
         try:
             os.rename(src, folder / "manifest.yaml")
-        except FileNotFoundError:
-            folder.rmdir()  # someone removed or claimed it first
-            return
+        except BaseException as exc:
+            # undone completely: a leftover folder would make every retry fail with FileExistsError
+            _remove_empty(folder)
+            if isinstance(exc, FileNotFoundError):
+                return False  # someone removed or claimed it first
+            raise
         self.claimed += 1
-        job = self.store.add(job_id, source=name)
-        log.info("job %s: claimed %s", job_id, name)
+        job = self.store.add(job_id, source=printable(name))
+        log.info("job %s: claimed %s", job_id, printable(name))
         self.admit(job)
+        return True
 
     def admit(self, job: JobRecord) -> None:
         """Parse a claimed manifest and claim its inputs; or reject it with the reason."""
@@ -350,7 +514,7 @@ class Intake:
                 kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
                 self._reject_id(job_id, f"input {rel!r} is {kind}; inputs must be regular files")
                 return
-            if self._being_written(rel) or ("/" in rel and not self._settled(st)):
+            if self._being_written(rel) or not self._quiet_input(rel, st) or ("/" in rel and not self._settled(st)):
                 missing.append(rel)
                 continue
             try:
@@ -372,7 +536,7 @@ class Intake:
 
     def _settled(self, st: os.stat_result) -> bool:
         """Unchanged for the settle time: how files the watcher does not see (in subfolders) count as complete."""
-        return st.st_mtime + self.config.intake.settle <= self._now()
+        return _touched(st) + self.config.intake.settle <= self._now()
 
     def _check_waiting(self) -> None:
         for job_id in list(self._waiting):
@@ -405,13 +569,32 @@ class Intake:
         spool = self.config.spool
         spool.mkdir(parents=True, exist_ok=True)
         for entry in sorted(os.scandir(spool), key=lambda e: e.name):
-            if self.store.id_taken(entry.name):
-                continue
-            if not os.path.lexists(Path(entry.path, "manifest.yaml")):
-                if not os.listdir(entry.path):
-                    os.rmdir(entry.path)  # a crash between mkdir and the claim's rename
-                continue
-            log.warning("job %s: found in the spool but not in the store; resuming it", entry.name)
-            self.store.add(entry.name, source=f"{entry.name}.yaml")
+            try:
+                self._recover_folder(entry)
+            except (OSError, UnicodeError) as exc:
+                log.warning("the spool folder %s could not be recovered: %s", printable(entry.name), exc)
         for job in self.store.with_status(JobStatus.WAITING):
             self.admit(job)
+
+    def _recover_folder(self, entry: os.DirEntry[str]) -> None:
+        if self.store.id_taken(entry.name):
+            return
+        if not os.path.lexists(Path(entry.path, "manifest.yaml")):
+            if entry.is_dir(follow_symlinks=False) and not os.listdir(entry.path):
+                os.rmdir(entry.path)  # a crash between mkdir and the claim's rename
+            return
+        log.warning("job %s: found in the spool but not in the store; resuming it", entry.name)
+        self.store.add(entry.name, source=f"{entry.name}.yaml")
+
+
+def _touched(st: os.stat_result) -> float:
+    """When a file last changed: its content (mtime) or its inode (ctime: chmod, utime, a link)."""
+    return max(st.st_mtime, st.st_ctime)
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError as exc:
+        # e.g. a mount point (EBUSY): left, and reused by the next try, since it is empty
+        log.debug("could not remove the spool folder %s: %s", folder, exc)

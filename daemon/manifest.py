@@ -33,8 +33,9 @@ MAX_ALIASES = 16
 
 
 def is_manifest_name(name: str) -> bool:
-    """Whether a file in the inbox is a manifest: *.yaml or *.yml, and not a dotfile."""
-    return name.endswith(MANIFEST_SUFFIXES) and not name.startswith(".") and len(name) > 5
+    """Whether a file in the inbox is a manifest: *.yaml or *.yml, and not a dotfile. Any stem will do
+    (`7.yml` too); `.yml` alone is a dotfile."""
+    return name.endswith(MANIFEST_SUFFIXES) and not name.startswith(".")
 
 
 @dataclass(frozen=True, kw_only=True)

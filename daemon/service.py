@@ -26,7 +26,7 @@ from .outbox import Outbox, job_key
 from .pools import Pool, find_staging
 from .store import Store
 from .systemd import Notifier
-from .watcher import InboxWatcher
+from .watcher import Arrival, InboxWatcher
 from .web import WebServer
 from .workspace import check_renames
 
@@ -115,8 +115,8 @@ class Daemon:
             self._next_status = now + 2.0
             self.notifier.status(self.status_line())
 
-    def _on_file(self, rel: str, complete: bool) -> None:
-        self.intake.offer(rel, complete)
+    def _on_file(self, rel: str, arrival: Arrival) -> None:
+        self.intake.offer(rel, arrival)
 
     def recover(self) -> None:
         """Bring every job the last run left half-way to a consistent state, before any thread starts."""

@@ -251,7 +251,7 @@ class Intake:
             # each name in its own try: one file that trips over a bug must not keep the rest unclaimed
             try:
                 missed += self._scan_one(name, first=first, held=held, backlog=backlog)
-            except Exception:  # noqa: BLE001 - logged with its traceback; the other names carry on
+            except Exception:  # logged with its traceback; the other names carry on
                 log.exception("intake failed on %s; the other files carry on", printable(name))
         if missed:
             self.missed += missed

@@ -96,8 +96,13 @@ class Daemon:
 
     def status_line(self) -> str:
         counts = self.store.active_counts()
-        return (f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running; "
+        line = (f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running; "
                 f"{len(self.pool.workers())} {self.pool.kind} worker(s)")
+        # Manifests that cannot be claimed leave the daemon degraded, not unhealthy: it still serves the
+        # others, and a restart cannot cure a file's permissions or a full disk, so the watchdog stays fed;
+        # the status line (and `dropq status`) says what is wrong instead of looking healthy.
+        trouble = self.intake.trouble()
+        return f"degraded: {trouble}; {line}" if trouble else line
 
     def _heartbeat(self) -> None:
         """From the intake's loop: feed the systemd watchdog while the daemon can do its work."""

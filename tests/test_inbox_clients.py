@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import DaemonProcess, Workspace
+from helpers import dropq
 
 
 def need(tool: str) -> str:
@@ -234,11 +236,22 @@ def test_a_claim_failing_across_mounts_is_retried_with_back_off_and_blocks_no_ot
         workspace.drop("a-bad.yaml", echo("bad"))
         for i in range(5):
             workspace.drop(f"b{i}.yaml", echo(f"b{i}"))
-        daemon.start()
-        workspace.wait_results(5, timeout=60)
-        assert stdout_tokens(workspace) == {f"b{i}": f"b{i}" for i in range(5)}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(workspace.root / "notify.sock"))
+            notify.settimeout(30)
+            daemon.start(env={"NOTIFY_SOCKET": str(workspace.root / "notify.sock")})
+            workspace.wait_results(5, timeout=60)
+            assert stdout_tokens(workspace) == {f"b{i}": f"b{i}" for i in range(5)}
+            # systemd's status line says so too (the watchdog stays fed: the daemon still serves the others)
+            said = ""
+            while not said.startswith("degraded: cannot claim 1 manifest(s)"):
+                fields = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
+                said = fields.get("STATUS", said)
         trouble = meta(workspace, "intake_trouble") or ""
         assert re.match(r"cannot claim 1 manifest\(s\): \[Errno 18\] Invalid cross-device link: .*a-bad\.yaml", trouble)
+        # and the operator is told: `dropq status` has a line for it (systemd's STATUS= starts "degraded:")
+        shown = dropq(workspace.config, "status")
+        assert f"intake   {trouble} (retried with back-off" in shown.stdout, shown.stdout
         # retried with back-off (1, 2, 4 s...): a few attempts, one warning, no traceback
         wait_for("a third attempt", lambda: daemon.log_text().count("cannot claim a-bad.yaml (attempt") >= 2, 15)
         log = daemon.log_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from helpers import account, containers_of, dropq_json
+from helpers import account, containers_of, dropq_json, wait_until
 
 FAST = "#!/bin/sh\necho \"ok $1\"\n"
 
@@ -116,10 +116,10 @@ def test_manifests_whose_events_an_inotify_overflow_lost_are_all_claimed(
         for i in range(jobs):
             workspace.drop(f"o{i}.yaml", {"program": "fast.sh"})
             expected.add(f"o{i}")
-        # older than the rescan's "settled since 2 s" rule for a manifest it counts as missed by events
-        old = time.time() - 60
-        for i in range(jobs):
-            os.utime(workspace.inbox / f"o{i}.yaml", (old, old))
+        # the rescan counts a manifest as missed by events once it is unchanged for 2 s, by its ctime
+        # (which utime cannot set back): keep the daemon paused until the newest one is that old
+        newest = max(os.lstat(workspace.inbox / f"o{i}.yaml").st_ctime for i in range(jobs))
+        wait_until(lambda: time.time() >= newest + 2.2, timeout=30, what="the manifests to be 2 s old")
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
     settle_all(workspace, expected, timeout=300)

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -71,6 +72,13 @@ def dropq_on_a_terminal(ws: Workspace, *args: str, timeout: float = 60) -> str:
     return out.decode("utf-8").replace("\r\n", "\n")
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.1)
+
+
 def text_of(done: subprocess.CompletedProcess[bytes]) -> str:
     return done.stdout.decode("utf-8") + done.stderr.decode("utf-8")
 
@@ -88,6 +96,18 @@ def test_hostile_names_and_errors_never_reach_the_terminal_raw(workspace: Worksp
     workspace.wait_results(len(HOSTILE) + 1)
 
     outputs: dict[str, str] = {}
+    # a hostile job while it runs: `workers` and `status` show it as a worker's job; cancel names it
+    busy = "busy\x1b]0;pwned\x07"
+    workspace.drop(f"{busy}.yaml", {"program": "ticker", "args": ["600", "0.1"]})
+    wait_until(lambda: busy in [w["job"] for w in json.loads(dropq(workspace, "workers", "--json").stdout)])
+    for args in (["workers"], ["status"], ["show", busy], ["cancel", busy]):
+        done = dropq(workspace, *args)
+        assert done.returncode == 0, done.stderr
+        outputs[" ".join(args) + " (running)"] = text_of(done)
+    workspace.wait_results(len(HOSTILE) + 2)
+    assert "busy\\x1b]0;pwned\\x07" in outputs["workers (running)"]
+    assert "busy\\x1b]0;pwned\\x07" in outputs[f"cancel {busy} (running)"]
+
     for args in (["status"], ["workers"], ["jobs"], ["jobs", "--status", "rejected"]):
         done = dropq(workspace, *args)
         assert done.returncode == 0, done.stderr

@@ -21,6 +21,7 @@ import yaml
 
 from dropq_worker.protocol import Staging
 
+from .escape import printable
 from .jobs import JobStatus
 from .paths import collect_tree, move, remove_tree
 from .store import JobRecord, Store
@@ -177,6 +178,7 @@ class Outbox:
 
 
 def result_document(job: JobRecord, outcome: dict[str, Any], name: str) -> dict[str, Any]:
+    """What result.yaml says; every string in it made printable (see `_printable`)."""
     status = JobStatus(outcome["status"])
     doc: dict[str, Any] = {
         "id": name,
@@ -200,7 +202,21 @@ def result_document(job: JobRecord, outcome: dict[str, Any], name: str) -> dict[
     if outcome.get("dropped"):
         doc["dropped"] = outcome["dropped"]
     doc["key"] = job_key(job)
-    return doc
+    return {key: _printable(value) for key, value in doc.items()}
+
+
+def _printable(value: Any) -> Any:
+    """`value` with each string in it made printable. The id, the manifest's file name, the error (which
+    may echo a manifest's key) and the dropped paths are untrusted: a name that is not UTF-8 would make
+    the dump fail (UnicodeEncodeError, the job stuck committing), and a control character would reach
+    whoever cats the file. Every field, not a list of them: a field added later is safe too."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:

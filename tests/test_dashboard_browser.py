@@ -8,6 +8,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -157,3 +158,49 @@ def test_the_page_says_so_when_the_daemon_stops_answering(
     daemon.stop()
     page.wait_for("document.querySelector('#updated').textContent === 'daemon not answering'")
     assert page.eval("document.querySelector('#live-dot').classList.contains('down')") is True
+
+
+#: a manifest's file name that is HTML: shown as these characters, never made into an element
+HTML_NAME = '<img src=x onerror="window.pwned=1">'
+#: an unknown key that is HTML, which the rejection's error (shown in the jobs table) echoes
+HTML_KEY = "<img src=x onerror=window.pwned=2>"
+#: what would put text into the page as HTML (or run it as script)
+HTML_SINKS = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|srcdoc|\beval\(|new Function")
+
+
+def test_the_dashboard_script_has_no_html_sinks() -> None:
+    """Every value from the API goes into the page with textContent (see el()): nothing parses it as HTML."""
+    page = (ROOT / "daemon" / "dashboard" / "index.html").read_text()
+    script = page[page.index("<script>"):]
+    assert not HTML_SINKS.findall(script)
+    # and no handler made from a string: onclick and the like are assigned functions
+    assert not re.findall(r"setAttribute\(\s*[\"']on", script)
+
+
+def test_a_job_named_with_html_shows_literally(workspace: Workspace, daemon: DaemonProcess, browser_on: Any) -> None:
+    daemon.start()
+    workspace.drop(HTML_NAME + ".yaml", {"program": "echo", "args": ["hello"]})
+    workspace.drop("htmlkey.yaml", {"program": "echo", HTML_KEY: 1})
+    workspace.wait_results(2)
+    page = browser_on(daemon.url)
+    name = json.dumps(HTML_NAME)
+    page.wait_for(f"[...document.querySelectorAll('#recent tbody tr')].some(r => r.dataset.id === {name})")
+    assert page.eval(f"[...document.querySelectorAll('#recent tbody tr')].find(r => r.dataset.id === {name})"
+                     ".cells[0].textContent") == HTML_NAME
+    errors = page.eval("[...document.querySelectorAll('#recent td.err')].map(td => td.textContent).join('\\n')")
+    assert HTML_KEY in errors
+    page.eval(f"[...document.querySelectorAll('#recent tbody tr')].find(r => r.dataset.id === {name}).click()")
+    page.wait_for(f"document.querySelector('#detail-id').textContent === {name}")
+    # nothing the names carried became an element, and no handler ran
+    assert page.eval("document.querySelectorAll('img').length") == 0
+    assert page.eval("window.pwned === undefined") is True
+    assert page.errors == []
+
+    # Defence in depth: were markup ever put into the page, the Content-Security-Policy keeps its inline
+    # handler from running. The image's error event is awaited, so the handler has had its turn.
+    fired = page.call("Runtime.evaluate", awaitPromise=True, returnByValue=True, expression="""
+        new Promise((resolve) => {
+          document.body.insertAdjacentHTML('beforeend', '<img id=probe src=x onerror="window.pwned=3">');
+          document.querySelector('#probe').addEventListener('error', () => resolve(window.pwned ?? 'none'));
+        })""")
+    assert fired["result"]["value"] == "none"

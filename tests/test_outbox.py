@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from dropq.jobs import JobStatus
-from dropq.outbox import Outbox
+from dropq.outbox import Outbox, job_key
 from dropq.paths import collect_tree
 from dropq.store import JobRecord, Store
 from dropq_worker.protocol import Staging
@@ -100,3 +101,28 @@ def test_collecting_output_drops_links_fifos_and_hardlinks_without_following_the
     assert dropped == ["fifo", "hard.txt", "link.txt", "sub/root"]
     assert sorted(p.name for p in (tmp_path / "collected").rglob("*")) == ["deep.txt", "real.txt", "sub"]
     assert outside.read_text() == "host secret"
+
+
+#: a manifest named with a byte that is not UTF-8 (kept by Python as a lone surrogate), a retitle and a newline
+HOSTILE_ID = "raw\udcff\x1b]0;pwned\x07two\nlines\u202e"
+
+
+def test_result_yaml_of_a_job_with_a_hostile_name_is_written_and_reads_as_plain_text(
+        setup: tuple[Store, Outbox, Path]) -> None:
+    store, outbox, tmp = setup
+    plain = committing_job(store, tmp, "plain")
+    # The store cannot hold such an id (SQLite refuses surrogates), so the record is made here: what the
+    # outbox must survive is whatever names reach it, and errors that echo a manifest's key.
+    job = dataclasses.replace(plain, id=HOSTILE_ID, source=HOSTILE_ID + ".yaml", outcome={
+        "status": "rejected", "error": "unknown key 'k\x1b[2J\udcfe'", "dropped": ["out/\udcfelink (a symlink)"]})
+    (tmp / "spool" / HOSTILE_ID).mkdir(parents=True)
+    folder = outbox.commit(job, staging=None, name=HOSTILE_ID)
+    raw = (folder / "result.yaml").read_bytes()
+    text = raw.decode("utf-8")  # strict: no undecodable byte in the file
+    assert not [c for c in text if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f or c == "\u202e"], text
+    doc = yaml.safe_load(text)
+    assert doc["id"] == "raw\\xff\\x1b]0;pwned\\x07two\\nlines\\u202e"
+    assert doc["manifest"] == doc["id"] + ".yaml"
+    assert doc["error"] == "unknown key 'k\\x1b[2J\\xfe'"
+    assert doc["dropped"] == ["out/\\xfelink (a symlink)"]
+    assert doc["key"] == job_key(job) and outbox.committed_here(job, HOSTILE_ID)

@@ -11,6 +11,7 @@ import sys
 
 from .. import schema
 from ..config import Config
+from ..console import say
 from ..errors import ConfigError, DaemonRunning, DropqError, NoDaemon, PoolError, SchemaError, StoreError
 from .exits import Exit
 from .job import cmd_cancel, cmd_logs, cmd_show
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(code: Exit, message: str) -> int:
-    print(f"dropq: {message}", file=sys.stderr)
+    # messages quote job ids, file names and manifest keys: escaped, like every line the CLI writes
+    say(f"dropq: {message}", out=sys.stderr)
     return int(code)
 
 

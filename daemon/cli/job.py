@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import BinaryIO
 import yaml
 
 from ..config import Config
+from ..console import as_json, say
 from ..jobs import FINAL, JobStatus
 from ..streams import Stream, stream_path
 from .exits import Exit
@@ -23,21 +23,21 @@ from .wait import print_result
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     if args.json:
-        print(json.dumps(job.summary(), indent=2))
+        print(as_json(job.summary()))
     elif job.status in FINAL:
         print_result(config, job)
     else:
-        print(yaml.safe_dump(job.summary(), sort_keys=False), end="")
+        say(yaml.safe_dump(job.summary(), sort_keys=False), end="")
     return Exit.OK
 
 
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     if job.status in FINAL:
-        print(f"dropq: job {job.id} already finished ({job.status}); nothing to cancel", file=sys.stderr)
+        say(f"dropq: job {job.id} already finished ({job.status}); nothing to cancel", out=sys.stderr)
         return Exit.ALREADY_FINISHED
     drop(config.inbox, f"{job.id}.cancel", b"")
-    print(f"cancel requested for {job.id} ({job.status})")
+    say(f"cancel requested for {job.id} ({job.status})")
     return Exit.OK
 
 

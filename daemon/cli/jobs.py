@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from ..config import Config
-from ..console import duration, table
+from ..console import as_json, duration, table
 from ..errors import DropqError
 from ..jobs import JobStatus
 from ..store import JobRecord
@@ -61,7 +61,7 @@ def cmd_jobs(config: Config, args: argparse.Namespace) -> int:
         store.close()
     now = time.time()
     if args.json:
-        print(json.dumps([_as_json(job, now) for job in jobs], indent=2))
+        print(as_json([_as_json(job, now) for job in jobs]))
         return Exit.OK
     if not jobs:
         print("no jobs" + (" match" if statuses or since is not None else ""))

@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="a job's stdout and stderr (while it runs, too)",
                           description="Print a job's stdout (to stdout) and stderr (to stderr). With --follow, "
                                       "keep printing as the program writes, until the job ends; the exit code is "
-                                      "then 0 if it succeeded, else 1.")
+                                      "then 0 if it succeeded, else 1. The output is the program's own bytes, "
+                                      "written unchanged (control characters included), unlike every other "
+                                      "command, which escapes what it shows of a job.")
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true")
     which = logs.add_mutually_exclusive_group()

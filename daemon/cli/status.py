@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 from dropq_worker.protocol import WorkerState
 
 from ..config import Config
-from ..console import Screen, bar, duration, table
+from ..console import Screen, as_json, bar, duration, say, table
 from ..jobs import FINAL, JobStatus
 from ..manifest import is_manifest_name
 from ..store import Store
@@ -27,10 +26,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
-                          "workers": snap.workers, "recent": [j.summary() for j in snap.recent]}, indent=2))
+        print(as_json({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
+                       "workers": snap.workers, "recent": [j.summary() for j in snap.recent]}))
         return Exit.OK
-    print("\n".join(_status_lines(snap)))
+    say("\n".join(_status_lines(snap)))
     return Exit.OK
 
 
@@ -133,7 +132,7 @@ def cmd_workers(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps(snap.workers, indent=2))
+        print(as_json(snap.workers))
     else:
-        print("\n".join(_worker_lines(snap)))
+        say("\n".join(_worker_lines(snap)))
     return Exit.OK

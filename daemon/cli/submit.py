@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ..config import Config
+from ..console import say
 from ..errors import DropqError
 from ..jobs import FINAL
 from ..manifest import is_manifest_name
@@ -38,7 +39,7 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
     name = free_name(config, name)
     since = last_seq(config)
     drop(config.inbox, name, text.encode())
-    print(f"submitted {config.inbox / name}", file=sys.stderr)
+    say(f"submitted {config.inbox / name}", out=sys.stderr)
     if not args.wait:
         return Exit.OK
     return wait(config, name, since, args.wait_timeout)
@@ -88,7 +89,7 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     name = free_name(config, f"{job.id}-retry.yaml")
     since = last_seq(config)
     drop(config.inbox, name, manifest.read_bytes())
-    print(f"submitted {config.inbox / name} (a retry of {job.id})", file=sys.stderr)
+    say(f"submitted {config.inbox / name} (a retry of {job.id})", out=sys.stderr)
     if not args.wait:
         return Exit.OK
     return wait(config, name, since, args.wait_timeout)

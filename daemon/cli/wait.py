@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from ..console import Screen, duration
+from ..console import Screen, duration, say
 from ..errors import NoDaemon
 from ..jobs import FINAL, JobStatus
 from ..store import JobRecord, Store
@@ -60,7 +60,7 @@ def wait(config: Config, name: str, since: int, timeout: float | None) -> int:
         if store is not None:
             store.close()
     screen.end_line()
-    print(f"dropq: gave up waiting for {name} after {timeout:g} seconds", file=sys.stderr)
+    say(f"dropq: gave up waiting for {name} after {timeout:g} seconds", out=sys.stderr)
     return Exit.TIMEOUT
 
 
@@ -78,4 +78,6 @@ def _result_path(config: Config, job: JobRecord) -> Path:
 
 def print_result(config: Config, job: JobRecord) -> None:
     path = _result_path(config, job)
-    print(path.read_text() if path.exists() else f"{job.id}: {job.status} (its outbox folder is gone)", end="")
+    # result.yaml is written escaped, but it sits in a folder anyone with the outbox can edit: shown escaped
+    say(path.read_text(errors="surrogateescape") if path.exists()
+        else f"{job.id}: {job.status} (its outbox folder is gone)\n", end="")

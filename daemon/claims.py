@@ -17,6 +17,10 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 
+from .escape import printable
+
+__all__ = ["ClaimRetries", "ClaimTrouble", "printable", "safe_id"]
+
 log = logging.getLogger("dropq.intake")
 
 #: a job id (a spool and outbox folder name) is at most this many bytes of UTF-8, leaving room under
@@ -25,12 +29,6 @@ MAX_ID_BYTES = 200
 #: a claim that failed is tried again after this many seconds, doubling up to CLAIM_RETRY_CAP
 CLAIM_RETRY_FIRST = 1.0
 CLAIM_RETRY_CAP = 60.0
-
-
-def printable(name: str) -> str:
-    """A file name as a person can read it, and as the store and logs can hold it: bytes that are not
-    UTF-8 (which os.listdir returns as lone surrogates) are shown as backslash escapes (`caf\\xe9.yaml`)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def safe_id(stem: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import Config
 from ..console import Screen, duration, say
 from ..errors import NoDaemon
+from ..escape import printable
 from ..jobs import FINAL, JobStatus
 from ..store import JobRecord, Store
 from .exits import Exit
@@ -36,7 +37,8 @@ def wait(config: Config, name: str, since: int, timeout: float | None) -> int:
         while deadline is None or time.monotonic() < deadline:
             if store is None and config.database.exists():
                 store = Store(config.database, readonly=True)
-            job = store.by_source(name, after_seq=since) if store else None
+            # the intake records the manifest's name as printable (controls and undecodable bytes escaped)
+            job = store.by_source(printable(name), after_seq=since) if store else None
             line = _progress(store, job) if store is not None and job is not None else f"{name}: in the inbox"
             # on a terminal the line updates in place; in a log, only changes of state are written
             if line != shown and (screen.tty or line.split(",")[0] != shown.split(",")[0]):

@@ -150,12 +150,16 @@ def test_an_editable_install_and_workspace_under_home_run_as_that_user(box: Box)
     box.sh("systemctl disable --now dropq-home")
 
 
-def test_a_workspace_under_tmp(box: Box) -> None:
+def test_a_non_editable_install_with_a_workspace_under_tmp(box: Box) -> None:
+    # a plain (non-editable) install into a virtualenv of its own: the unit needs only that venv
+    box.sh("python3 -m venv /opt/plain && /opt/plain/bin/pip install -q --no-index --find-links /wheels /opt/dropq")
+    assert "site-packages" in box.sh("/opt/plain/bin/python -c 'import dropq; print(dropq.__file__)'")
     _config(box, "/tmp/dqws", programs="/opt/dropq/programs")
-    said = box.sh("/opt/dropq/.venv/bin/dropq --config /tmp/dqws/config.yaml service install --now "
+    said = box.sh("/opt/plain/bin/dropq --config /tmp/dqws/config.yaml service install --now "
                   "--name dropq-tmp")
     assert "warning: the workspace /tmp/dqws is under a temporary folder" in said, said
-    assert "PrivateTmp=yes" not in box.sh("cat /etc/systemd/system/dropq-tmp.service")
+    unit = box.sh("cat /etc/systemd/system/dropq-tmp.service")
+    assert "PrivateTmp=yes" not in unit and "ExecStart=/opt/plain/bin/dropq " in unit, unit
     _drop(box, "/tmp/dqws/inbox", "t1", args=["in", "tmp"])
     assert _result(box, "/tmp/dqws/outbox", "t1")["status"] == "succeeded"
     box.sh("systemctl disable --now dropq-tmp")

@@ -202,6 +202,9 @@ class Outbox:
             if not target.is_file() or target.is_symlink():
                 target.unlink()
                 target.touch()
+            else:
+                # the worker made it readable by the daemon only, while it sat in staging
+                os.chmod(target, 0o644)
         elif not os.path.lexists(target):
             target.touch()
 

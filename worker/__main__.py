@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.socket.exists() or args.socket.is_symlink():
                 args.socket.unlink()
             server = waitress.create_server(app, unix_socket=str(args.socket), unix_socket_perms="600",
-                                            threads=args.threads, ident="dropq-worker", _quiet=True)
+                                            threads=args.threads, ident="dropq-worker")
             if uids is not None:
                 # the worker is root here: the socket goes to the daemon's uid (mode 0600, so to no job uid)
                 os.chown(args.socket, uids.owner_uid, uids.owner_gid)

@@ -18,14 +18,17 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def create_new(path: Path, owner: tuple[int, int] | None = None) -> int:
-    """A new file at `path`, made before the job starts. Whatever was there (left by a worker that
-    died, or planted where a job could write) is unlinked, never followed or opened: O_EXCL fails on
-    a symlink or FIFO rather than going through it, and O_NOFOLLOW makes sure of it."""
+    """A new file at `path`, made before the job starts, readable by its owner only (the daemon opens
+    it up once published: a job that learnt another job's key still cannot read its output).
+
+    Whatever was there (left by a worker that died, or planted where a job could write) is unlinked,
+    never followed or opened: O_EXCL fails on a symlink or FIFO rather than going through it, and
+    O_NOFOLLOW makes sure of it."""
     try:
-        fd = os.open(path, _CREATE, 0o644)
+        fd = os.open(path, _CREATE, 0o600)
     except FileExistsError:
         os.unlink(path)  # unlinks a symlink itself, a FIFO without opening it
-        fd = os.open(path, _CREATE, 0o644)
+        fd = os.open(path, _CREATE, 0o600)
     if owner is not None:
         os.fchown(fd, *owner)  # the daemon's, to read while the job runs and to move afterwards
     return fd

@@ -63,8 +63,14 @@ def instance_id(config: Config) -> str:
     return hashlib.sha256(str(config.state).encode()).hexdigest()[:12]
 
 
+def isolates_jobs(config: Config) -> bool:
+    """Whether the daemon's containers run each job under a uid of its own (compose's replicas run as
+    the compose file says)."""
+    return config.workers.job_uids is not None and config.workers.docker.managed_by == "daemon"
+
+
 def container_user(config: Config) -> str:
-    if config.workers.job_uids is not None:
+    if isolates_jobs(config):
         # root in the container, with WORKER_CAPS only, to start each job under a uid of its own
         return "0:0"
     if config.workers.docker.user:
@@ -167,7 +173,7 @@ class DockerPool(RestartingPool):
             handle.jobs_dir.mkdir(parents=True, exist_ok=True)
             handle.inputs_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(handle.inputs_dir, 0o755)
-            if self.config.workers.job_uids is not None:
+            if isolates_jobs(self.config):
                 # job uids may pass through to their own folders, never list them (nor other jobs' keys)
                 for path in (work, handle.jobs_dir, handle.inputs_dir):
                     os.chmod(path, 0o711)
@@ -236,7 +242,7 @@ class DockerPool(RestartingPool):
                    "--max-file-bytes", str(self.config.jobs.max_file_bytes),
                    "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]
         caps: list[str] = []
-        if self.config.workers.job_uids is not None:
+        if self.config.workers.job_uids is not None and isolates_jobs(self.config):
             first = self.config.workers.job_uids + self._names.index(name) * PER_WORKER
             command += ["--job-uids", f"{first}:{PER_WORKER}", "--owner", f"{os.geteuid()}:{os.getegid()}"]
             caps = list(WORKER_CAPS)

@@ -20,21 +20,21 @@ from dropq.transport import Transport
 from dropq_worker.protocol import JobSpec, Outcome
 from helpers import containers_of, dropq_json, record_attack
 
-# the keys of the jobs after this one, as every dropq before issue 16 made them (j<seq>-<attempt>),
+# the keys of the three jobs after this one, as every dropq before issue 16 made them (j<seq>-<attempt>),
 # planted as symlinks into /tmp (to read later) or as FIFOs (to hang the worker that opens them)
 PLANT = r'''
 import json, os, sys
-kind = sys.argv[1]
+kind, tag = sys.argv[1:3]
 key = os.path.basename(os.getcwd())
 seq = int(key[1:].split("-")[0])
 tried = planted = 0
-for s in range(seq + 1, seq + 8):
+for s in range(seq + 1, seq + 4):
     for stream in ("stdout", "stderr"):
         path = f"../j{s}-1.{stream}"
         tried += 1
         try:
             if kind == "symlink":
-                os.symlink(f"/tmp/stolen-{s}.{stream}", path)
+                os.symlink(f"/tmp/{tag}-{s}.{stream}", path)
             else:
                 os.mkfifo(path)
             planted += 1
@@ -44,8 +44,8 @@ print(json.dumps({"tried": tried, "planted": planted}))
 '''
 
 COLLECT = r'''
-import glob, json
-print(json.dumps({p: open(p, errors="replace").read() for p in glob.glob("/tmp/stolen-*")}))
+import glob, json, sys
+print(json.dumps({p: open(p, errors="replace").read() for p in glob.glob(f"/tmp/{sys.argv[1]}-*")}))
 '''
 
 LEAVE = r'''
@@ -171,12 +171,13 @@ def run(ws: Workspace, job_id: str, manifest: dict[str, Any], timeout: float = 6
 def test_links_and_fifos_planted_at_the_next_keys_neither_steal_nor_hang(isolated: Workspace,
                                                                         daemon: DaemonProcess, kind: str) -> None:
     daemon.start()
-    planter = run(isolated, "planter", {"program": "plant_next", "args": [kind]})
+    tag = f"dq-stolen-{secrets.token_hex(4)}"  # the local pool's /tmp is the host's: names of this test's own
+    planter = run(isolated, "planter", {"program": "plant_next", "args": [kind, tag]})
     victims = [f"victim{i}" for i in range(3)]
     for job_id in victims:  # each waits for the one before: a hung worker fails the test here
         run(isolated, job_id, {"program": "echo", "args": [f"{job_id} output"]}, timeout=45)
-    stolen = json.loads((isolated.outbox / run(isolated, "collector", {"program": "collect_stolen"})["id"]
-                         / "stdout.txt").read_text())
+    collector = run(isolated, "collector", {"program": "collect_stolen", "args": [tag]})
+    stolen = json.loads((isolated.outbox / collector["id"] / "stdout.txt").read_text())
     pool = on_pool(isolated, "planter", "collector", *victims)
     results = isolated.results()
     intact = sum(results[v]["status"] == "succeeded"

@@ -63,6 +63,22 @@ def _expand(args: argparse.Namespace) -> None:
         args.socket.parent.mkdir(parents=True, exist_ok=True)
 
 
+def _job_uids(args: argparse.Namespace) -> isolation.JobUids | None:
+    """The job uids of --job-uids, after checking the worker may use them and emptying its bounding set."""
+    if not args.job_uids:
+        return None
+    uids = isolation.parse_uids(args.job_uids, args.owner or "0:0")
+    isolation.prepare_worker()
+    return uids
+
+
+def _reclaim(jobs: Path, uids: isolation.JobUids) -> None:
+    jobs.mkdir(parents=True, exist_ok=True)
+    for name in isolation.reclaim(jobs, uids):
+        log.warning("took back %s, left in staging by a job of a previous worker process", name)
+    procs.kill_leftovers()  # reaps what reclaim killed, should any be this process's children
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _expand(args)
@@ -76,18 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_file_bytes:
         # set here once and inherited by every job; the worker's own files are capped below it anyway
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_bytes, args.max_file_bytes))
-    uids = None
-    if args.job_uids:
-        try:
-            uids = isolation.parse_uids(args.job_uids, args.owner or "0:0")
-            isolation.prepare_worker()
-        except isolation.IsolationError as exc:
-            print(f"dropq-worker: {exc}", file=sys.stderr)
-            return 2
+    try:
+        uids = _job_uids(args)
+    except isolation.IsolationError as exc:
+        print(f"dropq-worker: {exc}", file=sys.stderr)
+        return 2
     if not procs.become_subreaper():
         log.warning("could not become a child subreaper; a job's escaped grandchildren may outlive it")
     for job_id in reap_abandoned(args.jobs):
         log.warning("killed the leftover processes of job %s from a previous worker process", job_id)
+    if uids is not None:
+        _reclaim(args.jobs, uids)
     runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python,
                              uids=uids, max_disk_bytes=args.max_disk_bytes))
     app = create_app(runner=runner, token=token, name=args.name)

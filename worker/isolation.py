@@ -204,6 +204,24 @@ def human(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
+def reclaim(jobs: Path, uids: JobUids) -> list[str]:
+    """At the worker's start: end whatever a previous worker process's jobs left (their processes, their
+    files in /tmp and /dev/shm), and take back every staging entry a job uid still owns, so that none
+    of it reaches the jobs this worker runs, and the daemon (maybe not root) can remove it. The names
+    of the entries taken back."""
+    mine = range(uids.first, uids.first + uids.count)
+    for uid in mine:
+        kill_uid(uid)
+        clear_scratch(uid)
+    taken = []
+    with os.scandir(jobs) as entries:
+        for entry in entries:
+            if entry.stat(follow_symlinks=False).st_uid in mine:
+                take_back(Path(entry.path), uids)
+                taken.append(entry.name)
+    return taken
+
+
 def disk_used(output: Path, uid: int | None) -> int:
     """Bytes on disk of the job's output tree, plus (with `uid`) of what that uid owns in /tmp and
     /dev/shm. A file linked several times counts once."""

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import procs
+
 _PR_CAPBSET_DROP = 24
 #: how many uids each worker takes from the configured range (workers.job_uids), rotated per job
 PER_WORKER = 8
@@ -93,9 +95,42 @@ def make_output(path: Path, uid: int) -> None:
     os.chown(path, uid, uid)
 
 
-def kill_uid(uid: int) -> None:
-    """Kill every process running as `uid`, from a child that becomes `uid` (no capability needed for
-    that, and no other uid can be hit). The caller reaps what were its own children."""
+def processes_of(uid: int) -> list[int]:
+    """The live processes whose real, effective or saved uid is `uid` (zombies are dead already)."""
+    wanted = str(uid).encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as fh:
+                fields = dict(line.split(b":", 1) for line in fh.read().splitlines() if b":" in line)
+        except OSError:  # gone meanwhile
+            continue
+        if fields.get(b"State", b"Z").split()[:1] in ([b"Z"], [b"X"]):
+            continue
+        if wanted in fields.get(b"Uid", b"").split()[:3]:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_uid(uid: int, *, reap: bool = True) -> None:
+    """Kill every process running as `uid` and, with `reap`, reap them (they are all the worker's: it
+    is their subreaper, or init); without, signal them once and return.
+
+    Usually none is left and this is one look at /proc; otherwise a child that becomes `uid` calls
+    kill(-1), which reaches every process of that uid at once (`setsid` escapees and processes forked
+    meanwhile included) and nothing of another uid."""
+    for _ in range(20):
+        if not processes_of(uid):
+            return
+        _kill_all_as(uid)
+        if not reap:
+            return
+        procs.kill_leftovers()  # reaps them: a dead child stays a zombie (and a pid) until then
+
+
+def _kill_all_as(uid: int) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child only makes system calls, then leaves
         code = 0
@@ -103,11 +138,7 @@ def kill_uid(uid: int) -> None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            for _ in range(3):  # again, for what was being forked as the first round went by
-                try:
-                    os.kill(-1, signal.SIGKILL)
-                except ProcessLookupError:
-                    break
+            os.kill(-1, signal.SIGKILL)
         except BaseException:  # noqa: BLE001 - a forked child must never return into the worker
             code = 1
         os._exit(code)

@@ -214,7 +214,7 @@ class Runner:
         uids = self.settings.uids
         if job.uid is not None:
             isolation.kill_uid(job.uid)
-        procs.kill_leftovers()  # reaps what kill_uid killed; kills what a job without a uid left
+        procs.kill_leftovers()  # what a job without a uid left (and, with one, nothing by now)
         if job.uid is not None and uids is not None:
             isolation.clear_scratch(job.uid)
             isolation.take_back(job.staging.output, uids)
@@ -345,7 +345,8 @@ def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: Ca
                     job.stop_reason = "disk"
                     procs.kill_group(proc.pid, signal.SIGKILL)
                     if job.uid is not None:
-                        isolation.kill_uid(job.uid)  # its setsid escapees too: they may be the writers
+                        # its setsid escapees too (they may be the writers); reaped once the program is
+                        isolation.kill_uid(job.uid, reap=False)
                     phase, deadline, next_count = "killed", time.monotonic() + _DRAIN, float("inf")
             timeout = max(0.0, min(deadline, next_count) - time.monotonic())
             events = sel.select(timeout)

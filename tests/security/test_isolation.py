@@ -9,6 +9,7 @@ import json
 import os
 import random
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.transport import Transport
+from dropq_worker.isolation import PER_WORKER, processes_of
 from dropq_worker.protocol import JobSpec, Outcome
-from helpers import containers_of, dropq_json, record_attack
+from helpers import containers_of, dropq_json, record_attack, wait_until
 
 # the keys of the three jobs after this one, as every dropq before issue 16 made them (j<seq>-<attempt>),
 # planted as symlinks into /tmp (to read later) or as FIFOs (to hang the worker that opens them)
@@ -116,8 +118,17 @@ attempt("plant a file in the previous job's folder", lambda: open(f"../{key}/pla
 print(json.dumps(r))
 '''
 
-PROGRAMS = {"plant_next.py": PLANT, "collect_stolen.py": COLLECT, "leave_tmp.py": LEAVE, "look_tmp.py": LOOK,
-            "caps.py": CAPS, "fill_disk.py": FILL, "victim.py": VICTIM, "snoop.py": SNOOP}
+LINGER = r'''
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(300)"])
+os.makedirs("deep/er")
+os.chmod("deep", 0o500)
+print("running", flush=True)
+time.sleep(300)
+'''
+
+PROGRAMS = {"linger.py": LINGER, "plant_next.py": PLANT, "collect_stolen.py": COLLECT, "leave_tmp.py": LEAVE,
+            "look_tmp.py": LOOK, "caps.py": CAPS, "fill_disk.py": FILL, "victim.py": VICTIM, "snoop.py": SNOOP}
 
 POOLS = [pytest.param("docker", marks=pytest.mark.docker), "local"]
 
@@ -266,3 +277,37 @@ def test_the_next_job_cannot_read_or_rewrite_the_previous_jobs_staging(workspace
     record_attack("reading or rewriting the previous job's staging (docker)", len(report), denied * intact)
     assert denied == len(report) and intact, report
     assert not (work / "jobs" / "va-1" / "planted.txt").exists()
+
+
+def test_a_worker_killed_mid_job_leaves_nothing_of_the_job_to_the_next(isolated: Workspace,
+                                                                       daemon: DaemonProcess) -> None:
+    """A local worker killed with SIGKILL cannot clean up after its job: the worker that replaces it
+    kills every process of its job uids (a `setsid` escapee too) and takes back their staging."""
+    if isolated.settings["workers"]["pool"] != "local":
+        pytest.skip("a docker worker's death ends its container, and every process in it, by itself")
+    daemon.start()
+    isolated.drop("linger.yaml", {"program": "linger", "retries": 0})
+    first = isolated.settings["workers"]["job_uids"]
+    uids = range(first, first + PER_WORKER)
+    wait_until(lambda: len([p for uid in uids for p in processes_of(uid)]) >= 2, what="the job and its escapee")
+    token = (isolated.state / "workers" / "w1" / "token").read_text()
+    worker = Transport(socket_path=str(isolated.state / "workers" / "w1" / "worker.sock"), token=token)
+    try:
+        os.kill(worker.health().pid, 9)
+    finally:
+        worker.close()
+    result = isolated.wait_results(1, timeout=60)["linger"]
+    on_pool(isolated, "linger")
+
+    def alive() -> list[int]:
+        return [pid for uid in uids for pid in processes_of(uid)]
+
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:  # the new worker ends them as it starts
+        time.sleep(0.05)
+    left = alive()
+    staging = isolated.state / "workers" / "w1" / "jobs"
+    owned = [e.name for e in staging.iterdir() if e.lstat().st_uid in uids]
+    record_attack("processes and files of a job whose worker was killed (local)", 1, int(not left and not owned))
+    assert result["status"] == "failed", result
+    assert not left and not owned, (left, owned)

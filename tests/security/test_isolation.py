@@ -279,12 +279,12 @@ def test_the_next_job_cannot_read_or_rewrite_the_previous_jobs_staging(workspace
     assert not (work / "jobs" / "va-1" / "planted.txt").exists()
 
 
+# local only: a docker worker's death ends its container, and every process in it, by itself
+@pytest.mark.parametrize("isolated", ["local"], indirect=True)
 def test_a_worker_killed_mid_job_leaves_nothing_of_the_job_to_the_next(isolated: Workspace,
                                                                        daemon: DaemonProcess) -> None:
     """A local worker killed with SIGKILL cannot clean up after its job: the worker that replaces it
     kills every process of its job uids (a `setsid` escapee too) and takes back their staging."""
-    if isolated.settings["workers"]["pool"] != "local":
-        pytest.skip("a docker worker's death ends its container, and every process in it, by itself")
     daemon.start()
     isolated.drop("linger.yaml", {"program": "linger", "retries": 0})
     first = isolated.settings["workers"]["job_uids"]

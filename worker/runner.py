@@ -245,7 +245,8 @@ class Runner:
             job.close_wake()
         try:
             self._clean_up(job)
-        except OSError as exc:  # the job's leftovers could not all go: the worker is not fit to go on
+        except OSError as exc:  # its leftovers could not all go: the job fails saying so (they stay
+            # its uid's, which the next job, under the next uid, cannot reach)
             report = report.ended(Outcome.ERROR, finished_at=time.time(),
                                   error=f"the worker could not clean up after the job: {exc}")
         with self._lock:

@@ -24,7 +24,7 @@ from .config import Config
 from .errors import JobRefused, ProtocolMismatch, StoreError, TransportError, UnknownJob, WorkerBusy
 from .jobs import JobStatus
 from .manifest import Manifest
-from .outbox import Outbox, job_key
+from .outbox import Outbox
 from .paths import remove_tree
 from .pools import Incarnation, Pool, WorkerHandle
 from .store import JobRecord, Store
@@ -118,7 +118,7 @@ class Balancer:
     def _commit_loop(self) -> None:
         while (item := self._commits.get()) is not None:
             worker, job = item
-            key = job_key(job)
+            key = self.outbox.key(job)
             try:
                 self.outbox.finish(job, staging=worker.staging(key))
                 remove_tree(worker.inputs_dir / key)
@@ -153,7 +153,7 @@ class Balancer:
             handle = next((h for h in self.pool.workers() if h.name == job.worker), None)
             if handle is not None:
                 try:
-                    handle.transport.cancel(job_key(job))
+                    handle.transport.cancel(self.outbox.key(job))
                 except (TransportError, ProtocolMismatch):
                     pass  # not there yet: the worker keeps the cancel, and the start ends as cancelled
             return f"cancelling it on worker {job.worker}"
@@ -247,7 +247,7 @@ class Balancer:
 
     def _run(self, worker: WorkerHandle, job: JobRecord, health: Incarnation) -> bool:
         """Run one job on `worker`; False if the worker misbehaved (it is then checked before reuse)."""
-        key = job_key(job)
+        key = self.outbox.key(job)
         assert job.manifest is not None
         manifest = Manifest.from_json(job.manifest)
         log.info("job %s: attempt %d on worker %s", job.id, job.attempts, worker.name)
@@ -299,7 +299,7 @@ class Balancer:
     def _follow(self, worker: WorkerHandle, job: JobRecord, health: Incarnation,
                 status: Report | None = None) -> bool:
         """Long-poll the worker until the job ends (unless `status` says it has), then commit it."""
-        key = job_key(job)
+        key = self.outbox.key(job)
         while status is None or not status.done:
             try:
                 status = worker.transport.status(key, wait=POLL_WAIT)
@@ -323,7 +323,7 @@ class Balancer:
 
     def _commit(self, worker: WorkerHandle, job: JobRecord, status: Report) -> None:
         manifest = Manifest.from_json(job.manifest) if job.manifest else None
-        key = job_key(job)
+        key = self.outbox.key(job)
         # the cause of a failure is most often the program's last words: keep them in the error
         outcome = outcome_of(status, manifest, last_words=last_line(worker.staging(key).stderr))
         code = outcome.get("exit_code")
@@ -348,7 +348,7 @@ class Balancer:
     # --- losing a worker -----------------------------------------------------------------------
 
     def _lost(self, worker: WorkerHandle, job: JobRecord, reason: str) -> None:
-        key = job_key(job)
+        key = self.outbox.key(job)
         if self._stopping and self.pool.keeps_jobs_running:
             # the worker goes on running it; the next start re-attaches and collects the result
             log.info("job %s: left running on worker %s for the next start", job.id, worker.name)
@@ -387,7 +387,7 @@ class Balancer:
 
     def _stage_inputs(self, worker: WorkerHandle, job: JobRecord, manifest: Manifest) -> None:
         """Give the worker its own read-only view of the job's inputs (hard links, or copies)."""
-        target = worker.inputs_dir / job_key(job)
+        target = worker.inputs_dir / self.outbox.key(job)
         remove_tree(target)
         target.mkdir(parents=True, exist_ok=True)
         for rel in manifest.inputs:

@@ -79,6 +79,10 @@ class WorkersConfig(_Section):
     """interpreter for `.py` programs on the local pool (a name looked up on PATH, or a path)"""
     health_timeout: float = Field(default=10.0, gt=0)
     """seconds a worker may take to answer its health check before it is restarted"""
+    job_uids: int | None = Field(default=1_600_000_000, ge=1, le=2**31 - 1 - 256 * 8)
+    """first of the uids jobs run as: each worker takes 8 (w1 from here, w2 8 further...) and runs each
+    job under the next, so the kernel keeps a job off the worker, its socket and other jobs' files.
+    Pick a range no host account or subuid range uses. null: jobs run as the worker's own uid"""
     docker: DockerConfig = DockerConfig()
 
 
@@ -95,6 +99,9 @@ class JobDefaults(_Section):
     """bytes kept of stdout and of stderr each; past that the head and tail are kept"""
     max_file_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     """the largest file a program may write (RLIMIT_FSIZE); past it the program is stopped"""
+    max_disk_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1024)
+    """bytes a job may have on disk at once (its output folder, and its files in /tmp where it runs
+    under a uid of its own), counted while it runs; past it the job is stopped"""
 
     @model_validator(mode="after")
     def _file_limit_holds_the_captures(self) -> JobDefaults:

@@ -9,8 +9,11 @@ the job's key in result.yaml, so a second folder is never made.
 from __future__ import annotations
 
 import errno
+import functools
+import hmac
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,19 +40,55 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def job_key(job: JobRecord) -> str:
+#: the file in the state directory holding the secret that makes attempt keys unguessable
+KEY_SECRET = "attempt-keys.secret"
+
+
+def job_key(job: JobRecord, secret: bytes) -> str:
     """The name of a job's current attempt towards workers and staging folders: unique per attempt
-    (a retry on the same worker is never taken for the attempt before it), and safe in a URL and a path."""
-    return f"j{job.seq}-{job.attempts}"
+    (a retry on the same worker is never taken for the attempt before it), safe in a URL and a path,
+    and unguessable: a job must not be able to name the next job's files, so the sequence number is
+    followed by 12 hex digits of an HMAC under the state directory's secret. The same job and attempt
+    always get the same key, across restarts, with nothing more to store."""
+    name = f"j{job.seq}-{job.attempts}"
+    return f"{name}-{hmac.new(secret, name.encode(), 'sha256').hexdigest()[:12]}"
+
+
+@functools.cache
+def key_secret(state: Path) -> bytes:
+    """The state directory's secret for attempt keys (made on first use, mode 0600)."""
+    path = state / KEY_SECRET
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    state.mkdir(parents=True, exist_ok=True)
+    tmp = state / f".{KEY_SECRET}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)  # never replaces a secret another process made a moment ago
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
 
 
 class Outbox:
-    def __init__(self, *, root: Path, spool: Path, store: Store,
+    def __init__(self, *, root: Path, spool: Path, store: Store, secret: bytes | None = None,
                  on_published: Callable[[JobRecord], None] | None = None) -> None:
         self.root = root
         self.spool = spool
         self.store = store
+        #: for attempt keys (key_secret(state) in the daemon; a random one lasts as long as this object)
+        self.secret = secrets.token_bytes(32) if secret is None else secret
         self._on_published = on_published
+
+    def key(self, job: JobRecord) -> str:
+        """The key of `job`'s current attempt (job_key under this daemon's secret)."""
+        return job_key(job, self.secret)
 
     def finish(self, job: JobRecord, *, staging: Staging | None = None) -> Path:
         """Publish a job in COMMITTING state and record its final status; safe to run again."""
@@ -82,7 +121,7 @@ class Outbox:
             data = yaml.safe_load((self.root / name / "result.yaml").read_text())
         except (OSError, yaml.YAMLError):
             return False
-        return isinstance(data, dict) and data.get("key") == job_key(job)
+        return isinstance(data, dict) and data.get("key") == self.key(job)
 
     def commit(self, job: JobRecord, *, staging: Staging | None, name: str) -> Path:
         """Publish `job` (its outcome already recorded) as outbox/<name>; returns the folder."""
@@ -109,8 +148,8 @@ class Outbox:
         self._place(staging.stderr if staging else None, tmp / "stderr.txt")
         if stdout_name:
             (tmp / "stdout.txt").touch()
-        _write_atomic(tmp / "result.yaml", yaml.dump(result_document(job, outcome, name), Dumper=_SafeDumper,
-                                                     sort_keys=False))
+        document = result_document(job, outcome, name, key=self.key(job))
+        _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(self.root)
@@ -164,6 +203,9 @@ class Outbox:
             if not target.is_file() or target.is_symlink():
                 target.unlink()
                 target.touch()
+            else:
+                # the worker made it readable by the daemon only, while it sat in staging
+                os.chmod(target, 0o644)
         elif not os.path.lexists(target):
             target.touch()
 
@@ -177,7 +219,7 @@ class Outbox:
         return removed
 
 
-def result_document(job: JobRecord, outcome: dict[str, Any], name: str) -> dict[str, Any]:
+def result_document(job: JobRecord, outcome: dict[str, Any], name: str, *, key: str) -> dict[str, Any]:
     """What result.yaml says; every string in it made printable (see `_printable`)."""
     status = JobStatus(outcome["status"])
     doc: dict[str, Any] = {
@@ -201,8 +243,8 @@ def result_document(job: JobRecord, outcome: dict[str, Any], name: str) -> dict[
             doc[f"{stream}_truncated"] = True
     if outcome.get("dropped"):
         doc["dropped"] = outcome["dropped"]
-    doc["key"] = job_key(job)
-    return {key: _printable(value) for key, value in doc.items()}
+    doc["key"] = key
+    return {field: _printable(value) for field, value in doc.items()}
 
 
 def _printable(value: Any) -> Any:

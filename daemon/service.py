@@ -22,7 +22,7 @@ from .errors import DaemonRunning, PoolError
 from .intake import Intake
 from .jobs import JobStatus
 from .metrics import Metrics
-from .outbox import Outbox, job_key
+from .outbox import Outbox, key_secret
 from .pools import Pool, find_staging
 from .store import Store
 from .systemd import Notifier
@@ -79,6 +79,7 @@ class Daemon:
         # bound before anything starts, so a port in use stops the daemon at once with a clear message
         self.web = WebServer(config, self.metrics) if config.http.enabled else None
         self.outbox = Outbox(root=config.outbox, spool=config.spool, store=self.store,
+                             secret=key_secret(config.state),
                              on_published=self.metrics.observe)
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, outbox=self.outbox)
@@ -128,7 +129,7 @@ class Daemon:
         committing = self.store.with_status(JobStatus.COMMITTING)
         for job in committing:
             # the docker pool's staging is not under workers/<name>/jobs, so ask where it is
-            staging = find_staging(self.config, job.worker, job_key(job)) if job.worker else None
+            staging = find_staging(self.config, job.worker, self.outbox.key(job)) if job.worker else None
             log.info("job %s: finishing the commit an earlier run began", job.id)
             self.outbox.finish(job, staging=staging)
         pending = {j.id for j in self.store.with_status(JobStatus.COMMITTING)}

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from .config import Config
 from .jobs import FINAL, JobStatus
-from .outbox import job_key
+from .outbox import job_key, key_secret
 from .pools.base import find_staging
 from .store import JobRecord
 
@@ -29,7 +29,11 @@ def stream_path(config: Config, job: JobRecord, stream: Stream) -> Path | None:
         saved_as = outcome.get("stdout_as")
         path = folder / "output" / saved_as if stream == "stdout" and saved_as else folder / f"{stream}.txt"
     elif job.status in (JobStatus.RUNNING, JobStatus.COMMITTING) and job.worker:
-        staging = find_staging(config, job.worker, job_key(job))
+        try:
+            key = job_key(job, key_secret(config.state))
+        except OSError:  # the daemon's secret is not readable here (another user): no live output
+            return None
+        staging = find_staging(config, job.worker, key)
         if staging is None:
             return None
         path = staging.stdout if stream == "stdout" else staging.stderr

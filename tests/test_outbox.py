@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dropq.jobs import JobStatus
-from dropq.outbox import Outbox, job_key
+from dropq.outbox import Outbox
 from dropq.paths import collect_tree
 from dropq.store import JobRecord, Store
 from dropq_worker.protocol import Staging
@@ -125,4 +125,4 @@ def test_result_yaml_of_a_job_with_a_hostile_name_is_written_and_reads_as_plain_
     assert doc["manifest"] == doc["id"] + ".yaml"
     assert doc["error"] == "unknown key 'k\\x1b[2J\\xfe'"
     assert doc["dropped"] == ["out/\\xfelink (a symlink)"]
-    assert doc["key"] == job_key(job) and outbox.committed_here(job, HOSTILE_ID)
+    assert doc["key"] == outbox.key(job) and outbox.committed_here(job, HOSTILE_ID)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from . import procs
+from . import isolation, procs
 from .app import create_app
 from .runner import Runner, Settings, reap_abandoned
 
@@ -40,6 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=6)
     p.add_argument("--max-file-bytes", type=int, default=1 << 30,
                    help="largest file a job may write (RLIMIT_FSIZE; default 1 GiB); 0: no limit")
+    p.add_argument("--job-uids", metavar="BASE:COUNT",
+                   help="run each job under the next uid of BASE..BASE+COUNT-1 (the worker must start as root); "
+                        "see dropq_worker.isolation")
+    p.add_argument("--owner", metavar="UID:GID",
+                   help="with --job-uids: who gets a job's files and the socket (the daemon's uid)")
+    p.add_argument("--max-disk-bytes", type=int, default=0,
+                   help="bytes a job may have on disk at once (output folder and, with --job-uids, /tmp); "
+                        "past it the job is stopped; 0: no limit")
     return p.parse_args(argv)
 
 
@@ -55,6 +63,22 @@ def _expand(args: argparse.Namespace) -> None:
         args.socket.parent.mkdir(parents=True, exist_ok=True)
 
 
+def _job_uids(args: argparse.Namespace) -> isolation.JobUids | None:
+    """The job uids of --job-uids, after checking the worker may use them and emptying its bounding set."""
+    if not args.job_uids:
+        return None
+    uids = isolation.parse_uids(args.job_uids, args.owner or "0:0")
+    isolation.prepare_worker()
+    return uids
+
+
+def _reclaim(jobs: Path, uids: isolation.JobUids) -> None:
+    jobs.mkdir(parents=True, exist_ok=True)
+    for name in isolation.reclaim(jobs, uids):
+        log.warning("took back %s, left in staging by a job of a previous worker process", name)
+    procs.kill_leftovers()  # reaps what reclaim killed, should any be this process's children
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _expand(args)
@@ -68,11 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_file_bytes:
         # set here once and inherited by every job; the worker's own files are capped below it anyway
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_bytes, args.max_file_bytes))
+    try:
+        uids = _job_uids(args)
+    except isolation.IsolationError as exc:
+        print(f"dropq-worker: {exc}", file=sys.stderr)
+        return 2
     if not procs.become_subreaper():
         log.warning("could not become a child subreaper; a job's escaped grandchildren may outlive it")
     for job_id in reap_abandoned(args.jobs):
         log.warning("killed the leftover processes of job %s from a previous worker process", job_id)
-    runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python))
+    if uids is not None:
+        _reclaim(args.jobs, uids)
+    runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python,
+                             uids=uids, max_disk_bytes=args.max_disk_bytes))
     app = create_app(runner=runner, token=token, name=args.name)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -86,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.socket:
             if args.socket.exists() or args.socket.is_symlink():
                 args.socket.unlink()
-            waitress.serve(app, unix_socket=str(args.socket), unix_socket_perms="600",
-                           threads=args.threads, ident="dropq-worker", _quiet=True)
+            server = waitress.create_server(app, unix_socket=str(args.socket), unix_socket_perms="600",
+                                            threads=args.threads, ident="dropq-worker")
+            if uids is not None:
+                # the worker is root here: the socket goes to the daemon's uid (mode 0600, so to no job uid)
+                os.chown(args.socket, uids.owner_uid, uids.owner_gid)
+            server.run()
         else:
             host, _, port = args.listen.rpartition(":")
             waitress.serve(app, host=host, port=int(port), threads=args.threads, ident="dropq-worker", _quiet=True)

@@ -6,17 +6,39 @@ usually holds the error), so past the cap the middle is cut and a marker says ho
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 #: at most this much of the tail is held in memory, whatever the cap
 _MAX_TAIL = 1024 * 1024
 
 
+#: a capture file is made new, never opened through whatever is at its path (a planted symlink or FIFO)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def create_new(path: Path, owner: tuple[int, int] | None = None) -> int:
+    """A new file at `path`, made before the job starts, readable by its owner only (the daemon opens
+    it up once published: a job that learnt another job's key still cannot read its output).
+
+    Whatever was there (left by a worker that died, or planted where a job could write) is unlinked,
+    never followed or opened: O_EXCL fails on a symlink or FIFO rather than going through it, and
+    O_NOFOLLOW makes sure of it."""
+    try:
+        fd = os.open(path, _CREATE, 0o600)
+    except FileExistsError:
+        os.unlink(path)  # unlinks a symlink itself, a FIFO without opening it
+        fd = os.open(path, _CREATE, 0o600)
+    if owner is not None:
+        os.fchown(fd, *owner)  # the daemon's, to read while the job runs and to move afterwards
+    return fd
+
+
 class CappedFile:
-    def __init__(self, path: Path, *, cap: int) -> None:
+    def __init__(self, path: Path, *, cap: int, owner: tuple[int, int] | None = None) -> None:
         # unbuffered: each chunk read from the pipe is on disk at once, for `dropq logs --follow` and the
         # dashboard; the chunks are pipe-sized, so this costs no extra system calls worth counting
-        self._file = open(path, "wb", buffering=0)  # closed in close()
+        self._file = open(create_new(path, owner), "wb", buffering=0)  # closed in close()
         self._tail_cap = min(cap // 2, _MAX_TAIL)
         self._head_cap = cap - self._tail_cap
         self._written = 0

@@ -25,7 +25,9 @@ from typing import Any
 #: 2: one request per job (POST /jobs?wait=), flat staging (`<key>/`, `<key>.stdout`).
 #: 3: typed messages; the spec carries the job's id (for $DROPQ_JOB_ID) beside the attempt's key;
 #:    requests carry the `Dropq-Protocol` header.
-PROTOCOL = 3
+#: 4: jobs may run under uids of their own (--job-uids): capture files are the daemon's (mode 0600) and
+#:    the staging folder is 0711; a worker of 3 would run jobs unisolated, so it is replaced, not adopted.
+PROTOCOL = 4
 
 #: the request header naming the protocol the daemon speaks
 HEADER = "Dropq-Protocol"

@@ -8,15 +8,15 @@ import json
 import os
 import resource
 import selectors
-import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import procs
+from . import isolation, procs
 from .capture import CappedFile
 from .protocol import JobSpec, JobState, Outcome, ProtocolError, Report, Staging
 
@@ -44,6 +44,14 @@ class Settings:
     python: str = "python3"
     #: PATH given to jobs
     path: str = "/usr/local/bin:/usr/bin:/bin"
+    #: the uids jobs run as, one after the other (None: as the worker's own uid; see isolation)
+    uids: isolation.JobUids | None = None
+    #: bytes a job may have on disk at once (its output tree, its files in /tmp); 0: no limit
+    max_disk_bytes: int = 0
+
+
+#: seconds between two counts of a job's bytes on disk, at least (longer when counting takes long)
+DISK_CHECK = 0.2
 
 
 #: the running job's process group, for the next worker process should this one die (one job at a
@@ -65,9 +73,11 @@ def inside(root: Path, rel: str, *, what: str) -> Path:
 class Job:
     """A job this worker runs or has run."""
 
-    def __init__(self, spec: JobSpec, staging: Staging) -> None:
+    def __init__(self, spec: JobSpec, staging: Staging, uid: int | None = None) -> None:
         self.spec = spec
         self.staging = staging
+        #: the uid the job runs as, when the worker isolates its jobs
+        self.uid = uid
         self.done = threading.Event()
         self.report = Report(key=spec.key, state=JobState.RUNNING, started_at=time.time())
         self._wake_r, self._wake_w = os.pipe()
@@ -102,7 +112,13 @@ class Runner:
         # ids cancelled before their start request arrived (the two may cross on the way): such a
         # job is never started; it ends at once as cancelled
         self._cancelled_early: dict[str, None] = {}
+        #: how many jobs this worker started: the next job's uid is the next in the range
+        self._started = 0
         settings.jobs.mkdir(parents=True, exist_ok=True)
+        if settings.uids is not None:
+            # the staging folder: job uids may pass through to their own folder, but neither list it
+            # (the keys are not theirs to learn) nor create anything in it
+            os.chmod(settings.jobs, 0o711)
 
     @property
     def current(self) -> Job | None:
@@ -126,12 +142,17 @@ class Runner:
                 job.done.set()
                 return job
             staging = Staging(self.settings.jobs, spec.key)
-            try:
+            # left by a worker that died before the daemon took it away: removed without following
+            # links or recursing (a job's tree may be deeper than the stack)
+            isolation.remove_tree(str(staging.output))
+            uid = None
+            if self.settings.uids is not None:
+                uid = self.settings.uids.nth(self._started)
+                isolation.make_output(staging.output, uid)
+            else:
                 staging.output.mkdir()
-            except FileExistsError:  # left by a worker that died before the daemon took it away
-                shutil.rmtree(staging.output)
-                staging.output.mkdir()
-            job = Job(spec, staging)
+            self._started += 1
+            job = Job(spec, staging, uid)
             self._current = job
             self._finished.pop(spec.key, None)
         threading.Thread(target=self._run, args=(job, argv), name=f"job-{spec.key}", daemon=True).start()
@@ -187,6 +208,17 @@ class Runner:
             raise SpecError(f"program {spec.program!r} is neither a .py file nor executable")
         return [*head, *inputs, *spec.args]
 
+    def _clean_up(self, job: Job) -> None:
+        """Nothing of the job may reach the next one: its processes are killed, and with a job uid its
+        files in /tmp and /dev/shm removed and its output taken back, before it is reported done."""
+        uids = self.settings.uids
+        if job.uid is not None:
+            isolation.kill_uid(job.uid)
+        procs.kill_leftovers()  # what a job without a uid left (and, with one, nothing by now)
+        if job.uid is not None and uids is not None:
+            isolation.clear_scratch(job.uid)
+            isolation.take_back(job.staging.output, uids)
+
     def _env(self, job: Job) -> dict[str, str]:
         output = job.staging.output
         env = {
@@ -205,27 +237,38 @@ class Runner:
 
     def _run(self, job: Job, argv: list[str]) -> None:
         try:
-            report = _execute(job, argv, self._env(job))
+            report = _execute(job, argv, self._env(job), self.settings)
         except Exception as exc:  # noqa: BLE001 - whatever happened, the job must end with a report
             report = job.report.ended(Outcome.ERROR, finished_at=time.time(),
                                       error=f"the worker failed to run the job: {exc}")
         finally:
             job.close_wake()
-        procs.kill_leftovers()
+        try:
+            self._clean_up(job)
+        except OSError as exc:  # its leftovers could not all go: the job fails saying so (they stay
+            # its uid's, which the next job, under the next uid, cannot reach)
+            report = report.ended(Outcome.ERROR, finished_at=time.time(),
+                                  error=f"the worker could not clean up after the job: {exc}")
         with self._lock:
             job.report = report
             self._remember(job)
         job.done.set()
 
 
-def _execute(job: Job, argv: list[str], env: dict[str, str]) -> Report:
+def _execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) -> Report:
     spec = job.spec
-    out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes)
-    err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes)
+    owner = (settings.uids.owner_uid, settings.uids.owner_gid) if settings.uids is not None else None
+    out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes, owner=owner)
+    err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes, owner=owner)
+    as_uid: dict[str, object] = {}
+    if job.uid is not None:
+        # its own uid and gid, no supplementary groups (root's would stay otherwise), and so no capability
+        as_uid = {"user": job.uid, "group": job.uid, "extra_groups": []}
     try:
         proc = subprocess.Popen(  # argv is built from checked paths, never a shell
             argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+            **as_uid,  # type: ignore[call-overload]
         )
     except OSError as exc:
         out.close()
@@ -239,7 +282,7 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> Report:
     procs.make_oom_victim(proc.pid)
     ooms_before, refusals_before = procs.oom_kills(), procs.pids_refusals()
     try:
-        outcome = _supervise(job, proc, out, err)
+        outcome = _supervise(job, proc, out, err, settings.max_disk_bytes)
     finally:
         procs.kill_group(proc.pid)
         out.close()
@@ -255,6 +298,9 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> Report:
                  "allows (a fork bomb?)")
     if code == -signal.SIGXFSZ or (code and _hit_file_limit(job.staging.output)):
         error = "a file the program wrote reached the worker's file size limit (jobs.max_file_bytes)"
+    if job.stop_reason == "disk":
+        error = (f"the job wrote more than {isolation.human(settings.max_disk_bytes)} (jobs.max_disk_bytes); "
+                 "it was stopped")
     if outcome is Outcome.EXITED and code == -signal.SIGKILL and ooms_before is not None:
         after = procs.oom_kills()
         if after is not None and after > ooms_before:
@@ -271,8 +317,10 @@ def _execute(job: Job, argv: list[str], env: dict[str, str]) -> Report:
     )
 
 
-def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile) -> Outcome:  # noqa: C901
-    """Pump output until the program exits; stop the group at the timeout or on request. The outcome."""
+def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile,  # noqa: C901
+               max_disk: int = 0) -> Outcome:
+    """Pump output until the program exits; stop the group at the timeout, on request, or past its disk
+    budget (counted every DISK_CHECK seconds or so while it runs). The outcome."""
     assert proc.stdout is not None and proc.stderr is not None
     sel = selectors.DefaultSelector()
     sinks = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
@@ -285,9 +333,23 @@ def _supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: Ca
     outcome = Outcome.EXITED
     deadline = time.monotonic() + job.spec.timeout
     phase = "running"  # -> "terminating" (SIGTERM sent) -> "killed" (SIGKILL sent) ; "exited" when reaped
+    next_count = time.monotonic() + DISK_CHECK if max_disk else float("inf")
     try:
         while sinks or phase != "exited":
-            timeout = max(0.0, deadline - time.monotonic())
+            now = time.monotonic()
+            if now >= next_count and phase != "exited":
+                used = isolation.disk_used(job.staging.output, job.uid)
+                took = time.monotonic() - now
+                # a huge tree takes long to count: count less often, so the job keeps most of the CPU
+                next_count = time.monotonic() + max(DISK_CHECK, 10 * took)
+                if used > max_disk and job.stop_reason is None:
+                    job.stop_reason = "disk"
+                    procs.kill_group(proc.pid, signal.SIGKILL)
+                    if job.uid is not None:
+                        # its setsid escapees too (they may be the writers); reaped once the program is
+                        isolation.kill_uid(job.uid, reap=False)
+                    phase, deadline, next_count = "killed", time.monotonic() + _DRAIN, float("inf")
+            timeout = max(0.0, min(deadline, next_count) - time.monotonic())
             events = sel.select(timeout)
             if not events and time.monotonic() >= deadline:
                 if phase == "running":
@@ -339,13 +401,7 @@ def _hit_file_limit(folder: Path) -> bool:
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit == resource.RLIM_INFINITY:
         return False
-    for path in folder.rglob("*"):
-        try:
-            if not path.is_symlink() and path.is_file() and path.stat().st_size >= limit:
-                return True
-        except OSError:
-            continue
-    return False
+    return any(stat.S_ISREG(st.st_mode) and st.st_size >= limit for _, st in isolation.walk(folder))
 
 
 def reap_abandoned(jobs: Path) -> list[str]:

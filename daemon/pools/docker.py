@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dropq_worker.isolation import PER_WORKER
 from dropq_worker.protocol import PROTOCOL, Health
 
 from ..config import Config
@@ -32,6 +33,11 @@ LABEL_INSTANCE = "io.dropq.instance"
 LABEL_WORKER = "io.dropq.worker"
 LABEL_STATE = "io.dropq.state"
 IN_PROGRAMS, IN_INPUTS, IN_WORK = "/dropq/programs", "/dropq/inputs", "/dropq/work"
+#: what a worker that runs each job under its own uid needs, and nothing more (SECURITY.md says why):
+#: SETUID/SETGID start a job as its uid; SETPCAP empties the bounding set the jobs inherit; CHOWN gives
+#: a job its folder and takes it back; FOWNER closes folders it does not own; DAC_OVERRIDE reads and
+#: removes what a job left with any mode; KILL stops a job's processes, which are not the worker's uid
+WORKER_CAPS = ("SETUID", "SETGID", "SETPCAP", "CHOWN", "FOWNER", "DAC_OVERRIDE", "KILL")
 
 
 def docker_available(config: Config) -> tuple[bool, str]:
@@ -57,7 +63,16 @@ def instance_id(config: Config) -> str:
     return hashlib.sha256(str(config.state).encode()).hexdigest()[:12]
 
 
+def isolates_jobs(config: Config) -> bool:
+    """Whether the daemon's containers run each job under a uid of its own (compose's replicas run as
+    the compose file says)."""
+    return config.workers.job_uids is not None and config.workers.docker.managed_by == "daemon"
+
+
 def container_user(config: Config) -> str:
+    if isolates_jobs(config):
+        # root in the container, with WORKER_CAPS only, to start each job under a uid of its own
+        return "0:0"
     if config.workers.docker.user:
         return config.workers.docker.user
     # as root: an unprivileged uid; otherwise the daemon's own, so it can read what jobs write
@@ -158,7 +173,11 @@ class DockerPool(RestartingPool):
             handle.jobs_dir.mkdir(parents=True, exist_ok=True)
             handle.inputs_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(handle.inputs_dir, 0o755)
-            if os.geteuid() == 0 and uid.isdigit():
+            if isolates_jobs(self.config):
+                # job uids may pass through to their own folders, never list them (nor other jobs' keys)
+                for path in (work, handle.jobs_dir, handle.inputs_dir):
+                    os.chmod(path, 0o711)
+            elif os.geteuid() == 0 and uid.isdigit():
                 for path in (work, handle.jobs_dir):
                     os.chown(path, int(uid), int(gid or uid))
                 os.chmod(work, 0o700)
@@ -218,15 +237,21 @@ class DockerPool(RestartingPool):
             Mount(IN_INPUTS, str(handle.inputs_dir), type="bind", read_only=True),
             Mount(IN_WORK, str(handle.jobs_dir.parent), type="bind", read_only=False),
         ]
+        command = ["--socket", f"{IN_WORK}/worker.sock", "--programs", IN_PROGRAMS, "--inputs", IN_INPUTS,
+                   "--jobs", f"{IN_WORK}/jobs", "--name", name,
+                   "--max-file-bytes", str(self.config.jobs.max_file_bytes),
+                   "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]
+        caps: list[str] = []
+        if self.config.workers.job_uids is not None and isolates_jobs(self.config):
+            first = self.config.workers.job_uids + self._names.index(name) * PER_WORKER
+            command += ["--job-uids", f"{first}:{PER_WORKER}", "--owner", f"{os.geteuid()}:{os.getegid()}"]
+            caps = list(WORKER_CAPS)
         try:
             container = self.client.containers.run(
                 s.image, detach=True, name=self.container_name(name), hostname=name, labels=self.labels(name),
-                command=["--socket", f"{IN_WORK}/worker.sock", "--programs", IN_PROGRAMS, "--inputs", IN_INPUTS,
-                         "--jobs", f"{IN_WORK}/jobs", "--name", name,
-                         "--max-file-bytes", str(self.config.jobs.max_file_bytes)],
-                user=container_user(self.config), read_only=True,
+                command=command, user=container_user(self.config), read_only=True,
                 tmpfs={"/tmp": f"rw,nosuid,nodev,size={s.tmpfs_size},mode=1777"},
-                cap_drop=["ALL"], security_opt=["no-new-privileges"], pids_limit=s.pids_limit,
+                cap_drop=["ALL"], cap_add=caps or None, security_opt=["no-new-privileges"], pids_limit=s.pids_limit,
                 mem_limit=s.memory, memswap_limit=s.memory, nano_cpus=int(s.cpus * 1e9),
                 network_mode=s.network, runtime=s.runtime, mounts=mounts, restart_policy={"Name": "no"},
                 environment={"DROPQ_WORKER_TOKEN": worker_token(handle.jobs_dir.parent.parent / "token")},

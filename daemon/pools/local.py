@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from dropq_worker.isolation import PER_WORKER
+
 from ..config import Config
 from ..errors import PoolError, ProtocolMismatch, TransportError
 from ..transport import Transport
@@ -67,6 +69,8 @@ class LocalPool(RestartingPool):
         self._restarting = {name: threading.Lock() for name in self._names}
         self._python = config.workers.python
         self._handles = {name: self._handle(name) for name in self._names}
+        #: the first job uid of w1 when jobs run under uids of their own (see _job_uids), else None
+        self._job_uids: int | None = None
 
     def _handle(self, name: str) -> WorkerHandle:
         folder = self.config.workers_dir / name
@@ -85,6 +89,12 @@ class LocalPool(RestartingPool):
         for handle in self._handles.values():
             handle.jobs_dir.mkdir(parents=True, exist_ok=True)
             handle.inputs_dir.mkdir(parents=True, exist_ok=True)
+        self._job_uids = self._job_uid_base()
+        if self._job_uids is not None:
+            for handle in self._handles.values():
+                # job uids pass through to their own folders, and can neither list nor write these
+                for path in (handle.jobs_dir.parent, handle.jobs_dir, handle.inputs_dir):
+                    os.chmod(path, 0o711)
         for name in self._names:
             if not self._adopt(name):
                 self._spawn(name)
@@ -93,6 +103,20 @@ class LocalPool(RestartingPool):
             self._wait_answering(name, deadline)
         self._supervisor = threading.Thread(target=self._supervise, name="local-pool", daemon=True)
         self._supervisor.start()
+
+    def _job_uid_base(self) -> int | None:
+        """workers.job_uids, where local jobs can run under uids of their own: only a daemon running as
+        root may switch uids, and only folders other users can pass through are reachable by them."""
+        base = self.config.workers.job_uids
+        if base is None or os.geteuid() != 0:
+            return None  # jobs run as the daemon's own user (SECURITY.md: what the local pool isolates)
+        needed = [self.config.programs, self.config.workers_dir, Path(self._python)]
+        closed = [str(p) for p in needed if not _passable(p)]
+        if closed:
+            log.warning("local jobs run as root, not under their own uids: other users cannot pass through "
+                        "the folders of %s (every folder above them needs o+x)", ", ".join(closed))
+            return None
+        return base
 
     def _adopt(self, name: str) -> bool:
         handle = self._handles[name]
@@ -127,7 +151,13 @@ class LocalPool(RestartingPool):
         argv = [sys.executable, "-m", "dropq_worker", "--socket", str(sock), "--name", name,
                 "--programs", str(self.config.programs), "--inputs", str(handle.inputs_dir),
                 "--jobs", str(handle.jobs_dir), "--python", self._python,
-                "--max-file-bytes", str(self.config.jobs.max_file_bytes)]
+                "--max-file-bytes", str(self.config.jobs.max_file_bytes),
+                "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]
+        if self._job_uids is not None:
+            # each worker its own range: local workers share the host's processes, and a job's clean-up
+            # kills every process of its uid
+            first = self._job_uids + self._names.index(name) * PER_WORKER
+            argv += ["--job-uids", f"{first}:{PER_WORKER}", "--owner", f"{os.geteuid()}:{os.getegid()}"]
         env = {**os.environ, "DROPQ_WORKER_TOKEN": worker_token(sock.parent / "token")}
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         with self._lock:
@@ -244,3 +274,9 @@ def _real_interpreter(name: str) -> str:
     except (subprocess.SubprocessError, OSError) as exc:
         raise PoolError(f"workers.python: {found} does not run: {exc}") from None
     return out or found
+
+
+def _passable(path: Path) -> bool:
+    """Whether every folder above `path` (after symlinks) lets any user pass through (o+x)."""
+    real = Path(os.path.realpath(path))
+    return all(os.stat(folder).st_mode & 0o001 for folder in real.parents)

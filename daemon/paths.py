@@ -12,11 +12,14 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+
+from dropq_worker.trees import LONG_PATH, remove_tree, too_deep, walk
 
 from .errors import UnsafePathError
 from .escape import printable
+
+__all__ = ["MAX_DEPTH", "check_relative", "collect_tree", "move", "remove_tree", "resolve_inside", "walk"]
 
 
 def check_relative(value: object, *, what: str) -> PurePosixPath:
@@ -50,9 +53,6 @@ def resolve_inside(root: Path, rel: PurePosixPath, *, what: str) -> Path:
 #: collection keeps a job's folders this deep; anything deeper is dropped and reported (no program that
 #: means its output to be read nests folders this far, and a walk must stay bounded)
 MAX_DEPTH = 128
-#: a path longer than this is moved up before it is read or removed, so no call ever passes PATH_MAX
-#: (4096) however deep an untrusted tree goes: a name adds at most 256 to it
-_LONG_PATH = 3072
 
 
 def move(src: Path, dst: Path) -> None:
@@ -71,29 +71,6 @@ def move(src: Path, dst: Path) -> None:
             os.unlink(src)
 
 
-def walk(root: Path, *, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, os.stat_result, int]]:
-    """Every entry under `root` (not `root` itself) with its lstat and depth (1 for root's children),
-    parents before children, never following a link. Iterative: an untrusted tree's depth can never
-    exhaust the stack (os.walk, Path.rglob and shutil.rmtree recurse). Folders deeper than
-    `max_depth`, or whose path passes _LONG_PATH, are yielded but not entered."""
-    stack: list[tuple[str, int]] = [(str(root), 0)]
-    while stack:
-        folder, depth = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            yield Path(entry.path), st, depth + 1
-            if stat.S_ISDIR(st.st_mode) and not _too_deep(entry.path, depth + 1, max_depth):
-                stack.append((entry.path, depth + 1))
-
-
-def _too_deep(path: str, depth: int, max_depth: int) -> bool:
-    return depth >= max_depth or len(path) > _LONG_PATH
-
-
 def collect_tree(src: Path, dst: Path) -> list[str]:
     """Move what a job left in `src` to `dst`, keeping only directories and regular files.
 
@@ -101,7 +78,7 @@ def collect_tree(src: Path, dst: Path) -> list[str]:
     entry checked with lstat, so a job racing the check cannot swap a link in. Symlinks, FIFOs,
     sockets, devices and files with more than one hard link (possibly a link to a file outside the
     job) are removed, never read and never written through, and so are folders nested deeper than
-    MAX_DEPTH (or with paths longer than _LONG_PATH). Returns their paths relative to `dst` for
+    MAX_DEPTH (or with paths longer than LONG_PATH). Returns their paths relative to `dst` for
     result.yaml (a deep folder's, shortened).
     """
     if not os.path.lexists(src):
@@ -115,9 +92,9 @@ def collect_tree(src: Path, dst: Path) -> list[str]:
     # Judge every entry from one snapshot taken before anything is removed: dropping one of two hard
     # links would otherwise leave the other looking like a file of its own.
     doomed: list[tuple[Path, bool]] = []
-    for path, st, depth in walk(dst):
+    for path, st, depth in walk(dst, max_depth=MAX_DEPTH):
         if stat.S_ISDIR(st.st_mode):
-            if _too_deep(str(path), depth, MAX_DEPTH):
+            if too_deep(str(path), depth, MAX_DEPTH):
                 doomed.append((path, True))
         elif not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
             doomed.append((path, False))
@@ -127,51 +104,12 @@ def collect_tree(src: Path, dst: Path) -> list[str]:
         rel = printable(str(path.relative_to(dst)))
         if deep:
             remove_tree(path)
-            dropped.append(f"{rel[:200]}... (folders nested too deep: {MAX_DEPTH} levels or {_LONG_PATH} "
+            dropped.append(f"{rel[:200]}... (folders nested too deep: {MAX_DEPTH} levels or {LONG_PATH} "
                            "characters at most)")
         else:
             os.unlink(path)
             dropped.append(rel)
     return sorted(dropped)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a folder and everything in it, however deep; a folder already gone is fine.
-
-    Iterative, and no path it uses passes _LONG_PATH: a folder found that deep is first renamed to a
-    short name beside `path`, then removed from there. It never follows a link."""
-    try:
-        os.rmdir(path)  # most are empty by now (their content was moved out): one syscall
-        return
-    except FileNotFoundError:
-        return
-    except OSError:
-        pass
-    if not os.path.lexists(path):
-        return
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        os.unlink(path)
-        return
-    parked = 0
-    stack = [str(path)]  # folders to empty; a folder is removed once a second visit finds it empty
-    while stack:
-        folder = stack[-1]
-        if len(folder) > _LONG_PATH:
-            parked += 1
-            short = f"{path}.deep-{os.getpid()}-{parked}"
-            os.rename(folder, short)
-            stack[-1] = folder = short
-        pushed = False
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                    pushed = True
-                else:
-                    os.unlink(entry.path)
-        if not pushed:
-            os.rmdir(folder)
-            stack.pop()
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

@@ -86,3 +86,15 @@ def test_dropped_names_that_are_not_utf8_or_carry_controls_are_reported_escaped(
     assert dropped == ["caf\\xe9-link", "two\\nlines\\x1b[2J"]
     for name in dropped:
         name.encode("utf-8")  # what result.yaml's writer needs
+
+
+def test_the_worker_removes_a_deep_leftover_staging_folder(tmp_path: Path) -> None:
+    """A job's leftover output folder on its worker, deeper than the recursion limit (the worker's
+    Staging.remove used shutil.rmtree)."""
+    from dropq_worker.protocol import Staging
+
+    staging = Staging(jobs_dir=tmp_path, key="j1-1-abc")
+    staging.output.mkdir(parents=True)
+    _deep(staging.output, sys.getrecursionlimit() + 200)
+    staging.remove()
+    assert not staging.exists()

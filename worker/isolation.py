@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import procs
+from . import procs, trees
 
 _PR_CAPBSET_DROP = 24
 #: how many uids each worker takes from the configured range (workers.job_uids), rotated per job
@@ -146,48 +146,14 @@ def _kill_all_as(uid: int) -> None:
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """Every entry below `root` (not `root` itself) with its lstat, parents before children, without
-    recursion and without following a link."""
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    yield entry.path, st
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(entry.path)
-        except OSError:
-            continue
+    """Every entry below `root` with its lstat, however deep (see trees.walk), skipping what cannot be read."""
+    for path, st, _ in trees.walk(root, skip_errors=True):
+        yield str(path), st
 
 
 def remove_tree(path: str) -> None:
-    """Remove `path` and all below it, without recursion and without following a link."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
-    folders = [path]
-    for entry, est in walk(Path(path)):
-        if stat.S_ISDIR(est.st_mode):
-            folders.append(entry)
-        else:
-            try:
-                os.unlink(entry)
-            except FileNotFoundError:
-                continue
-    for folder in reversed(folders):  # children were listed after their parents
-        try:
-            os.rmdir(folder)
-        except FileNotFoundError:
-            continue
+    """Remove `path` and all below it, however deep, without following a link (see trees.remove_tree)."""
+    trees.remove_tree(Path(path))
 
 
 def owned_in_scratch(uid: int) -> list[str]:

@@ -13,11 +13,12 @@ Versioning: every request to `/jobs` carries the daemon's version in the `Dropq-
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from . import trees
 
 #: The protocol version. Raised on any incompatible change to the messages below or the staging
 #: layout, so that a daemon never uses a worker (an old image, say) that reads a job differently or
@@ -298,8 +299,8 @@ class Staging:
             os.rmdir(self.output)  # usually empty or gone by now: one system call
         except FileNotFoundError:
             pass
-        except OSError:  # not empty (or not a directory): the slow way
-            shutil.rmtree(self.output)
+        except OSError:  # not empty (or not a directory): the slow way, safe for a tree of any depth
+            trees.remove_tree(self.output)
         for path in (self.stdout, self.stderr):
             try:
                 os.unlink(path)

@@ -138,6 +138,9 @@ class IntakeConfig(_Section):
     """seconds between full rescans of the inbox (finds what the watcher missed)"""
     max_manifest_bytes: int = Field(default=64 * 1024, ge=1)
     """manifests larger than this are rejected unread"""
+    max_inputs: int = Field(default=1000, ge=1)
+    """a manifest naming more input files than this is rejected with the reason (the intake's work for
+    a job waiting on its inputs grows with their number)"""
     max_queued: int = Field(default=2000, ge=1)
     """claim no more while this many jobs are queued; the rest wait in the inbox (where they are just as
     safe) and are claimed as the queue drains, so a huge backlog does not compete with the jobs"""

@@ -47,6 +47,8 @@ log = logging.getLogger("dropq.intake")
 
 #: dropping `<id>.cancel` into the inbox cancels job <id>
 CANCEL_SUFFIX = ".cancel"
+#: seconds between looks at awaited inputs in subfolders (the watcher reports only the inbox's top level)
+DEEP_INPUT_CHECK = 1.0
 
 _FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO",
                stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
@@ -83,6 +85,11 @@ class Intake:
         self._now = now
         self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
         self._waiting: dict[str, float] = {}  # job id -> deadline for its inputs
+        # What each waiting job still needs, and who waits for each input, so that an arriving file costs
+        # work for the jobs that named it, not for every job waiting (issue 16: O(what changed))
+        self._needs: dict[str, tuple[Manifest, set[str]]] = {}  # job id -> its manifest, inputs unclaimed
+        self._wanted: dict[str, set[str]] = {}  # input path -> ids of the jobs waiting for it
+        self._next_deep_check = 0.0
         self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}  # name -> (size, mtime, ctime), due
         #: names closed after writing in place, and when to look whether they stayed untouched
         self._quiet: dict[str, float] = {}
@@ -179,11 +186,23 @@ class Intake:
                 self._check_quiet(name)
         for name in self._failing.due(now):
             self._try_claim(name)
+        self._input_timers(now)
+
+    def _input_timers(self, now: float) -> None:
+        """Inputs past their quiet period, jobs past their deadline, and the look at subfolder inputs."""
         for rel, due in list(self._closed_inputs.items()):
-            if due + self.config.intake.input_grace < now:
+            if due <= now and rel in self._wanted:
+                self._input_ready(rel)  # its quiet period is over
+            elif due + self.config.intake.input_grace < now:
                 del self._closed_inputs[rel]  # a data file no manifest named (yet): forget it
-        if self._waiting:
-            self._check_waiting()
+        for job_id, deadline in list(self._waiting.items()):
+            if deadline <= now:
+                self._recheck(job_id)  # one last look, then rejected naming what is missing
+        if now >= self._next_deep_check and self._wanted:
+            # inputs in subfolders raise no event the intake acts on: look at those, and only those, again
+            self._next_deep_check = now + DEEP_INPUT_CHECK
+            for rel in [r for r in self._wanted if "/" in r]:
+                self._input_ready(rel)
 
     def _arrived(self, name: str, arrival: Arrival) -> None:
         """A manifest the watcher reported, taken as its way of arriving says (see watcher.Arrival)."""
@@ -204,8 +223,8 @@ class Intake:
             self._closed_inputs[rel] = self._now() + self._quiet_period
         else:
             self._closed_inputs.pop(rel, None)
-        if self._waiting:
-            self._check_waiting()
+        if rel in self._wanted:
+            self._input_ready(rel)
 
     def _quiet_input(self, rel: str, st: os.stat_result) -> bool:
         """Whether input `rel` is past the quiet period after its close (or was not closed in place)."""
@@ -225,9 +244,9 @@ class Intake:
             times.append(self._now() + self._heartbeat_every)
         if self._backlog:
             times.append(self._now() + 0.5)  # see whether the queue has drained enough to claim more
-        if self._waiting:
-            # inputs in subfolders, or on a polled filesystem, raise no event we act on: look again soon
-            times.append(self._now() + 0.25)
+        if any("/" in rel for rel in self._wanted):
+            times.append(self._next_deep_check)
+        times += [due for rel, due in self._closed_inputs.items() if rel in self._wanted]
         return min(times)
 
     def _rescan(self) -> None:
@@ -458,6 +477,10 @@ class Intake:
         """Parse a claimed manifest and claim its inputs; or reject it with the reason."""
         try:
             manifest = self._read_manifest(job)
+            limit = self.config.intake.max_inputs
+            if len(manifest.inputs) > limit:
+                raise ManifestError(f"the manifest names {len(manifest.inputs)} input files; the limit is {limit} "
+                                    "(intake.max_inputs): split the work over several manifests")
             deadline = job.deadline or self._now() + self.config.intake.input_grace
             self.store.set_manifest(job.id, manifest.to_json(), priority=manifest.priority,
                                     retries=manifest.retries, deadline=deadline)
@@ -495,59 +518,101 @@ class Intake:
             )
         return manifest
 
-    def _claim_inputs(self, job_id: str, manifest: Manifest, deadline: float) -> None:
-        missing = []
-        for rel in manifest.inputs:
-            dst = self.config.spool / job_id / "inputs" / rel
-            if os.path.lexists(dst):
-                continue
+    def _claim_inputs(self, job_id: str, manifest: Manifest, deadline: float, *,
+                      only: str | None = None) -> None:
+        """Claim the inputs of a waiting job that are there (with `only`, just that one); queue the job
+        once it has them all, or reject it past its deadline naming the first one missing."""
+        if job_id not in self._needs:
+            self._needs[job_id] = (manifest, set(manifest.inputs))
+            for rel in manifest.inputs:
+                self._wanted.setdefault(rel, set()).add(job_id)
+        needs = self._needs[job_id][1]
+        for rel in sorted(needs) if only is None else [only] if only in needs else []:
             try:
-                src = resolve_inside(self.config.inbox, PurePosixPath(rel), what="input")
-                st = os.lstat(src)
+                if self._claim_input(job_id, rel):
+                    self._got(job_id, rel)
             except ManifestError as exc:
                 self._reject_id(job_id, str(exc))
                 return
-            except FileNotFoundError:
-                missing.append(rel)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-                self._reject_id(job_id, f"input {rel!r} is {kind}; inputs must be regular files")
-                return
-            if self._being_written(rel) or not self._quiet_input(rel, st) or ("/" in rel and not self._settled(st)):
-                missing.append(rel)
-                continue
-            try:
-                move(src, dst)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                missing.append(rel)
-        if missing:
+        if needs:
             if self._now() >= deadline:
                 grace = self.config.intake.input_grace
-                self._reject_id(job_id, f"input file {missing[0]!r} did not arrive in the inbox within "
+                missing = next(rel for rel in manifest.inputs if rel in needs)
+                self._reject_id(job_id, f"input file {missing!r} did not arrive in the inbox within "
                                         f"{grace:g} seconds of the manifest")
             return
-        self._waiting.pop(job_id, None)
+        self._forget(job_id)
         self.store.transition(job_id, JobStatus.QUEUED)
         log.debug("job %s: queued", job_id)
         self._notify()
+
+    def _claim_input(self, job_id: str, rel: str) -> bool:
+        """Move input `rel` into the job's spool folder if it is there and complete; whether the job has it.
+        Raises ManifestError when it can never be (a path through a link, not a regular file)."""
+        dst = self.config.spool / job_id / "inputs" / rel
+        if os.path.lexists(dst):
+            return True
+        src = resolve_inside(self.config.inbox, PurePosixPath(rel), what="input")
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise ManifestError(f"input {rel!r} is {kind}; inputs must be regular files")
+        if self._being_written(rel) or not self._quiet_input(rel, st) or ("/" in rel and not self._settled(st)):
+            return False
+        try:
+            move(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return False
+        return True
+
+    def _got(self, job_id: str, rel: str) -> None:
+        self._needs[job_id][1].discard(rel)
+        waiting = self._wanted.get(rel)
+        if waiting is not None:
+            waiting.discard(job_id)
+            if not waiting:
+                del self._wanted[rel]
+
+    def _forget(self, job_id: str) -> None:
+        """The job waits no more (queued, rejected, cancelled)."""
+        self._waiting.pop(job_id, None)
+        entry = self._needs.pop(job_id, None)
+        for rel in entry[1] if entry else ():
+            waiting = self._wanted.get(rel)
+            if waiting is not None:
+                waiting.discard(job_id)
+                if not waiting:
+                    del self._wanted[rel]
+
+    def _input_ready(self, rel: str) -> None:
+        """Input `rel` arrived (or its quiet period ended): the jobs waiting for it, and only they, claim it."""
+        for job_id in sorted(self._wanted.get(rel, ())):
+            if self._still_waiting(job_id):
+                self._claim_inputs(job_id, self._needs[job_id][0], self._waiting[job_id], only=rel)
+
+    def _recheck(self, job_id: str) -> None:
+        if self._still_waiting(job_id):
+            self._claim_inputs(job_id, self._needs[job_id][0], self._waiting[job_id])
+
+    def _still_waiting(self, job_id: str) -> bool:
+        """Whether the job is still waiting for inputs (it may have been cancelled meanwhile)."""
+        job = self.store.find(job_id)
+        if job is None or job.status is not JobStatus.WAITING or job_id not in self._needs:
+            self._forget(job_id)
+            return False
+        return True
 
     def _settled(self, st: os.stat_result) -> bool:
         """Unchanged for the settle time: how files the watcher does not see (in subfolders) count as complete."""
         return _touched(st) + self.config.intake.settle <= self._now()
 
-    def _check_waiting(self) -> None:
-        for job_id in list(self._waiting):
-            job = self.store.find(job_id)
-            if job is None or job.status is not JobStatus.WAITING or not job.manifest:
-                self._waiting.pop(job_id, None)
-                continue
-            self._claim_inputs(job_id, Manifest.from_json(job.manifest), self._waiting[job_id])
-
     def _reject_id(self, job_id: str, reason: str) -> None:
-        self._waiting.pop(job_id, None)
+        self._forget(job_id)
         self.reject(self.store.get(job_id), reason)
 
     def reject(self, job: JobRecord, reason: str) -> None:

@@ -378,3 +378,51 @@ def test_watcher_polling_reports_changes_for_the_settle_check(tmp_path: Path) ->
     (tmp_path / "a.yaml").write_text("program: echo\n")
     w.on_any_event(FileCreatedEvent(str(tmp_path / "a.yaml")))
     assert heard.offers == [("a.yaml", Arrival.CHANGED)] and not w.being_written("a.yaml")
+
+
+# --- bounded work for jobs waiting on inputs (issue 16) --------------------------------------------------
+
+def test_an_arriving_file_costs_work_only_for_the_jobs_that_named_it(rig: Rig,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 manifests each wait for 1,000 inputs that never come. An unrelated file arriving, and a trivial
+    job's manifest, must not make the intake look at those 20,000 paths again (0.1 looked at every
+    input of every waiting job at each inbox event: a trivial job waited minutes)."""
+    inputs = [f"part-{i}.csv" for i in range(1000)]
+    for n in range(20):
+        rig.write(f"big{n}.yaml", "program: echo\ninputs: [" + ", ".join(inputs) + "]\n")
+        rig.intake.offer(f"big{n}.yaml", Arrival.WHOLE)
+    rig.intake.run_pending()
+    assert {rig.store.get(f"big{n}").status.value for n in range(20)} == {"waiting"}
+    looked: list[str] = []
+    real = intake_module.resolve_inside
+
+    def counting(root: Path, rel: Any, *, what: str) -> Path:
+        if what == "input":
+            looked.append(str(rel))
+        return real(root, rel, what=what)
+
+    monkeypatch.setattr(intake_module, "resolve_inside", counting)
+    rig.write("unrelated.txt", "x\n")
+    rig.intake.offer("unrelated.txt", Arrival.WHOLE)
+    rig.write("small.yaml", "program: echo\n")
+    rig.intake.offer("small.yaml", Arrival.WHOLE)
+    rig.intake.run_pending()
+    assert rig.store.get("small").status.value == "queued"
+    assert looked == []
+    # one awaited input arriving: looked at once for each of the 20 jobs that named it, no more
+    rig.write("part-7.csv", "7\n")
+    rig.intake.offer("part-7.csv", Arrival.WHOLE)
+    rig.intake.run_pending()
+    assert looked == ["part-7.csv"] * 20
+    assert (rig.config.spool / "big0" / "inputs" / "part-7.csv").exists()
+
+
+def test_a_manifest_naming_more_inputs_than_the_limit_is_rejected_saying_so(rig: Rig) -> None:
+    limit = rig.config.intake.max_inputs
+    rig.write("huge.yaml", "program: echo\ninputs: [" + ", ".join(f"f{i}" for i in range(limit + 1)) + "]\n")
+    rig.intake.offer("huge.yaml", Arrival.WHOLE)
+    rig.intake.run_pending()
+    job = rig.store.get("huge")
+    assert job.outcome["status"] == "rejected"
+    assert job.outcome["error"] == (f"the manifest names {limit + 1} input files; the limit is {limit} "
+                                    "(intake.max_inputs): split the work over several manifests")

@@ -572,6 +572,9 @@ class Intake:
 
     def _got(self, job_id: str, rel: str) -> None:
         self._needs[job_id][1].discard(rel)
+        self._unwant(rel, job_id)
+
+    def _unwant(self, rel: str, job_id: str) -> None:
         waiting = self._wanted.get(rel)
         if waiting is not None:
             waiting.discard(job_id)
@@ -583,11 +586,7 @@ class Intake:
         self._waiting.pop(job_id, None)
         entry = self._needs.pop(job_id, None)
         for rel in entry[1] if entry else ():
-            waiting = self._wanted.get(rel)
-            if waiting is not None:
-                waiting.discard(job_id)
-                if not waiting:
-                    del self._wanted[rel]
+            self._unwant(rel, job_id)
 
     def _input_ready(self, rel: str) -> None:
         """Input `rel` arrived (or its quiet period ended): the jobs waiting for it, and only they, claim it."""

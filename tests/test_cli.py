@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from conftest import DaemonProcess, Workspace
-from helpers import PipeLines, dropq, dropq_json, wait_until
-
-
-def wait_until_running(workspace: Workspace, job_id: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        shown = dropq(workspace.config, "show", job_id, "--json")
-        if shown.returncode == 0 and '"status": "running"' in shown.stdout:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{job_id} never ran")
+from helpers import PipeLines, dropq, dropq_json, wait_for_status, wait_until
 
 
 def test_help_lists_the_commands_with_examples() -> None:
@@ -145,7 +134,7 @@ def test_retry_runs_a_finished_job_again_on_copies_of_its_inputs(workspace: Work
 def test_retry_refuses_a_job_that_has_not_finished(workspace: Workspace, daemon: DaemonProcess) -> None:
     daemon.start()
     workspace.drop("nap.yaml", {"program": "sleep", "args": ["20"]})
-    wait_until_running(workspace, "nap")
+    wait_for_status(workspace.config, "nap", "running")
     done = dropq(workspace.config, "retry", "nap")
     assert done.returncode == 2
     assert done.stderr == "dropq: nap has not finished (running); only a finished job can be retried\n"
@@ -154,7 +143,7 @@ def test_retry_refuses_a_job_that_has_not_finished(workspace: Workspace, daemon:
 def test_workers_lists_each_worker_and_its_job(workspace: Workspace, daemon: DaemonProcess) -> None:
     daemon.start()
     workspace.drop("nap.yaml", {"program": "sleep", "args": ["20"]})
-    wait_until_running(workspace, "nap")
+    wait_for_status(workspace.config, "nap", "running")
     assert [w["job"] for w in dropq_json(workspace.config, "workers") if w["state"] == "busy"] == ["nap"]
     table = dropq(workspace.config, "workers").stdout.splitlines()
     assert table[0].split() == ["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"]

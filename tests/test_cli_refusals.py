@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.cli.exits import Exit
-from helpers import dropq
-
-
-def wait_until_running(workspace: Workspace, job_id: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        shown = dropq(workspace.config, "show", job_id, "--json")
-        if shown.returncode == 0 and '"status": "running"' in shown.stdout:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{job_id} never ran")
+from helpers import dropq, wait_for_status
 
 
 def test_cancel_of_a_finished_job_says_so_and_exits_8(workspace: Workspace, daemon: DaemonProcess) -> None:
@@ -74,7 +63,7 @@ def test_submit_wait_gives_up_when_the_daemon_stops_mid_wait(workspace: Workspac
                                 "--name", "nap", "--wait", "--", "60"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until_running(workspace, "nap")
+        wait_for_status(workspace.config, "nap", "running")
         daemon.stop()
         out, err = waiting.communicate(timeout=120)
     finally:

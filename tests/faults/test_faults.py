@@ -116,10 +116,13 @@ def test_manifests_whose_events_an_inotify_overflow_lost_are_all_claimed(
         for i in range(jobs):
             workspace.drop(f"o{i}.yaml", {"program": "fast.sh"})
             expected.add(f"o{i}")
-        # older than the rescan's "settled since 2 s" rule for a manifest it counts as missed by events
-        old = time.time() - 60
-        for i in range(jobs):
-            os.utime(workspace.inbox / f"o{i}.yaml", (old, old))
+        # a rescan counts a manifest as missed by events once it is 2 s old by its ctime too (rsync -t
+        # sets an old mtime, so intake goes by the later of the two), which os.utime cannot backdate: keep
+        # the daemon paused until the newest manifest is that old, or its first rescan claims them all
+        # as merely new and counts none as missed
+        newest = max(os.lstat(workspace.inbox / f"o{i}.yaml").st_ctime for i in range(jobs))
+        while time.time() < newest + 2.5:
+            time.sleep(0.05)
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
     settle_all(workspace, expected, timeout=300)

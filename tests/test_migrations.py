@@ -30,8 +30,14 @@ INTERRUPTED = "interrupted"
 
 def unpack_0_1_0(root: Path) -> None:
     """The fixture's inbox, outbox and state into `root` (its config.yaml is left out: the test's own is used)."""
+    # extraction filters came in Python 3.11.4, and Debian 12 ships 3.11.2, where `filter=` is a TypeError;
+    # without them the fixture (our own file) still unpacks as it is, and Pythons that have them use "data"
     with tarfile.open(FIXTURE) as tar:
-        tar.extractall(root, members=[m for m in tar.getmembers() if m.name != "config.yaml"], filter="data")
+        members = [m for m in tar.getmembers() if m.name != "config.yaml"]
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, members=members, filter="data")
+        else:
+            tar.extractall(root, members=members)
 
 
 def user_version(path: Path) -> int:

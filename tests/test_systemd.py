@@ -74,7 +74,7 @@ def test_the_installed_unit_passes_systemd_analyze_verify(workspace: Workspace, 
     assert done.returncode == 0, done.stderr
     unit = tmp_path / "dropq-test.service"
     text = unit.read_text()
-    home = "ProtectHome=tmpfs" if _interpreter_under_home() else "ProtectHome=yes"
+    home = "ProtectHome=tmpfs" if _runtime_under_home() else "ProtectHome=yes"
     for line in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "KillMode=mixed", "NoNewPrivileges=yes",
                  "ProtectSystem=strict", home, "RestartPreventExitStatus=3",
                  # one writable path: a bind mount each would make every rename between them fail (EXDEV)
@@ -91,8 +91,15 @@ def test_the_installed_unit_passes_systemd_analyze_verify(workspace: Workspace, 
     assert printed.returncode == 0 and printed.stdout == text
 
 
-def _interpreter_under_home() -> bool:
-    return any(Path(sys.base_prefix).resolve().is_relative_to(h) for h in ("/home", "/root", "/run/user"))
+def _runtime_under_home() -> set[str]:
+    """What a unit must bind back read-only under ProtectHome=tmpfs: the interpreter (pyenv keeps it under a
+    home) and the source folders of this editable install (a checkout in a home, as on most machines but CI's)."""
+    import dropq
+    import dropq_worker
+
+    sources = (Path(m.__file__).resolve().parent.parent for m in (dropq, dropq_worker))
+    roots = {Path(sys.base_prefix).resolve(), *sources}
+    return {str(p) for p in roots if any(p.is_relative_to(h) for h in ("/home", "/root", "/run/user"))}
 
 
 def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> None:
@@ -105,8 +112,9 @@ def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> N
     assert "ReadWritePaths=/home/ann/dq\n" in text and "BindPaths=/home/ann/dq\n" in text
     assert "ReadOnlyPaths=-/home/ann/dq/programs -/home/ann/dq/config.yaml\n" in text
     assert "PrivateTmp=yes" in text
-    # the virtualenv is inside the bound workspace; an interpreter under a home (pyenv) is bound read-only
-    expected = {str(Path(sys.base_prefix).resolve())} if _interpreter_under_home() else set()
+    # the virtualenv is inside the bound workspace; an interpreter under a home (pyenv) and a checkout under
+    # a home (this editable install's source) are bound read-only
+    expected = _runtime_under_home()
     bound: list[str] = next((line.split("=", 1)[1].split() for line in text.splitlines()
                   if line.startswith("BindReadOnlyPaths=")), [])
     assert set(bound) == expected

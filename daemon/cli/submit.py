@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dropq_worker.trees import walk
 
 from ..config import Config
 from ..console import say
@@ -76,7 +79,8 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     if not manifest.is_file():
         raise DropqError(f"{job.id} cannot be retried: its manifest is not in {folder}")
     inputs = folder / "inputs"
-    names = [p.relative_to(inputs) for p in sorted(inputs.rglob("*")) if p.is_file() and not p.is_symlink()]
+    # walked without recursion (Path.rglob recurses): the inputs are a tree someone else made
+    names = sorted(p.relative_to(inputs) for p, st, _ in walk(inputs) if stat.S_ISREG(st.st_mode))
     taken = [str(n) for n in names if os.path.lexists(config.inbox / n)]
     if taken:
         raise DropqError(f"inbox/{taken[0]} exists; the retry puts {job.id}'s input there, so move it away first")

@@ -91,15 +91,24 @@ def test_the_installed_unit_passes_systemd_analyze_verify(workspace: Workspace, 
     assert printed.returncode == 0 and printed.stdout == text
 
 
-def _runtime_under_home() -> set[str]:
-    """What a unit must bind back read-only under ProtectHome=tmpfs: the interpreter (pyenv keeps it under a
-    home) and the source folders of this editable install (a checkout in a home, as on most machines but CI's)."""
+def _runtime_roots() -> set[Path]:
+    """Where the code that runs lives: the interpreter (pyenv keeps it under a home) and the source folders
+    of this editable install (a checkout anywhere: a home, /tmp for a CI clone, /work...)."""
     import dropq
     import dropq_worker
 
     sources = (Path(m.__file__).resolve().parent.parent for m in (dropq, dropq_worker))
-    roots = {Path(sys.base_prefix).resolve(), *sources}
-    return {str(p) for p in roots if any(p.is_relative_to(h) for h in ("/home", "/root", "/run/user"))}
+    return {Path(sys.base_prefix).resolve(), *sources}
+
+
+def _runtime_under_home() -> set[str]:
+    """What a unit must bind back read-only under ProtectHome=tmpfs."""
+    return {str(p) for p in _runtime_roots() if any(p.is_relative_to(h) for h in ("/home", "/root", "/run/user"))}
+
+
+def _runtime_under_tmp() -> bool:
+    """Whether the code runs from under /tmp (a CI clone): a private /tmp would hide it, so the unit has none."""
+    return any(p.is_relative_to(t) for p in _runtime_roots() for t in ("/tmp", "/var/tmp"))
 
 
 def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> None:
@@ -111,7 +120,7 @@ def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> N
     assert "ProtectHome=tmpfs" in text and "ProtectHome=yes" not in text
     assert "ReadWritePaths=/home/ann/dq\n" in text and "BindPaths=/home/ann/dq\n" in text
     assert "ReadOnlyPaths=-/home/ann/dq/programs -/home/ann/dq/config.yaml\n" in text
-    assert "PrivateTmp=yes" in text
+    assert ("PrivateTmp=yes" in text) is not _runtime_under_tmp()
     # the virtualenv is inside the bound workspace; an interpreter under a home (pyenv) and a checkout under
     # a home (this editable install's source) are bound read-only
     expected = _runtime_under_home()

@@ -20,11 +20,7 @@ from .lookup import daemon_alive, open_store
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(config, args.interval, until_idle=args.until_idle)
-    store = open_store(config)
-    try:
-        snap = _Snapshot(store)
-    finally:
-        store.close()
+    snap = _Snapshot.of(config)
     if args.json:
         print(as_json({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
                        "workers": snap.workers, "recent": [j.summary() for j in snap.recent]}))
@@ -34,6 +30,15 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 class _Snapshot:
+    @classmethod
+    def of(cls, config: Config) -> _Snapshot:
+        """One look at the store, through a connection of its own that is closed at once."""
+        store = open_store(config)
+        try:
+            return cls(store)
+        finally:
+            store.close()
+
     def __init__(self, store: Store, recent: int = 10) -> None:
         self.now = time.time()
         self.counts = store.counts()
@@ -126,11 +131,7 @@ def cmd_workers(config: Config, args: argparse.Namespace) -> int:
         removed = remove_workers(config)
         print("\n".join(removed) if removed else f"no worker containers of the daemon on {config.state}")
         return Exit.OK
-    store = open_store(config)
-    try:
-        snap = _Snapshot(store)
-    finally:
-        store.close()
+    snap = _Snapshot.of(config)
     if args.json:
         print(as_json(snap.workers))
     else:

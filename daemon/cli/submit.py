@@ -39,13 +39,7 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
         name = args.name or f"{Path(args.inputs[0]).stem if args.inputs else args.target}.yaml"
     if not is_manifest_name(name):
         name = f"{name}.yaml"
-    name = free_name(config, name)
-    since = last_seq(config)
-    drop(config.inbox, name, text.encode())
-    say(f"submitted {config.inbox / name}", out=sys.stderr)
-    if not args.wait:
-        return Exit.OK
-    return wait(config, name, since, args.wait_timeout)
+    return _drop(config, free_name(config, name), text.encode(), args, said="")
 
 
 def _manifest_from_args(config: Config, args: argparse.Namespace) -> dict[str, Any]:
@@ -90,10 +84,15 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         shutil.copyfile(inputs / rel, tmp)
         os.rename(tmp, target)
-    name = free_name(config, f"{job.id}-retry.yaml")
-    since = last_seq(config)
-    drop(config.inbox, name, manifest.read_bytes())
-    say(f"submitted {config.inbox / name} (a retry of {job.id})", out=sys.stderr)
+    return _drop(config, free_name(config, f"{job.id}-retry.yaml"), manifest.read_bytes(), args,
+                 said=f" (a retry of {job.id})")
+
+
+def _drop(config: Config, name: str, data: bytes, args: argparse.Namespace, *, said: str) -> int:
+    """Drop the manifest `data` into the inbox as `name`, say so, and with --wait follow the job to its end."""
+    since = last_seq(config)  # before the drop: the job made from it comes after
+    drop(config.inbox, name, data)
+    say(f"submitted {config.inbox / name}{said}", out=sys.stderr)
     if not args.wait:
         return Exit.OK
     return wait(config, name, since, args.wait_timeout)

@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
-from .validation import OWN, first_error, kind_of, known_keys, own
+from dropq.errors import ConfigError
+from dropq.validation import OWN, first_error, kind_of, known_keys, own
 
 PoolKind = Literal["auto", "local", "docker"]
 WatchMode = Literal["auto", "inotify", "polling"]

@@ -14,10 +14,9 @@ import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
+from dropq.errors import UnsafePathError
+from dropq.escape import printable
 from dropq_worker.trees import LONG_PATH, remove_tree, too_deep, walk
-
-from .errors import UnsafePathError
-from .escape import printable
 
 __all__ = ["MAX_DEPTH", "check_relative", "collect_tree", "move", "remove_tree", "resolve_inside", "walk"]
 

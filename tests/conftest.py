@@ -82,7 +82,7 @@ def docker_image() -> str:
     if client is None:
         _skip_or_fail("no Docker engine answers")
     from dropq.errors import DropqError
-    from dropq.image import build, image_is_current
+    from dropq.pools.image import build, image_is_current
 
     try:
         if not image_is_current(client, WORKER_IMAGE):

@@ -78,8 +78,8 @@ def engine(timeout: float = 10) -> Any | None:
 
     Tests reach the engine only through here: docker-py itself leaks its socket when no engine answers
     (docker/docker-py#3356), which pytest's filterwarnings=error turns into an error in a later test."""
-    from dropq.engine import engine_client
     from dropq.errors import EngineUnavailable
+    from dropq.pools.engine import engine_client
 
     try:
         return engine_client(timeout=timeout)

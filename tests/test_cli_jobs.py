@@ -9,8 +9,8 @@ import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.config import Config
-from dropq.jobs import JobStatus
-from dropq.store import Store
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import Store
 from helpers import dropq, dropq_json
 
 DAY = 86400.0

@@ -1,4 +1,4 @@
-"""Unit tests of the CLI's output rules (dropq.console): what comes from a job is shown escaped, in every
+"""Unit tests of the CLI's output rules (dropq.cli.console): what comes from a job is shown escaped, in every
 way the CLI writes it, and the only escapes written to a terminal are dropq's own."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from dropq.console import Screen, as_json, say, shown, table
+from dropq.cli.console import Screen, as_json, say, shown, table
 
 #: a name with a retitle, a screen clear, a newline, a bidi override and a byte that is not UTF-8
 NAME = "a\x1b]0;t\x07b\x1b[2Jc\nd\u202ee\udcff"

@@ -175,7 +175,7 @@ def test_a_rebuild_removes_the_image_it_replaced(docker_image: str) -> None:
 
     import docker
 
-    from dropq.image import build
+    from dropq.pools.image import build
 
     client = engine()
     assert client is not None

@@ -16,9 +16,9 @@ import pytest
 
 from conftest import ROOT
 from dropq.config import Config
-from dropq.engine import engine_client, engine_socket
 from dropq.errors import EngineUnavailable
 from dropq.pools.docker import docker_available
+from dropq.pools.engine import engine_client, engine_socket
 
 
 @pytest.fixture(params=["missing", "refusing"])

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent
 
-from dropq import intake as intake_module
-from dropq.claims import MAX_ID_BYTES, printable, safe_id
 from dropq.config import Config
-from dropq.intake import Intake
-from dropq.manifest import is_manifest_name
-from dropq.outbox import Outbox
-from dropq.store import Store
-from dropq.watcher import QUIET_AFTER_CLOSE, Arrival, InboxWatcher
+from dropq.intake import claim as intake_module
+from dropq.intake.claim import Intake
+from dropq.intake.claims import MAX_ID_BYTES, printable, safe_id
+from dropq.intake.manifest import is_manifest_name
+from dropq.intake.watcher import QUIET_AFTER_CLOSE, Arrival, InboxWatcher
+from dropq.publish.outbox import Outbox
+from dropq.queue.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

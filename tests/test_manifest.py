@@ -6,7 +6,7 @@ import pytest
 
 from dropq.config import JobDefaults
 from dropq.errors import ManifestError, UnsafePathError
-from dropq.manifest import Manifest, is_manifest_name
+from dropq.intake.manifest import Manifest, is_manifest_name
 
 DEFAULTS = JobDefaults(timeout=30, retries=2)
 

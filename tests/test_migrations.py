@@ -15,8 +15,8 @@ import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.errors import SchemaError
-from dropq.migrations import LATEST, MIGRATIONS, Migration, migrate, statements, version_of
-from dropq.store import Store
+from dropq.queue.migrations import LATEST, MIGRATIONS, Migration, migrate, statements, version_of
+from dropq.queue.store import Store
 from helpers import dropq, dropq_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "state-0.1.0.tar.gz"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dropq.jobs import JobStatus
-from dropq.outbox import Outbox
 from dropq.paths import collect_tree
-from dropq.store import JobRecord, Store
+from dropq.publish.outbox import Outbox
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import Staging
 
 

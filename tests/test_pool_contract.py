@@ -18,7 +18,7 @@ import pytest
 from dropq.config import Config
 from dropq.errors import TransportError, UnknownJob, WorkerBusy
 from dropq.pools import Incarnation, Pool, find_staging
-from dropq.transport import Transport
+from dropq.pools.transport import Transport
 from dropq_worker.protocol import PROTOCOL, JobSpec, JobState, Outcome
 from helpers import remove_containers
 

@@ -27,7 +27,7 @@ import pytest
 from conftest import DaemonProcess, Workspace
 from dropq.errors import ProtocolMismatch
 from dropq.pools.base import check_protocol
-from dropq.transport import Transport
+from dropq.pools.transport import Transport
 from dropq_worker.protocol import (
     HEADER,
     MISMATCH_STATUS,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from conftest import ROOT
 from dropq.config import Config, JobDefaults
 from dropq.errors import ConfigError, ManifestError
-from dropq.manifest import KEYS, Manifest
+from dropq.intake.manifest import KEYS, Manifest
 
 
 def printed_schema(name: str, cwd: Path) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from dropq.errors import StoreError
-from dropq.jobs import FINAL, TRANSITIONS, JobStatus
-from dropq.store import Store
+from dropq.queue.jobs import FINAL, TRANSITIONS, JobStatus
+from dropq.queue.store import Store
 
 
 class Clock:

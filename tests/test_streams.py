@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from dropq.balancer import outcome_of
-from dropq.streams import last_line
+from dropq.publish.streams import last_line
+from dropq.queue.balancer import outcome_of
 from dropq_worker.protocol import JobState, Outcome, Report
 from helpers import dropq, dropq_json
 

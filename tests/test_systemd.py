@@ -17,7 +17,7 @@ import pytest
 from conftest import DaemonProcess, Workspace
 from dropq.config import Config
 from dropq.errors import LayoutError
-from dropq.systemd import Notifier, unit_text
+from dropq.ops.systemd import Notifier, unit_text
 from helpers import dropq, dropq_json
 
 

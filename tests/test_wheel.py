@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from dropq.image import ImageError, source_digest, worker_dir
-from dropq.systemd import checkout_readme
+from dropq.ops.systemd import checkout_readme
+from dropq.pools.image import ImageError, source_digest, worker_dir
 
 
 def test_the_wheel_installed_elsewhere_runs_a_job_and_ships_its_package_data() -> None:

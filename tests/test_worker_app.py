@@ -144,7 +144,7 @@ def test_an_escaped_setsid_grandchild_does_not_outlive_its_job(settings: Setting
     import tempfile
 
     from dropq.errors import TransportError
-    from dropq.transport import Transport
+    from dropq.pools.transport import Transport
 
     def answers(transport: Transport) -> bool:
         try:

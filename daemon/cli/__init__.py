@@ -9,17 +9,17 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import schema
-from ..config import Config
-from ..console import say
-from ..errors import ConfigError, DaemonRunning, DropqError, NoDaemon, PoolError, SchemaError, StoreError
-from .exits import Exit
-from .job import cmd_cancel, cmd_logs, cmd_show
-from .jobs import cmd_jobs
-from .ops import cmd_image, cmd_run, cmd_service
-from .parser import build_parser, config_path
-from .status import cmd_status, cmd_workers
-from .submit import cmd_retry, cmd_submit
+from dropq.cli import schema
+from dropq.cli.console import say
+from dropq.cli.exits import Exit
+from dropq.cli.job import cmd_cancel, cmd_logs, cmd_show
+from dropq.cli.jobs import cmd_jobs
+from dropq.cli.ops import cmd_image, cmd_run, cmd_service
+from dropq.cli.parser import build_parser, config_path
+from dropq.cli.status import cmd_status, cmd_workers
+from dropq.cli.submit import cmd_retry, cmd_submit
+from dropq.config import Config
+from dropq.errors import ConfigError, DaemonRunning, DropqError, NoDaemon, PoolError, SchemaError, StoreError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..config import Config
-from ..errors import DropqError
+from dropq.config import Config
+from dropq.errors import DropqError
 
 
 def place_input(config: Config, path: Path) -> str:

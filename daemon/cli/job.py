@@ -10,14 +10,14 @@ from typing import BinaryIO
 
 import yaml
 
-from ..config import Config
-from ..console import as_json, say
-from ..jobs import FINAL, JobStatus
-from ..streams import Stream, stream_path
-from .exits import Exit
-from .inbox import drop
-from .lookup import get_job, open_store
-from .wait import print_result
+from dropq.cli.console import as_json, say
+from dropq.cli.exits import Exit
+from dropq.cli.inbox import drop
+from dropq.cli.lookup import get_job, open_store
+from dropq.cli.wait import print_result
+from dropq.config import Config
+from dropq.publish.streams import Stream, stream_path
+from dropq.queue.jobs import FINAL, JobStatus
 
 
 def cmd_show(config: Config, args: argparse.Namespace) -> int:

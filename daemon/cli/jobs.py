@@ -9,13 +9,13 @@ import sys
 import time
 from typing import Any
 
-from ..config import Config
-from ..console import as_json, duration, table
-from ..errors import DropqError
-from ..jobs import JobStatus
-from ..store import JobRecord
-from .exits import Exit
-from .lookup import open_store
+from dropq.cli.console import as_json, duration, table
+from dropq.cli.exits import Exit
+from dropq.cli.lookup import open_store
+from dropq.config import Config
+from dropq.errors import DropqError
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import JobRecord
 
 #: the seconds in one of each unit --since accepts
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

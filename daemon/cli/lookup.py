@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from ..config import Config
-from ..errors import StoreError
-from ..store import JobRecord, Store
+from dropq.config import Config
+from dropq.errors import StoreError
+from dropq.queue.store import JobRecord, Store
 
 
 def last_seq(config: Config) -> int:

@@ -6,20 +6,20 @@ import argparse
 import logging
 import sys
 
-from ..config import Config
-from .exits import Exit
+from dropq.cli.exits import Exit
+from dropq.config import Config
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
-    from .. import logs
-    from ..service import run
+    from dropq.ops import logs
+    from dropq.ops.service import run
 
     logs.setup(args.log_level or config.log_level, args.log_format or config.log_format)
     return run(config)
 
 
 def cmd_service(config: Config, args: argparse.Namespace) -> int:
-    from .. import systemd
+    from dropq.ops import systemd
 
     if args.service_command == "unit":
         print(systemd.unit_text(config, exe=systemd.dropq_executable()), end="")
@@ -30,7 +30,7 @@ def cmd_service(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_image(config: Config, args: argparse.Namespace) -> int:
-    from ..image import DEFAULT_MIRROR, build
+    from dropq.pools.image import DEFAULT_MIRROR, build
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="dropq: %(message)s")
     if args.offline:

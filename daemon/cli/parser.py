@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import schema
-from ..jobs import JobStatus
+from dropq.cli import schema
+from dropq.queue.jobs import JobStatus
 
 #: the configuration file when neither -c/--config nor $DROPQ_CONFIG names one
 DEFAULT_CONFIG = Path("config.yaml")

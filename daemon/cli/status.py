@@ -6,15 +6,14 @@ import argparse
 import os
 import time
 
+from dropq.cli.console import Screen, as_json, bar, duration, say, table
+from dropq.cli.exits import Exit
+from dropq.cli.lookup import daemon_alive, open_store
+from dropq.config import Config
+from dropq.intake.manifest import is_manifest_name
+from dropq.queue.jobs import FINAL, JobStatus
+from dropq.queue.store import Store
 from dropq_worker.protocol import WorkerState
-
-from ..config import Config
-from ..console import Screen, as_json, bar, duration, say, table
-from ..jobs import FINAL, JobStatus
-from ..manifest import is_manifest_name
-from ..store import Store
-from .exits import Exit
-from .lookup import daemon_alive, open_store
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -126,7 +125,7 @@ def _watch(config: Config, interval: float, *, until_idle: bool) -> int:
 
 def cmd_workers(config: Config, args: argparse.Namespace) -> int:
     if args.workers_command == "remove":
-        from ..pools.docker import remove_workers
+        from dropq.pools.docker import remove_workers
 
         removed = remove_workers(config)
         print("\n".join(removed) if removed else f"no worker containers of the daemon on {config.state}")

@@ -12,17 +12,16 @@ from typing import Any
 
 import yaml
 
+from dropq.cli.console import say
+from dropq.cli.exits import Exit
+from dropq.cli.inbox import drop, free_name, place_input
+from dropq.cli.lookup import get_job, last_seq
+from dropq.cli.wait import require_daemon, wait
+from dropq.config import Config
+from dropq.errors import DropqError
+from dropq.intake.manifest import is_manifest_name
+from dropq.queue.jobs import FINAL
 from dropq_worker.trees import walk
-
-from ..config import Config
-from ..console import say
-from ..errors import DropqError
-from ..jobs import FINAL
-from ..manifest import is_manifest_name
-from .exits import Exit
-from .inbox import drop, free_name, place_input
-from .lookup import get_job, last_seq
-from .wait import require_daemon, wait
 
 
 def cmd_submit(config: Config, args: argparse.Namespace) -> int:

@@ -6,14 +6,14 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import Config
-from ..console import Screen, duration, say
-from ..errors import NoDaemon
-from ..escape import printable
-from ..jobs import FINAL, JobStatus
-from ..store import JobRecord, Store
-from .exits import Exit
-from .lookup import daemon_alive, daemon_running
+from dropq.cli.console import Screen, duration, say
+from dropq.cli.exits import Exit
+from dropq.cli.lookup import daemon_alive, daemon_running
+from dropq.config import Config
+from dropq.errors import NoDaemon
+from dropq.escape import printable
+from dropq.queue.jobs import FINAL, JobStatus
+from dropq.queue.store import JobRecord, Store
 
 #: seconds without a live daemon before a --wait gives up: a restart (systemd's, say) takes less
 DAEMON_GONE_AFTER = 10.0

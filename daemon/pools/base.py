@@ -16,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dropq.config import Config
+from dropq.errors import ProtocolMismatch, TransportError
+from dropq.pools.transport import Transport
 from dropq_worker.protocol import PROTOCOL, Health, Staging, mismatch
-
-from ..config import Config
-from ..errors import ProtocolMismatch, TransportError
-from ..transport import Transport
 
 log = logging.getLogger("dropq.pool")
 

@@ -19,11 +19,11 @@ import threading
 import time
 from typing import Any
 
-from ..config import Config
-from ..errors import ProtocolMismatch, TransportError
-from ..transport import Transport
-from .base import Incarnation, Pool, WorkerHandle, check_protocol, wait_answering, worker_token
-from .docker import IN_WORK, container_user
+from dropq.config import Config
+from dropq.errors import ProtocolMismatch, TransportError
+from dropq.pools.base import Incarnation, Pool, WorkerHandle, check_protocol, wait_answering, worker_token
+from dropq.pools.docker import IN_WORK, container_user
+from dropq.pools.transport import Transport
 
 log = logging.getLogger("dropq.pool.compose")
 

@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dropq.config import Config
+from dropq.errors import DaemonRunning, EngineUnavailable, PoolError, ProtocolMismatch, TransportError
+from dropq.pools.base import Incarnation, RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
+from dropq.pools.engine import engine_client
+from dropq.pools.transport import Transport
 from dropq_worker.isolation import PER_WORKER
 from dropq_worker.protocol import PROTOCOL, Health
-
-from ..config import Config
-from ..engine import engine_client
-from ..errors import DaemonRunning, EngineUnavailable, PoolError, ProtocolMismatch, TransportError
-from ..transport import Transport
-from .base import Incarnation, RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.docker")
 
@@ -87,7 +86,7 @@ def remove_workers(config: Config) -> list[str]:
     import docker
     import docker.errors
 
-    from ..service import lock_state
+    from dropq.ops.service import lock_state
 
     try:
         # no state directory: no daemon can be running on it, but its containers may still be there

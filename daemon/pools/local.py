@@ -20,12 +20,11 @@ import threading
 import time
 from pathlib import Path
 
+from dropq.config import Config
+from dropq.errors import PoolError, ProtocolMismatch, TransportError
+from dropq.pools.base import RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
+from dropq.pools.transport import Transport
 from dropq_worker.isolation import PER_WORKER
-
-from ..config import Config
-from ..errors import PoolError, ProtocolMismatch, TransportError
-from ..transport import Transport
-from .base import RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
 
 log = logging.getLogger("dropq.pool.local")
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from dropq.transport import Transport
+from dropq.pools.transport import Transport
 from dropq_worker.isolation import PER_WORKER, processes_of
 from dropq_worker.protocol import JobSpec, Outcome
 from helpers import containers_of, dropq_json, record_attack, wait_until

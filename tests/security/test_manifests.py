@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from conftest import ROOT, DaemonProcess, Workspace
 from dropq.config import JobDefaults
 from dropq.errors import ManifestError
-from dropq.manifest import KEYS, Manifest
+from dropq.intake.manifest import KEYS, Manifest
 from helpers import record_attack
 
 DEFAULTS = JobDefaults()

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import yaml
 
 from conftest import DaemonProcess, Workspace
-from dropq.claims import safe_id
 from dropq.escape import printable
+from dropq.intake.claims import safe_id
 from helpers import record_attack
 
 #: the stem of each hostile manifest name -> how the CLI must show it

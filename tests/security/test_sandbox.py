@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DaemonProcess, Workspace
 from dropq.errors import TransportError
-from dropq.transport import Transport
+from dropq.pools.transport import Transport
 from dropq_worker.protocol import PROTOCOL
 from helpers import containers_of, dropq_json, record_attack
 

@@ -22,12 +22,11 @@ from typing import Any
 
 import yaml
 
+from dropq.escape import printable
+from dropq.paths import collect_tree, move, remove_tree
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import Staging
-
-from .escape import printable
-from .jobs import JobStatus
-from .paths import collect_tree, move, remove_tree
-from .store import JobRecord, Store
 
 log = logging.getLogger("dropq.outbox")
 

@@ -21,13 +21,13 @@ from flask import Flask, Response, abort, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from waitress.server import create_server
 
-from .config import Config
-from .errors import ConfigError, StoreError
-from .jobs import FINAL, JobStatus
-from .metrics import Metrics
-from .outbox import iso
-from .store import JobRecord, Store
-from .streams import head_and_tail, stream_path
+from dropq.config import Config
+from dropq.errors import ConfigError, StoreError
+from dropq.ops.metrics import Metrics
+from dropq.publish.outbox import iso
+from dropq.publish.streams import head_and_tail, stream_path
+from dropq.queue.jobs import FINAL, JobStatus
+from dropq.queue.store import JobRecord, Store
 
 log = logging.getLogger("dropq.web")
 

@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import JobDefaults
-from .errors import ManifestError
-from .manifest_file import KEYS, ManifestFile, refusal
-from .paths import check_relative
-from .validation import first_error
+from dropq.config import JobDefaults
+from dropq.errors import ManifestError
+from dropq.intake.manifest_file import KEYS, ManifestFile, refusal
+from dropq.paths import check_relative
+from dropq.validation import first_error
 
 __all__ = ["KEYS", "MANIFEST_SUFFIXES", "Manifest", "ManifestFile", "is_manifest_name", "program_file"]
 

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import dropq_worker
-
-from .engine import engine_client
-from .errors import DropqError, EngineUnavailable
+from dropq.errors import DropqError, EngineUnavailable
+from dropq.pools.engine import engine_client
 
 log = logging.getLogger("dropq.image")
 

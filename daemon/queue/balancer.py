@@ -18,17 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dropq.config import Config
+from dropq.errors import JobRefused, ProtocolMismatch, StoreError, TransportError, UnknownJob, WorkerBusy
+from dropq.intake.manifest import Manifest
+from dropq.paths import remove_tree
+from dropq.pools import Incarnation, Pool, WorkerHandle
+from dropq.publish.outbox import Outbox
+from dropq.publish.streams import last_line
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import JobSpec, Outcome, Report, WorkerState
-
-from .config import Config
-from .errors import JobRefused, ProtocolMismatch, StoreError, TransportError, UnknownJob, WorkerBusy
-from .jobs import JobStatus
-from .manifest import Manifest
-from .outbox import Outbox
-from .paths import remove_tree
-from .pools import Incarnation, Pool, WorkerHandle
-from .store import JobRecord, Store
-from .streams import last_line
 
 log = logging.getLogger("dropq.balancer")
 

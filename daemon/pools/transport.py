@@ -14,9 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from dropq.errors import JobRefused, ProtocolMismatch, TransportError, UnknownJob, WorkerBusy
 from dropq_worker.protocol import HEADER, MISMATCH_STATUS, PROTOCOL, Health, JobSpec, ProtocolError, Report
-
-from .errors import JobRefused, ProtocolMismatch, TransportError, UnknownJob, WorkerBusy
 
 _T = TypeVar("_T")
 

@@ -9,11 +9,11 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import Config
-from .jobs import FINAL, JobStatus
-from .outbox import job_key, key_secret
-from .pools.base import find_staging
-from .store import JobRecord
+from dropq.config import Config
+from dropq.pools.base import find_staging
+from dropq.publish.outbox import job_key, key_secret
+from dropq.queue.jobs import FINAL, JobStatus
+from dropq.queue.store import JobRecord
 
 Stream = Literal["stdout", "stderr"]
 

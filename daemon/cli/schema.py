@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .config import Config
-from .manifest_file import ManifestFile
+from dropq.config import Config
+from dropq.intake.manifest_file import ManifestFile
 
 #: every keyword pydantic writes for these models is in draft-07, the newest dialect the YAML language
 #: server fully supports; `$defs` is reached by its JSON pointer, which any dialect resolves

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SchemaError
+from dropq.errors import SchemaError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 
-from .escape import printable
+from dropq.escape import printable
 
 __all__ = ["ClaimRetries", "ClaimTrouble", "printable", "safe_id"]
 

@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Any
 
-from .errors import EngineUnavailable
+from dropq.errors import EngineUnavailable
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 

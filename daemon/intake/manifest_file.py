@@ -17,9 +17,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import ManifestError, UnsafePathError
-from .paths import check_relative
-from .validation import OWN, UNSAFE_PATH, Problem, own, unsafe_path
+from dropq.errors import ManifestError, UnsafePathError
+from dropq.paths import check_relative
+from dropq.validation import OWN, UNSAFE_PATH, Problem, own, unsafe_path
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 #: the daemon sets these itself; a manifest may not override them

@@ -14,10 +14,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dropq.queue.jobs import FINAL, JobStatus
+from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import WorkerState
-
-from .jobs import FINAL, JobStatus
-from .store import JobRecord, Store
 
 #: seconds; from a few milliseconds (trivial jobs on a warm pool) to an hour (a long backlog or a long job)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)

@@ -16,19 +16,19 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .balancer import Balancer
-from .config import Config
-from .errors import DaemonRunning, PoolError
-from .intake import Intake
-from .jobs import JobStatus
-from .metrics import Metrics
-from .outbox import Outbox, key_secret
-from .pools import Pool, find_staging
-from .store import Store
-from .systemd import Notifier
-from .watcher import Arrival, InboxWatcher
-from .web import WebServer
-from .workspace import check_renames
+from dropq.config import Config
+from dropq.errors import DaemonRunning, PoolError
+from dropq.intake.claim import Intake
+from dropq.intake.watcher import Arrival, InboxWatcher
+from dropq.ops.metrics import Metrics
+from dropq.ops.systemd import Notifier
+from dropq.ops.web import WebServer
+from dropq.ops.workspace import check_renames
+from dropq.pools import Pool, find_staging
+from dropq.publish.outbox import Outbox, key_secret
+from dropq.queue.balancer import Balancer
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import Store
 
 log = logging.getLogger("dropq.daemon")
 
@@ -37,14 +37,14 @@ def make_pool(config: Config) -> Pool:
     kind = config.workers.pool
     if kind in ("docker", "auto"):
         try:
-            from .pools.docker import DockerPool, docker_available
+            from dropq.pools.docker import DockerPool, docker_available
         except ImportError:
             if kind == "docker":
                 raise PoolError("the docker pool is not available in this build") from None
         else:
             usable, why = docker_available(config)
             if usable and config.workers.docker.managed_by == "compose":
-                from .pools.compose import ComposePool
+                from dropq.pools.compose import ComposePool
 
                 log.info("worker pool: docker compose workers (workers.docker.managed_by: compose)")
                 return ComposePool(config)
@@ -54,7 +54,7 @@ def make_pool(config: Config) -> Pool:
             if kind == "docker":
                 raise PoolError(f"workers.pool is docker, but {why}")
             log.info("worker pool: local processes, because %s", why)
-    from .pools.local import LocalPool
+    from dropq.pools.local import LocalPool
 
     if kind == "local":
         log.info("worker pool: local processes (workers.pool: local)")

@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from .escape import printable
+from dropq.escape import printable
 
 # journald reads a "<N>" prefix as the line's priority (sd-daemon(3)), so warnings show in colour
 # and `journalctl -p warning` works

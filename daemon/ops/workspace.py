@@ -14,8 +14,8 @@ import errno
 import os
 from pathlib import Path
 
-from .config import Config
-from .errors import LayoutError
+from dropq.config import Config
+from dropq.errors import LayoutError
 
 #: the probe's file name; a dotfile, so the intake never takes it for a manifest
 PROBE_PREFIX = ".dropq-probe-"

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dropq.errors import StoreError
+from dropq.queue import migrations
+from dropq.queue.jobs import JobStatus, sources_of
 from dropq_worker.protocol import WorkerState
-
-from . import migrations
-from .errors import StoreError
-from .jobs import JobStatus, sources_of
 
 log = logging.getLogger("dropq.store")
 

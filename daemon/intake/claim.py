@@ -33,15 +33,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .claims import ClaimRetries, ClaimTrouble, printable, safe_id
-from .config import Config
-from .errors import ManifestError, StoreError
-from .jobs import JobStatus
-from .manifest import Manifest, is_manifest_name
-from .outbox import Outbox
-from .paths import move, resolve_inside
-from .store import JobRecord, Store
-from .watcher import QUIET_AFTER_CLOSE, Arrival
+from dropq.config import Config
+from dropq.errors import ManifestError, StoreError
+from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
+from dropq.intake.manifest import Manifest, is_manifest_name
+from dropq.intake.watcher import QUIET_AFTER_CLOSE, Arrival
+from dropq.paths import move, resolve_inside
+from dropq.publish.outbox import Outbox
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import JobRecord, Store
 
 log = logging.getLogger("dropq.intake")
 

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import workspace
-from .config import Config
-from .errors import DropqError
+import dropq
+from dropq.config import Config
+from dropq.errors import DropqError
+from dropq.ops import workspace
 
 log = logging.getLogger("dropq.systemd")
 
@@ -35,7 +36,7 @@ def checkout_readme(package: Path | None = None) -> Path | None:
 
     Installed from a wheel, the package is site-packages/dropq/ and there is no checkout: whatever
     README.md lies in site-packages is another project's, so none is named."""
-    package = Path(__file__).resolve().parent if package is None else package
+    package = Path(dropq.__file__).resolve().parent if package is None else package
     readme = package.parent / "README.md"
     in_checkout = package.name == "daemon" and (package.parent / "pyproject.toml").is_file()
     return readme if in_checkout and readme.is_file() else None
@@ -294,7 +295,7 @@ def _runtime_roots() -> list[Path]:
     import dropq_worker
 
     roots = [Path(sys.base_prefix).resolve()]
-    for package in (Path(__file__), Path(dropq_worker.__file__)):
+    for package in (Path(dropq.__file__), Path(dropq_worker.__file__)):
         roots.append(package.resolve().parent.parent)
     return roots
 

@@ -170,7 +170,7 @@ HTML_SINKS = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write
 
 def test_the_dashboard_script_has_no_html_sinks() -> None:
     """Every value from the API goes into the page with textContent (see el()): nothing parses it as HTML."""
-    page = (ROOT / "daemon" / "dashboard" / "index.html").read_text()
+    page = (ROOT / "daemon" / "ops" / "dashboard" / "index.html").read_text()
     script = page[page.index("<script>"):]
     assert not HTML_SINKS.findall(script)
     # and no handler made from a string: onclick and the like are assigned functions

@@ -16,8 +16,10 @@ from flask.testing import FlaskClient
 from dropq_worker import __version__, procs
 from dropq_worker.app import create_app
 from dropq_worker.capture import CappedFile
+from dropq_worker.job import Settings
 from dropq_worker.protocol import PROTOCOL, JobSpec
-from dropq_worker.runner import Runner, Settings, reap_abandoned
+from dropq_worker.runner import Runner
+from dropq_worker.supervise import reap_abandoned
 from helpers import wait_until
 
 PROGRAMS = {

@@ -18,7 +18,9 @@ from types import FrameType
 
 from . import isolation, procs
 from .app import create_app
-from .runner import Runner, Settings, reap_abandoned
+from .job import Settings
+from .runner import Runner
+from .supervise import reap_abandoned
 
 log = logging.getLogger("dropq.worker")
 

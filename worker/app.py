@@ -21,8 +21,9 @@ from typing import Any
 from flask import Flask, abort, jsonify, request
 
 from . import __version__
+from .job import Settings
 from .protocol import HEADER, MISMATCH_STATUS, PROTOCOL, Health, JobSpec, ProtocolError, mismatch
-from .runner import Busy, Runner, Settings
+from .runner import Busy, Runner
 
 #: the longest a long-poll may wait; the daemon asks again after that
 MAX_WAIT = 60.0

@@ -169,3 +169,21 @@ def test_http_can_be_turned_off(workspace: Workspace, daemon: DaemonProcess) -> 
     daemon.start()
     with pytest.raises(AssertionError, match="no dashboard address"):
         _ = daemon.url
+
+
+def test_stalled_clients_hold_up_neither_the_api_nor_the_daemon_s_stop(daemon: DaemonProcess) -> None:
+    daemon.start()
+    address = daemon.url.removeprefix("http://").rstrip("/")
+    host, _, port = address.rpartition(":")
+    stalled = [socket.create_connection((host, int(port)), timeout=10) for _ in range(8)]
+    try:
+        for conn in stalled:  # half a request each, never the blank line that ends it
+            conn.sendall(b"GET /api/summary HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert daemon.get("/api/summary").status_code == 200
+        assert daemon.stop() == 0
+        for conn in stalled:
+            assert conn.recv(1024) == b""  # cut by the daemon as it stopped, not left to time out
+    finally:
+        for conn in stalled:
+            conn.close()
+    assert "still running after" not in daemon.log_text()

@@ -99,5 +99,6 @@ def setup(level: str, fmt: str, stream: TextIO = sys.stderr) -> None:
     root.setLevel(level.upper())
     # watchdog's own debug lines are one per inotify event: far too many, and not about jobs
     logging.getLogger("watchdog").setLevel(max(logging.INFO, root.level))
-    # waitress logs a line for every queue it has to build up under load; they are not errors
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # werkzeug, the HTTP server: its info lines are per request (web._Handler turns those off already);
+    # its errors, a request's traceback, are kept
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)

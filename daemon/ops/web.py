@@ -2,7 +2,8 @@
 
 Read-only by design: everything here reads the store through its own read-only connection (WAL lets it
 read while the daemon writes), so a busy dashboard never holds up a job. Changing anything stays with the
-inbox (drop a manifest, drop ID.cancel), which has its own permissions. Served by waitress on loopback.
+inbox (drop a manifest, drop ID.cancel), which has its own permissions. Served on loopback by werkzeug's
+threaded WSGI server (it comes with Flask, and it has a public stop: `shutdown()`), bounded below.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import base64
 import hashlib
 import ipaddress
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, abort, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from waitress.server import create_server
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from dropq.config import Config
 from dropq.errors import ConfigError, StoreError
@@ -210,33 +212,150 @@ def _allowed_hosts(bind: str) -> set[str] | None:
     return LOOPBACK_NAMES | {bind}
 
 
+#: connections served at once (one thread each); one more is answered 503 at once, so a crowd of slow
+#: or stalled clients costs a bounded number of threads and never holds up the accept loop
+MAX_CONNECTIONS = 64
+#: seconds a client may take over each read or write before its connection is dropped
+CLIENT_TIMEOUT = 10.0
+#: seconds stop() waits for requests in flight before it closes the store under them
+STOP_WAIT = 5.0
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: 57\r\n\r\n"
+         b'{"error": "too many connections at once; try again soon"}')
+
+
+class _Handler(WSGIRequestHandler):
+    # one request per connection: its thread ends with the response, so no idle keep-alive connection
+    # holds a thread (or a place under MAX_CONNECTIONS); a new connection on loopback costs next to nothing
+    protocol_version = "HTTP/1.0"
+    timeout = CLIENT_TIMEOUT  # socketserver applies it to the connection's socket
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """No access log: an open dashboard asks every few seconds (errors in the app are still logged)."""
+
+    def log_error(self, format: str, *args: Any) -> None:
+        # a client that timed out or sent garbage is not the daemon's error
+        log.debug("http client %s: " + format, self.address_string(), *args)
+
+
+class _Server(ThreadedWSGIServer):
+    """werkzeug's thread-per-connection server, with at most `max_connections` at once, and a way to cut
+    the connections still open when the daemon stops (a stalled client would hold its thread until its
+    timeout)."""
+
+    block_on_close = False  # stop() waits for requests in flight itself, for a bounded time
+
+    def __init__(self, host: str, port: int, app: Any, *, fd: int, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        super().__init__(host, port, app, handler=_Handler, fd=fd)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            request.setblocking(False)  # the reply fits in the socket's buffer; never wait for this client
+            try:
+                request.send(_BUSY)
+            except OSError as exc:
+                log.debug("could not tell %s the server is busy: %s", client_address, exc)
+            super().shutdown_request(request)
+            return
+        with self._lock:
+            self._open.add(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread was started to release it (socketserver closes the request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        # under the lock: cut_connections() must never shut down a socket closed under it
+        with self._lock:
+            self._open.discard(request)
+            super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        """Shut down every connection still open: a thread waiting on its client returns at once."""
+        with self._lock:
+            for conn in self._open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError as exc:  # the client went already
+                    log.debug("connection already gone at stop: %s", exc)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no connection is being served (at most `timeout` seconds); whether none is."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        try:
+            while taken < self.max_connections:
+                if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    return False
+                taken += 1
+            return True
+        finally:
+            for _ in range(taken):
+                self._slots.release()
+
+
+def _at_most(n: int, app: Any) -> Any:
+    """The WSGI app, running at most `n` requests at once (http.threads); the others wait their turn."""
+    slots = threading.BoundedSemaphore(n)
+
+    def limited(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        with slots:
+            return app(environ, start_response)  # type: ignore[no-any-return]
+
+    return limited
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket. Bound here rather than by werkzeug, which prints to stderr and exits when the
+    port is taken; an OSError here becomes the daemon's one-line ConfigError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as werkzeug picks it for an fd
+    return socket.create_server((host, port), family=family)
+
+
 class WebServer:
-    """waitress serving the app on a thread of the daemon."""
+    """The app served on a thread of the daemon; stop() is the server's public shutdown()."""
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         # a connection of its own: readers never wait for the daemon's writers in WAL mode
         self.store = Store(config.database, readonly=True)
         self.app = create_app(config, self.store, metrics)
+        http = config.http
         try:
-            self.server = create_server(self.app, host=config.http.host, port=config.http.port,
-                                        threads=config.http.threads, ident="dropq", clear_untrusted_proxy_headers=True)
+            listener = _listen(http.host, http.port)
         except OSError as exc:
             self.store.close()
-            raise ConfigError(f"cannot serve the dashboard on {config.http.host}:{config.http.port}: {exc.strerror}; "
+            raise ConfigError(f"cannot serve the dashboard on {http.host}:{http.port}: {exc.strerror}; "
                               "set http.port to a free port (0 picks one) or http.enabled: false") from None
-        host, port = self.server.effective_host, self.server.effective_port  # type: ignore[union-attr]
+        with listener:  # the server works on its own duplicate of the descriptor
+            self.server = _Server(http.host, http.port, _at_most(http.threads, self.app), fd=listener.fileno(),
+                                  max_connections=MAX_CONNECTIONS)
+        host, port = self.server.socket.getsockname()[:2]  # the port picked when http.port is 0
         self.url = f"http://{'[' + str(host) + ']' if ':' in str(host) else host}:{port}/"
-        self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         log.info("dashboard and API on %s (metrics at %smetrics)", self.url, self.url)
 
     def stop(self) -> None:
-        from waitress import wasyncore
-
-        self.server.task_dispatcher.shutdown()  # type: ignore[union-attr]
-        wasyncore.close_all(self.server._map)  # type: ignore[union-attr]  # ends run()'s loop
+        if self._thread.is_alive():
+            self.server.shutdown()  # ends serve_forever() (it would wait forever were it never started)
+        self.server.server_close()
+        # a request being answered finishes (it reads the store, closed below); its answer goes nowhere
+        self.server.cut_connections()
+        if not self.server.wait_idle(STOP_WAIT):
+            log.warning("a dashboard request was still running after %.0f s; stopping anyway", STOP_WAIT)
         self._thread.join(timeout=5)
         self.store.close()

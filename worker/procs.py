@@ -4,6 +4,18 @@ The worker makes itself a child subreaper, so a job's orphans (a daemonised chil
 called setsid and escaped the process group) are re-parented to the worker instead of init. When a
 job ends, the worker kills its process group and then every child it still has: those can only be
 what jobs left behind.
+
+Why not psutil (considered for issue 19; decided against): of what this module and isolation.py read,
+psutil covers three, and none better. `Process.children()` finds children by reading every process's
+/proc/PID/stat (its ppid map), the slow path `children()` below avoids with the kernel's per-thread
+children lists (that scan was a third of a worker's CPU per job on a busy host); `create_time()` is a
+float rebuilt from the boot time, where the `running.pid` check wants the kernel's exact start ticks;
+`process_iter(["uids"])` reads the same /proc/PID/status as `isolation.processes_of`, for about eight
+fewer lines. The rest (prctl subreaper and dumpable, oom_score_adj, the cgroup's memory and pids
+counters) psutil does not cover at all. Against that: a compiled dependency on the host (the local pool
+runs this package there) and in the image, whose Debian base is built once and reused by its tag, so
+existing hosts would need a new base tag and a debootstrap at upgrade. Revisit if the worker needs
+per-process CPU or memory figures, which psutil does well.
 """
 
 from __future__ import annotations

@@ -95,82 +95,112 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
     )
 
 
-def supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile,  # noqa: C901
-               max_disk: int = 0) -> Outcome:
+def supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile,
+              max_disk: int = 0) -> Outcome:
     """Pump output until the program exits; stop the group at the timeout, on request, or past its disk
     budget (counted every DISK_CHECK seconds or so while it runs). The outcome."""
     assert proc.stdout is not None and proc.stderr is not None
-    sel = selectors.DefaultSelector()
-    sinks = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-    for fd in sinks:
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ)
-    pidfd = os.pidfd_open(proc.pid)
-    sel.register(pidfd, selectors.EVENT_READ)
-    sel.register(job.wake_fd, selectors.EVENT_READ)
-    outcome = Outcome.EXITED
-    deadline = time.monotonic() + job.spec.timeout
-    phase = "running"  # -> "terminating" (SIGTERM sent) -> "killed" (SIGKILL sent) ; "exited" when reaped
-    next_count = time.monotonic() + DISK_CHECK if max_disk else float("inf")
+    watch = _Supervision(job, proc, {proc.stdout.fileno(): out, proc.stderr.fileno(): err}, max_disk)
     try:
-        while sinks or phase != "exited":
-            now = time.monotonic()
-            if now >= next_count and phase != "exited":
-                used = isolation.disk_used(job.staging.output, job.uid)
-                took = time.monotonic() - now
-                # a huge tree takes long to count: count less often, so the job keeps most of the CPU
-                next_count = time.monotonic() + max(DISK_CHECK, 10 * took)
-                if used > max_disk and job.stop_reason is None:
-                    job.stop_reason = "disk"
-                    procs.kill_group(proc.pid, signal.SIGKILL)
-                    if job.uid is not None:
-                        # its setsid escapees too (they may be the writers); reaped once the program is
-                        isolation.kill_uid(job.uid, reap=False)
-                    phase, deadline, next_count = "killed", time.monotonic() + _DRAIN, float("inf")
-            timeout = max(0.0, min(deadline, next_count) - time.monotonic())
-            events = sel.select(timeout)
-            if not events and time.monotonic() >= deadline:
-                if phase == "running":
-                    outcome = Outcome.TIMED_OUT
-                    procs.kill_group(proc.pid, signal.SIGTERM)
-                    phase, deadline = "terminating", time.monotonic() + job.spec.kill_grace
-                elif phase == "terminating":
-                    procs.kill_group(proc.pid, signal.SIGKILL)
-                    phase, deadline = "killed", time.monotonic() + _DRAIN
-                else:
-                    break  # exited, but something we could not kill still holds the pipes
-            for key, _ in events:
-                fd = key.fd
-                if fd == job.wake_fd:
-                    os.read(fd, 64)
-                    if phase == "running":
-                        outcome = Outcome.CANCELLED if job.stop_reason == "cancel" else Outcome.STOPPED
-                        procs.kill_group(proc.pid, signal.SIGTERM)
-                        phase, deadline = "terminating", time.monotonic() + job.spec.kill_grace
-                elif fd == pidfd:
-                    proc.wait()
-                    sel.unregister(pidfd)
-                    # the program is gone: whatever it left behind goes too, so the pipes close
-                    procs.kill_group(proc.pid)
-                    procs.kill_leftovers()
-                    phase, deadline = "exited", time.monotonic() + _DRAIN
-                else:
-                    try:
-                        chunk = os.read(fd, 65536)
-                    except BlockingIOError:
-                        continue
-                    if chunk:
-                        sinks[fd].write(chunk)
-                    else:
-                        sel.unregister(fd)
-                        del sinks[fd]
+        watch.run()
     finally:
-        sel.close()
-        os.close(pidfd)
-        if proc.returncode is None:
-            procs.kill_group(proc.pid)
-            proc.wait()
-    return outcome
+        watch.close()
+    return watch.outcome
+
+
+class _Supervision:
+    """One program's supervision loop: its pipes, its end (a pidfd) and the job's stop requests in one
+    selector, and where it is in being stopped: "running" -> "terminating" (SIGTERM sent) -> "killed"
+    (SIGKILL sent); "exited" once reaped. `deadline` is when the present phase runs out."""
+
+    def __init__(self, job: Job, proc: subprocess.Popen[bytes], sinks: dict[int, CappedFile], max_disk: int) -> None:
+        self.job, self.proc, self.sinks, self.max_disk = job, proc, sinks, max_disk
+        self.sel = selectors.DefaultSelector()
+        for fd in sinks:
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ)
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.sel.register(self.pidfd, selectors.EVENT_READ)
+        self.sel.register(job.wake_fd, selectors.EVENT_READ)
+        self.outcome = Outcome.EXITED
+        self.phase = "running"
+        self.deadline = time.monotonic() + job.spec.timeout
+        self.next_count = time.monotonic() + DISK_CHECK if max_disk else float("inf")
+
+    def run(self) -> None:
+        while self.sinks or self.phase != "exited":
+            if time.monotonic() >= self.next_count and self.phase != "exited":
+                self._count_disk()
+            events = self.sel.select(max(0.0, min(self.deadline, self.next_count) - time.monotonic()))
+            if not events and time.monotonic() >= self.deadline and not self._escalate():
+                return  # exited, but something we could not kill still holds the pipes
+            for key, _ in events:
+                self._ready(key.fd)
+
+    def close(self) -> None:
+        self.sel.close()
+        os.close(self.pidfd)
+        if self.proc.returncode is None:
+            procs.kill_group(self.proc.pid)
+            self.proc.wait()
+
+    def _count_disk(self) -> None:
+        now = time.monotonic()
+        used = isolation.disk_used(self.job.staging.output, self.job.uid)
+        took = time.monotonic() - now
+        # a huge tree takes long to count: count less often, so the job keeps most of the CPU
+        self.next_count = time.monotonic() + max(DISK_CHECK, 10 * took)
+        if used > self.max_disk and self.job.stop_reason is None:
+            self.job.stop_reason = "disk"
+            procs.kill_group(self.proc.pid, signal.SIGKILL)
+            if self.job.uid is not None:
+                # its setsid escapees too (they may be the writers); reaped once the program is
+                isolation.kill_uid(self.job.uid, reap=False)
+            self.phase, self.deadline, self.next_count = "killed", time.monotonic() + _DRAIN, float("inf")
+
+    def _escalate(self) -> bool:
+        """The present phase ran out: the timeout (SIGTERM), then the grace after it (SIGKILL). False once
+        there is nothing left to send."""
+        if self.phase == "running":
+            self.outcome = Outcome.TIMED_OUT
+            self._terminate()
+        elif self.phase == "terminating":
+            procs.kill_group(self.proc.pid, signal.SIGKILL)
+            self.phase, self.deadline = "killed", time.monotonic() + _DRAIN
+        else:
+            return False
+        return True
+
+    def _terminate(self) -> None:
+        procs.kill_group(self.proc.pid, signal.SIGTERM)
+        self.phase, self.deadline = "terminating", time.monotonic() + self.job.spec.kill_grace
+
+    def _ready(self, fd: int) -> None:
+        if fd == self.job.wake_fd:
+            os.read(fd, 64)
+            if self.phase == "running":
+                self.outcome = Outcome.CANCELLED if self.job.stop_reason == "cancel" else Outcome.STOPPED
+                self._terminate()
+        elif fd == self.pidfd:
+            self.proc.wait()
+            self.sel.unregister(self.pidfd)
+            # the program is gone: whatever it left behind goes too, so the pipes close
+            procs.kill_group(self.proc.pid)
+            procs.kill_leftovers()
+            self.phase, self.deadline = "exited", time.monotonic() + _DRAIN
+        else:
+            self._pump(fd)
+
+    def _pump(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if chunk:
+            self.sinks[fd].write(chunk)
+        else:
+            self.sel.unregister(fd)
+            del self.sinks[fd]
 
 
 def hit_file_limit(folder: Path) -> bool:

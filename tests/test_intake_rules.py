@@ -19,6 +19,7 @@ from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
 
 from dropq.config import Config
 from dropq.intake import claim as intake_module
+from dropq.intake import inputs as inputs_module
 from dropq.intake.claim import Intake, IntakeHooks
 from dropq.intake.claims import MAX_ID_BYTES, printable, safe_id
 from dropq.intake.manifest import is_manifest_name
@@ -421,14 +422,14 @@ def test_an_arriving_file_costs_work_only_for_the_jobs_that_named_it(rig: Rig,
     rig.intake.run_pending()
     assert {rig.store.get(f"big{n}").status.value for n in range(20)} == {"waiting"}
     looked: list[str] = []
-    real = intake_module.resolve_inside
+    real = inputs_module.resolve_inside
 
     def counting(root: Path, rel: Any, *, what: str) -> Path:
         if what == "input":
             looked.append(str(rel))
         return real(root, rel, what=what)
 
-    monkeypatch.setattr(intake_module, "resolve_inside", counting)
+    monkeypatch.setattr(inputs_module, "resolve_inside", counting)
     rig.write("unrelated.txt", "x\n")
     rig.intake.offer("unrelated.txt", Arrival.WHOLE)
     rig.write("small.yaml", "program: echo\n")

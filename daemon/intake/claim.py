@@ -5,9 +5,9 @@ place. Then the manifest is parsed; the input files it names are claimed with it
 job's spool folder), waiting a grace period for any not there yet. A manifest that cannot be run is
 not lost: it is rejected, which publishes an outbox folder that says why.
 
-What is complete is not decided here: `completeness.Completeness` says when a file the watcher reported
-(or a rescan found) may be taken. A job that ends here (rejected) goes, like every finished job, to
-the `Committer`.
+Two concepts live beside this module, each in its own: `completeness.Completeness` says when a file
+the watcher reported (or a rescan found) is complete, and `inputs.AwaitedInputs` keeps the jobs waiting
+for their inputs. A job that ends here (rejected) goes, like every finished job, to the `Committer`.
 
 One thread does all of this, fed by the watcher and woken by its own timers (settle checks, the
 quiet period after a close, input deadlines, claim retries, the periodic rescan), so no two claims
@@ -26,14 +26,13 @@ meta under `intake_trouble` (empty when all is well); `Intake.failing()` lists e
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -41,9 +40,10 @@ from dropq.config import Config
 from dropq.errors import ManifestError, StoreError
 from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from dropq.intake.completeness import Completeness
+from dropq.intake.inputs import FILE_KINDS, AwaitedInputs, Settled
 from dropq.intake.manifest import Manifest, is_manifest_name
 from dropq.intake.watcher import Arrival, InboxView
-from dropq.paths import move, resolve_inside
+from dropq.paths import resolve_inside
 from dropq.publish.committer import Committer
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
@@ -52,11 +52,6 @@ log = logging.getLogger("dropq.intake")
 
 #: dropping `<id>.cancel` into the inbox cancels job <id>
 CANCEL_SUFFIX = ".cancel"
-#: seconds between looks at awaited inputs in subfolders (the watcher reports only the inbox's top level)
-DEEP_INPUT_CHECK = 1.0
-
-_FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO",
-               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
 @dataclass(frozen=True)
@@ -91,13 +86,9 @@ class Intake:
         #: when a file is complete; the watcher's view of writers is asked through it
         self.completeness = Completeness(inbox=config.inbox, view=inbox, settle=config.intake.settle,
                                          input_grace=config.intake.input_grace, now=now)
+        #: the claimed jobs waiting for their input files
+        self.inputs = AwaitedInputs(config=config, store=store, completeness=self.completeness, now=now)
         self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
-        self._waiting: dict[str, float] = {}  # job id -> deadline for its inputs
-        # What each waiting job still needs, and who waits for each input, so that an arriving file costs
-        # work for the jobs that named it, not for every job waiting (issue 16: O(what changed))
-        self._needs: dict[str, tuple[Manifest, set[str]]] = {}  # job id -> its manifest, inputs unclaimed
-        self._wanted: dict[str, set[str]] = {}  # input path -> ids of the jobs waiting for it
-        self._next_deep_check = 0.0
         #: names whose claim failed, retried with back-off (see trouble())
         self._failing = ClaimRetries()
         self._trouble_shown: str | None = None
@@ -184,20 +175,7 @@ class Intake:
             self._take(name)
         for name in self._failing.due(now):
             self._try_claim(name)
-        self._input_timers(now)
-
-    def _input_timers(self, now: float) -> None:
-        """Inputs past their quiet period, jobs past their deadline, and the look at subfolder inputs."""
-        for rel in self.completeness.inputs_due(now, self._wanted):
-            self._input_ready(rel)  # its quiet period is over
-        for job_id, deadline in list(self._waiting.items()):
-            if deadline <= now:
-                self._recheck(job_id)  # one last look, then rejected naming what is missing
-        if now >= self._next_deep_check and self._wanted:
-            # inputs in subfolders raise no event the intake acts on: look at those, and only those, again
-            self._next_deep_check = now + DEEP_INPUT_CHECK
-            for rel in [r for r in self._wanted if "/" in r]:
-                self._input_ready(rel)
+        self._settled(self.inputs.due(now))
 
     def _arrived(self, name: str, arrival: Arrival) -> None:
         """A manifest the watcher reported: claimed once complete (see completeness)."""
@@ -211,19 +189,16 @@ class Intake:
     def _input_arrived(self, rel: str, arrival: Arrival) -> None:
         """Any other file: perhaps an input some waiting job named."""
         self.completeness.input_arrived(rel, arrival)
-        if rel in self._wanted:
-            self._input_ready(rel)
+        if self.inputs.wanted(rel):
+            self._settled(self.inputs.arrived(rel))
 
     def _next_wakeup(self) -> float:
-        times = [self._next_rescan, *self._waiting.values(), *self.completeness.next_times(),
+        times = [self._next_rescan, *self.inputs.next_times(), *self.completeness.next_times(),
                  *self._failing.next_times()]
         if self._hooks.heartbeat is not None:
             times.append(self._now() + self._hooks.heartbeat_every)
         if self._backlog:
             times.append(self._now() + 0.5)  # see whether the queue has drained enough to claim more
-        if any("/" in rel for rel in self._wanted):
-            times.append(self._next_deep_check)
-        times += self.completeness.input_times(self._wanted)
         return min(times)
 
     def _rescan(self) -> None:
@@ -411,14 +386,18 @@ class Intake:
             deadline = job.deadline or self._now() + self.config.intake.input_grace
             self.store.set_manifest(job.id, manifest.to_json(), priority=manifest.priority,
                                     retries=manifest.retries, deadline=deadline)
-            self._waiting[job.id] = deadline
-            self._claim_inputs(job.id, manifest, deadline)
+            done = self.inputs.wait(job.id, manifest, deadline)
         except ManifestError as exc:
             self.reject(job, str(exc))
+            return
         except OSError as exc:
             # a claimed job must still reach the outbox: say what went wrong rather than strand it
             log.exception("job %s: could not be admitted", job.id)
-            self._reject_id(job.id, f"dropq could not read the job's files: {exc}")
+            self.inputs.forget(job.id)
+            self.reject(self.store.get(job.id), f"dropq could not read the job's files: {exc}")
+            return
+        if done is not None:
+            self._settled([done])
 
     def _read_manifest(self, job: JobRecord) -> Manifest:
         path = self.config.spool / job.id / "manifest.yaml"
@@ -426,7 +405,7 @@ class Intake:
             return Manifest.from_json(job.manifest)
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
             raise ManifestError(f"{job.source} is {kind}; a manifest must be a regular file (it was not read)")
         if st.st_nlink > 1:
             raise ManifestError(f"{job.source} has {st.st_nlink} hard links; a manifest must be a file of its "
@@ -445,97 +424,15 @@ class Intake:
             )
         return manifest
 
-    def _claim_inputs(self, job_id: str, manifest: Manifest, deadline: float, *,
-                      only: str | None = None) -> None:
-        """Claim the inputs of a waiting job that are there (with `only`, just that one); queue the job
-        once it has them all, or reject it past its deadline naming the first one missing."""
-        if job_id not in self._needs:
-            self._needs[job_id] = (manifest, set(manifest.inputs))
-            for rel in manifest.inputs:
-                self._wanted.setdefault(rel, set()).add(job_id)
-        needs = self._needs[job_id][1]
-        for rel in sorted(needs) if only is None else [only] if only in needs else []:
-            try:
-                if self._claim_input(job_id, rel):
-                    self._got(job_id, rel)
-            except ManifestError as exc:
-                self._reject_id(job_id, str(exc))
-                return
-        if needs:
-            if self._now() >= deadline:
-                grace = self.config.intake.input_grace
-                missing = next(rel for rel in manifest.inputs if rel in needs)
-                self._reject_id(job_id, f"input file {missing!r} did not arrive in the inbox within "
-                                        f"{grace:g} seconds of the manifest")
-            return
-        self._forget(job_id)
-        self.store.transition(job_id, JobStatus.QUEUED)
-        log.debug("job %s: queued", job_id)
-        self._hooks.notify()
-
-    def _claim_input(self, job_id: str, rel: str) -> bool:
-        """Move input `rel` into the job's spool folder if it is there and complete; whether the job has it.
-        Raises ManifestError when it can never be (a path through a link, not a regular file)."""
-        dst = self.config.spool / job_id / "inputs" / rel
-        if os.path.lexists(dst):
-            return True
-        src = resolve_inside(self.config.inbox, PurePosixPath(rel), what="input")
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISREG(st.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            raise ManifestError(f"input {rel!r} is {kind}; inputs must be regular files")
-        if not self.completeness.input_complete(rel, st):
-            return False
-        try:
-            move(src, dst)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            return False
-        return True
-
-    def _got(self, job_id: str, rel: str) -> None:
-        self._needs[job_id][1].discard(rel)
-        self._unwant(rel, job_id)
-
-    def _unwant(self, rel: str, job_id: str) -> None:
-        waiting = self._wanted.get(rel)
-        if waiting is not None:
-            waiting.discard(job_id)
-            if not waiting:
-                del self._wanted[rel]
-
-    def _forget(self, job_id: str) -> None:
-        """The job waits no more (queued, rejected, cancelled)."""
-        self._waiting.pop(job_id, None)
-        entry = self._needs.pop(job_id, None)
-        for rel in entry[1] if entry else ():
-            self._unwant(rel, job_id)
-
-    def _input_ready(self, rel: str) -> None:
-        """Input `rel` arrived (or its quiet period ended): the jobs waiting for it, and only they, claim it."""
-        for job_id in sorted(self._wanted.get(rel, ())):
-            if self._still_waiting(job_id):
-                self._claim_inputs(job_id, self._needs[job_id][0], self._waiting[job_id], only=rel)
-
-    def _recheck(self, job_id: str) -> None:
-        if self._still_waiting(job_id):
-            self._claim_inputs(job_id, self._needs[job_id][0], self._waiting[job_id])
-
-    def _still_waiting(self, job_id: str) -> bool:
-        """Whether the job is still waiting for inputs (it may have been cancelled meanwhile)."""
-        job = self.store.find(job_id)
-        if job is None or job.status is not JobStatus.WAITING or job_id not in self._needs:
-            self._forget(job_id)
-            return False
-        return True
-
-    def _reject_id(self, job_id: str, reason: str) -> None:
-        self._forget(job_id)
-        self.reject(self.store.get(job_id), reason)
+    def _settled(self, jobs: Iterable[Settled]) -> None:
+        """Jobs that wait for their inputs no more, each as it is decided: queued, or rejected with the reason."""
+        for done in jobs:
+            if done.reason is not None:
+                self.reject(self.store.get(done.job_id), done.reason)
+                continue
+            self.store.transition(done.job_id, JobStatus.QUEUED)
+            log.debug("job %s: queued", done.job_id)
+            self._hooks.notify()
 
     def reject(self, job: JobRecord, reason: str) -> None:
         """End `job` as rejected, with `reason` in words a person acts on; the committer publishes it."""

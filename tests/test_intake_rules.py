@@ -19,10 +19,12 @@ from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
 
 from dropq.config import Config
 from dropq.intake import claim as intake_module
-from dropq.intake.claim import Intake
+from dropq.intake import inputs as inputs_module
+from dropq.intake.claim import Intake, IntakeHooks
 from dropq.intake.claims import MAX_ID_BYTES, printable, safe_id
 from dropq.intake.manifest import is_manifest_name
 from dropq.intake.watcher import QUIET_AFTER_CLOSE, Arrival, InboxWatcher
+from dropq.publish.committer import Committer
 from dropq.publish.outbox import Outbox
 from dropq.queue.store import Store
 
@@ -42,19 +44,45 @@ class Clock:
         return self.t
 
 
+class Writers:
+    """The watcher's view of writers (watcher.InboxView), set by the test: the names in `written` are
+    being written; no process is known to hold any file open."""
+
+    def __init__(self) -> None:
+        self.written: set[str] = set()
+
+    def being_written(self, rel: str) -> bool:
+        return rel in self.written
+
+    def mark_being_written(self, rel: str) -> None:
+        self.written.add(rel)
+
+    def release_abandoned(self) -> list[str]:
+        return []
+
+    def open_now(self) -> set[tuple[int, int]] | None:
+        return None
+
+
+def no_cancel(job_id: str) -> str:
+    raise AssertionError(f"no test here cancels, but job {job_id} was")
+
+
 class Rig:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.clock = Clock()
-        self.written: set[str] = set()
+        self.writers = Writers()
+        self.written = self.writers.written
         self.config = Config.from_mapping({"intake": {"settle": 2, "rescan": 30}}, base=root)
         for folder in (self.config.inbox, self.config.outbox, self.config.spool):
             folder.mkdir(parents=True)
         shutil.copytree(ROOT / "programs", self.config.programs)
         self.store = Store(self.config.database)
         self.outbox = Outbox(root=self.config.outbox, spool=self.config.spool, store=self.store)
-        self.intake = Intake(config=self.config, store=self.store, outbox=self.outbox, notify=lambda: None,
-                             being_written=lambda rel: rel in self.written, now=self.clock)
+        self.committer = Committer(outbox=self.outbox)
+        self.intake = Intake(config=self.config, store=self.store, committer=self.committer, inbox=self.writers,
+                             hooks=IntakeHooks(notify=lambda: None, cancel=no_cancel), now=self.clock)
 
     def write(self, name: str | bytes, text: str = "program: echo\n") -> Path:
         raw = os.fsencode(self.config.inbox) + b"/" + os.fsencode(name)
@@ -394,14 +422,14 @@ def test_an_arriving_file_costs_work_only_for_the_jobs_that_named_it(rig: Rig,
     rig.intake.run_pending()
     assert {rig.store.get(f"big{n}").status.value for n in range(20)} == {"waiting"}
     looked: list[str] = []
-    real = intake_module.resolve_inside
+    real = inputs_module.resolve_inside
 
     def counting(root: Path, rel: Any, *, what: str) -> Path:
         if what == "input":
             looked.append(str(rel))
         return real(root, rel, what=what)
 
-    monkeypatch.setattr(intake_module, "resolve_inside", counting)
+    monkeypatch.setattr(inputs_module, "resolve_inside", counting)
     rig.write("unrelated.txt", "x\n")
     rig.intake.offer("unrelated.txt", Arrival.WHOLE)
     rig.write("small.yaml", "program: echo\n")

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,11 +223,14 @@ def test_a_daemon_whose_slot_died_stops_feeding_the_watchdog(
     assert notify_socket.count("WATCHDOG", 2.0) == 0
 
 
+@pytest.mark.parametrize("manifest", [{"program": "echo", "args": ["x"]}, {"program": "no-such-program"}],
+                         ids=["a result", "a rejection"])
 def test_a_daemon_that_cannot_publish_is_unhealthy_and_stops_feeding_the_watchdog(
-        workspace: Workspace, daemon: DaemonProcess, notify_socket: NotifySocket) -> None:
+        workspace: Workspace, daemon: DaemonProcess, notify_socket: NotifySocket, manifest: dict[str, Any]) -> None:
     """The outbox turned read-only under a running daemon (in its own mount namespace): the job stays
     committing, STATUS says why, and the watchdog is no longer fed, so systemd restarts the daemon, whose
-    start-up retries the commit."""
+    start-up retries the commit. The same for a job the intake rejects as for a worker's result: every
+    finished job goes through the one committer (a failed rejection once left a healthy-looking daemon)."""
     unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
     if unshare is None or nsenter is None or os.geteuid() != 0:
         pytest.skip("needs root, unshare and nsenter to remount the outbox read-only")
@@ -243,7 +247,7 @@ def test_a_daemon_that_cannot_publish_is_unhealthy_and_stops_feeding_the_watchdo
         # in the daemon's namespace only: this test's view of the outbox stays writable
         remount = f"mount --bind {workspace.outbox} {workspace.outbox} && mount -o remount,bind,ro {workspace.outbox}"
         subprocess.run([nsenter, "-t", str(proc.pid), "-m", "sh", "-c", remount], check=True)
-        workspace.drop("blocked.yaml", {"program": "echo", "args": ["x"]})
+        workspace.drop("blocked.yaml", manifest)
         said = notify_socket.wait_for("STATUS")
         while not said["STATUS"].startswith("unhealthy"):
             said = notify_socket.wait_for("STATUS")

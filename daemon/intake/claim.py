@@ -5,6 +5,10 @@ place. Then the manifest is parsed; the input files it names are claimed with it
 job's spool folder), waiting a grace period for any not there yet. A manifest that cannot be run is
 not lost: it is rejected, which publishes an outbox folder that says why.
 
+Two concepts live beside this module, each in its own: `completeness.Completeness` says when a file
+the watcher reported (or a rescan found) is complete, and `inputs.AwaitedInputs` keeps the jobs waiting
+for their inputs. A job that ends here (rejected) goes, like every finished job, to the `Committer`.
+
 One thread does all of this, fed by the watcher and woken by its own timers (settle checks, the
 quiet period after a close, input deadlines, claim retries, the periodic rescan), so no two claims
 ever race.
@@ -22,24 +26,25 @@ meta under `intake_trouble` (empty when all is well); `Intake.failing()` lists e
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dropq.config import Config
 from dropq.errors import ManifestError, StoreError
 from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
+from dropq.intake.completeness import Completeness
+from dropq.intake.inputs import FILE_KINDS, AwaitedInputs, Settled
 from dropq.intake.manifest import Manifest, is_manifest_name
-from dropq.intake.watcher import QUIET_AFTER_CLOSE, Arrival
-from dropq.paths import move, resolve_inside
-from dropq.publish.outbox import Outbox
+from dropq.intake.watcher import Arrival, InboxView
+from dropq.paths import resolve_inside
+from dropq.publish.committer import Committer
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
 
@@ -47,11 +52,6 @@ log = logging.getLogger("dropq.intake")
 
 #: dropping `<id>.cancel` into the inbox cancels job <id>
 CANCEL_SUFFIX = ".cancel"
-#: seconds between looks at awaited inputs in subfolders (the watcher reports only the inbox's top level)
-DEEP_INPUT_CHECK = 1.0
-
-_FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO",
-               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
 @dataclass(frozen=True)
@@ -60,42 +60,35 @@ class _Offer:
     arrival: Arrival
 
 
+@dataclass(frozen=True)
+class IntakeHooks:
+    """What the intake tells the rest of the daemon, and asks of it."""
+
+    #: a job was queued (the balancer wakes an idle slot)
+    notify: Callable[[], None]
+    #: `<id>.cancel` was dropped: cancel job <id> wherever it is; returns what happened, for the log
+    cancel: Callable[[str], str]
+    #: called from every turn of the loop, and at least every `heartbeat_every` seconds: the systemd
+    #: watchdog is fed from here, so a stuck intake gets the daemon restarted
+    heartbeat: Callable[[], None] | None = None
+    heartbeat_every: float = 5.0
+
+
 class Intake:
-    def __init__(self, *, config: Config, store: Store, outbox: Outbox,
-                 notify: Callable[[], None], being_written: Callable[[str], bool] = lambda _: False,
-                 release_abandoned: Callable[[], list[str]] = list,
-                 open_now: Callable[[], set[tuple[int, int]] | None] = lambda: None,
-                 mark_being_written: Callable[[str], None] = lambda _: None,
-                 cancel: Callable[[str], str] = lambda _: "cancelling is not available",
-                 heartbeat: Callable[[], None] | None = None, heartbeat_every: float = 5.0,
-                 quiet: float = QUIET_AFTER_CLOSE, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, config: Config, store: Store, committer: Committer, inbox: InboxView,
+                 hooks: IntakeHooks, now: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
-        self.outbox = outbox
-        self._notify = notify
-        self._being_written = being_written
-        self._cancel = cancel
-        self._release_abandoned = release_abandoned
-        self._open_now = open_now
-        self._mark_being_written = mark_being_written
-        #: called from every turn of the loop, and at least every `heartbeat_every` seconds: the
-        #: systemd watchdog is fed from here, so a stuck intake gets the daemon restarted
-        self._heartbeat = heartbeat
-        self._heartbeat_every = heartbeat_every
+        self.committer = committer
+        self.outbox = committer.outbox
+        self._hooks = hooks
         self._now = now
+        #: when a file is complete; the watcher's view of writers is asked through it
+        self.completeness = Completeness(inbox=config.inbox, view=inbox, settle=config.intake.settle,
+                                         input_grace=config.intake.input_grace, now=now)
+        #: the claimed jobs waiting for their input files
+        self.inputs = AwaitedInputs(config=config, store=store, completeness=self.completeness, now=now)
         self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
-        self._waiting: dict[str, float] = {}  # job id -> deadline for its inputs
-        # What each waiting job still needs, and who waits for each input, so that an arriving file costs
-        # work for the jobs that named it, not for every job waiting (issue 16: O(what changed))
-        self._needs: dict[str, tuple[Manifest, set[str]]] = {}  # job id -> its manifest, inputs unclaimed
-        self._wanted: dict[str, set[str]] = {}  # input path -> ids of the jobs waiting for it
-        self._next_deep_check = 0.0
-        self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}  # name -> (size, mtime, ctime), due
-        #: names closed after writing in place, and when to look whether they stayed untouched
-        self._quiet: dict[str, float] = {}
-        self._quiet_period = quiet
-        #: other files (inputs, perhaps) closed after writing in place, and the end of their quiet period
-        self._closed_inputs: dict[str, float] = {}
         #: names whose claim failed, retried with back-off (see trouble())
         self._failing = ClaimRetries()
         self._trouble_shown: str | None = None
@@ -154,8 +147,8 @@ class Intake:
             if item is None:
                 return
             try:
-                if self._heartbeat is not None:
-                    self._heartbeat()
+                if self._hooks.heartbeat is not None:
+                    self._hooks.heartbeat()
                 self._handle(item)
             except Exception:  # one bad file must never stop the intake
                 log.exception("intake failed on %r; it will be retried at the next rescan", item)
@@ -178,80 +171,38 @@ class Intake:
 
     def _timers(self, now: float) -> None:
         """Whatever has come due: settle checks, quiet periods, claim retries, inputs awaited."""
-        for name, (_, due) in list(self._settling.items()):
-            if due <= now:
-                self._settle(name)
-        for name, due in list(self._quiet.items()):
-            if due <= now:
-                self._check_quiet(name)
+        for name in self.completeness.due(now):
+            self._take(name)
         for name in self._failing.due(now):
             self._try_claim(name)
-        self._input_timers(now)
-
-    def _input_timers(self, now: float) -> None:
-        """Inputs past their quiet period, jobs past their deadline, and the look at subfolder inputs."""
-        for rel, due in list(self._closed_inputs.items()):
-            if due <= now and rel in self._wanted:
-                self._input_ready(rel)  # its quiet period is over
-            elif due + self.config.intake.input_grace < now:
-                del self._closed_inputs[rel]  # a data file no manifest named (yet): forget it
-        for job_id, deadline in list(self._waiting.items()):
-            if deadline <= now:
-                self._recheck(job_id)  # one last look, then rejected naming what is missing
-        if now >= self._next_deep_check and self._wanted:
-            # inputs in subfolders raise no event the intake acts on: look at those, and only those, again
-            self._next_deep_check = now + DEEP_INPUT_CHECK
-            for rel in [r for r in self._wanted if "/" in r]:
-                self._input_ready(rel)
+        self._settled(self.inputs.due(now))
 
     def _arrived(self, name: str, arrival: Arrival) -> None:
-        """A manifest the watcher reported, taken as its way of arriving says (see watcher.Arrival)."""
+        """A manifest the watcher reported: claimed once complete (see completeness)."""
+        if not self.completeness.arrived(name, arrival):
+            return
         if arrival is Arrival.WHOLE:
-            self._settling.pop(name, None)
-            self._quiet.pop(name, None)
-            self._try_claim(name)
-        elif arrival is Arrival.CLOSED:
-            self._settling.pop(name, None)
-            self._quiet[name] = self._now() + self._quiet_period
+            self._try_claim(name)  # reported whole: claimed at once, not held in the backlog
         else:
-            self._settle(name)
+            self._take(name)
 
     def _input_arrived(self, rel: str, arrival: Arrival) -> None:
-        """Any other file: an input is taken with the same care as a manifest, so a closed one waits
-        for its quiet period too (rsync --inplace copies the data before the manifest)."""
-        if arrival is Arrival.CLOSED:
-            self._closed_inputs[rel] = self._now() + self._quiet_period
-        else:
-            self._closed_inputs.pop(rel, None)
-        if rel in self._wanted:
-            self._input_ready(rel)
-
-    def _quiet_input(self, rel: str, st: os.stat_result) -> bool:
-        """Whether input `rel` is past the quiet period after its close (or was not closed in place)."""
-        due = self._closed_inputs.get(rel)
-        if due is None:
-            return True
-        now = self._now()
-        if due > now or _touched(st) + self._quiet_period > now:
-            return False
-        del self._closed_inputs[rel]
-        return True
+        """Any other file: perhaps an input some waiting job named."""
+        self.completeness.input_arrived(rel, arrival)
+        if self.inputs.wanted(rel):
+            self._settled(self.inputs.arrived(rel))
 
     def _next_wakeup(self) -> float:
-        times = [self._next_rescan, *self._waiting.values(), *(due for _, due in self._settling.values()),
-                 *self._quiet.values(), *self._failing.next_times()]
-        if self._heartbeat is not None:
-            times.append(self._now() + self._heartbeat_every)
+        times = [self._next_rescan, *self.inputs.next_times(), *self.completeness.next_times(),
+                 *self._failing.next_times()]
+        if self._hooks.heartbeat is not None:
+            times.append(self._now() + self._hooks.heartbeat_every)
         if self._backlog:
             times.append(self._now() + 0.5)  # see whether the queue has drained enough to claim more
-        if any("/" in rel for rel in self._wanted):
-            times.append(self._next_deep_check)
-        times += [due for rel, due in self._closed_inputs.items() if rel in self._wanted]
         return min(times)
 
     def _rescan(self) -> None:
-        for rel in self._release_abandoned():
-            log.warning("%s was marked as being written, but nothing has it open: taking it", printable(rel))
+        self.completeness.release_abandoned()
         first = self.rescans == 0
         self.rescans += 1
         self._next_rescan = self._now() + self.config.intake.rescan
@@ -265,7 +216,7 @@ class Intake:
         # At start, a manifest no process has open is complete, as one closed after writing is while the
         # daemon runs (None: that cannot be known here). Names left in the backlog (the queue is full)
         # are settled by age when their turn comes.
-        held = self._open_now() if first else None
+        held = self.completeness.open_now() if first else None
         for name in names:
             # each name in its own try: one file that trips over a bug must not keep the rest unclaimed
             try:
@@ -286,14 +237,15 @@ class Intake:
         if name.endswith(CANCEL_SUFFIX) and not name.startswith("."):
             self._cancel_file(name)
             return False
-        if (not is_manifest_name(name) or self._being_written(name) or name in self._settling
-                or name in self._quiet or name in self._failing or name in backlog):
+        if (not is_manifest_name(name) or self.completeness.pending(name) or name in self._failing
+                or name in backlog):
             return False
         if self._full:
             self._backlog.append(name)
             return False
-        missed = not first and self._settled_since(name, 2.0)
-        self._settle(name, held=held)
+        missed = not first and self.completeness.untouched_for(name, 2.0)
+        if self.completeness.settled(name, held=held):
+            self._take(name)
         return missed
 
     def _queue_full(self) -> bool:
@@ -317,64 +269,14 @@ class Intake:
         self._full = self._queued_estimate >= self.config.intake.max_queued
         while self._backlog and not self._full:
             name = self._backlog.popleft()
-            if not self._being_written(name):
-                self._settle(name)
-
-    def _settled_since(self, name: str, seconds: float) -> bool:
-        try:
-            return _touched(os.lstat(self.config.inbox / name)) + seconds <= self._now()
-        except FileNotFoundError:
-            return False
+            if not self.completeness.being_written(name) and self.completeness.settled(name):
+                self._take(name)
 
     def _health(self) -> None:
         self.store.set_meta("watcher_rescans", str(self.rescans))
         self.store.set_meta("watcher_missed", str(self.missed))
         self.store.set_meta("watcher_last_rescan", f"{self._now():.3f}")
         self._publish_trouble()
-
-    def _settle(self, name: str, *, held: set[tuple[int, int]] | None = None) -> None:
-        """Claim `name` once it has been unchanged for the settle time (where no close event tells). With
-        `held`, the files some process has open, it is complete at once unless it is one of them."""
-        try:
-            st = os.lstat(self.config.inbox / name)
-        except FileNotFoundError:
-            self._settling.pop(name, None)
-            return
-        if held is not None:
-            if (st.st_dev, st.st_ino) in held:
-                self._mark_being_written(name)
-            else:
-                self._check_quiet(name)  # at once, unless something touched it a moment ago
-            return
-        # ctime, not only mtime: `rsync -t`, `cp -p` and `unzip` give a fresh copy an old mtime, but
-        # no client can set the ctime, which every write, chmod and utime moves to now
-        sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        settle = self.config.intake.settle
-        now = self._now()
-        previous = self._settling.get(name)
-        if (previous is not None and previous[0] == sig and previous[1] <= now) or _touched(st) + settle <= now:
-            self._settling.pop(name, None)
-            self._take(name)
-        else:
-            self._settling[name] = (sig, now + settle)
-
-    def _check_quiet(self, name: str) -> None:
-        """Take `name`, closed after writing, once nothing has touched it for the quiet period: a client
-        may still set its times or mode by path right after the close (rsync --inplace, unzip)."""
-        try:
-            st = os.lstat(self.config.inbox / name)
-        except FileNotFoundError:
-            self._quiet.pop(name, None)
-            return
-        if self._being_written(name):
-            self._quiet.pop(name, None)  # opened for writing again: its next close offers it again
-            return
-        due = _touched(st) + self._quiet_period
-        if due > self._now():
-            self._quiet[name] = max(due, self._quiet.get(name, 0.0))
-            return
-        self._quiet.pop(name, None)
-        self._take(name)
 
     def _take(self, name: str) -> None:
         """Claim a complete manifest, unless the queue is full (then it waits in the backlog)."""
@@ -389,7 +291,7 @@ class Intake:
         if not os.path.lexists(path):
             return
         job_id = safe_id(name[: -len(CANCEL_SUFFIX)])
-        what = self._cancel(job_id)
+        what = self._hooks.cancel(job_id)
         log.info("job %s: cancel requested (%s): %s", job_id, printable(name), what)
         os.unlink(path)
 
@@ -484,14 +386,18 @@ class Intake:
             deadline = job.deadline or self._now() + self.config.intake.input_grace
             self.store.set_manifest(job.id, manifest.to_json(), priority=manifest.priority,
                                     retries=manifest.retries, deadline=deadline)
-            self._waiting[job.id] = deadline
-            self._claim_inputs(job.id, manifest, deadline)
+            done = self.inputs.wait(job.id, manifest, deadline)
         except ManifestError as exc:
             self.reject(job, str(exc))
+            return
         except OSError as exc:
             # a claimed job must still reach the outbox: say what went wrong rather than strand it
             log.exception("job %s: could not be admitted", job.id)
-            self._reject_id(job.id, f"dropq could not read the job's files: {exc}")
+            self.inputs.forget(job.id)
+            self.reject(self.store.get(job.id), f"dropq could not read the job's files: {exc}")
+            return
+        if done is not None:
+            self._settled([done])
 
     def _read_manifest(self, job: JobRecord) -> Manifest:
         path = self.config.spool / job.id / "manifest.yaml"
@@ -499,7 +405,7 @@ class Intake:
             return Manifest.from_json(job.manifest)
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
             raise ManifestError(f"{job.source} is {kind}; a manifest must be a regular file (it was not read)")
         if st.st_nlink > 1:
             raise ManifestError(f"{job.source} has {st.st_nlink} hard links; a manifest must be a file of its "
@@ -518,112 +424,24 @@ class Intake:
             )
         return manifest
 
-    def _claim_inputs(self, job_id: str, manifest: Manifest, deadline: float, *,
-                      only: str | None = None) -> None:
-        """Claim the inputs of a waiting job that are there (with `only`, just that one); queue the job
-        once it has them all, or reject it past its deadline naming the first one missing."""
-        if job_id not in self._needs:
-            self._needs[job_id] = (manifest, set(manifest.inputs))
-            for rel in manifest.inputs:
-                self._wanted.setdefault(rel, set()).add(job_id)
-        needs = self._needs[job_id][1]
-        for rel in sorted(needs) if only is None else [only] if only in needs else []:
-            try:
-                if self._claim_input(job_id, rel):
-                    self._got(job_id, rel)
-            except ManifestError as exc:
-                self._reject_id(job_id, str(exc))
-                return
-        if needs:
-            if self._now() >= deadline:
-                grace = self.config.intake.input_grace
-                missing = next(rel for rel in manifest.inputs if rel in needs)
-                self._reject_id(job_id, f"input file {missing!r} did not arrive in the inbox within "
-                                        f"{grace:g} seconds of the manifest")
-            return
-        self._forget(job_id)
-        self.store.transition(job_id, JobStatus.QUEUED)
-        log.debug("job %s: queued", job_id)
-        self._notify()
-
-    def _claim_input(self, job_id: str, rel: str) -> bool:
-        """Move input `rel` into the job's spool folder if it is there and complete; whether the job has it.
-        Raises ManifestError when it can never be (a path through a link, not a regular file)."""
-        dst = self.config.spool / job_id / "inputs" / rel
-        if os.path.lexists(dst):
-            return True
-        src = resolve_inside(self.config.inbox, PurePosixPath(rel), what="input")
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISREG(st.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            raise ManifestError(f"input {rel!r} is {kind}; inputs must be regular files")
-        if self._being_written(rel) or not self._quiet_input(rel, st) or ("/" in rel and not self._settled(st)):
-            return False
-        try:
-            move(src, dst)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            return False
-        return True
-
-    def _got(self, job_id: str, rel: str) -> None:
-        self._needs[job_id][1].discard(rel)
-        self._unwant(rel, job_id)
-
-    def _unwant(self, rel: str, job_id: str) -> None:
-        waiting = self._wanted.get(rel)
-        if waiting is not None:
-            waiting.discard(job_id)
-            if not waiting:
-                del self._wanted[rel]
-
-    def _forget(self, job_id: str) -> None:
-        """The job waits no more (queued, rejected, cancelled)."""
-        self._waiting.pop(job_id, None)
-        entry = self._needs.pop(job_id, None)
-        for rel in entry[1] if entry else ():
-            self._unwant(rel, job_id)
-
-    def _input_ready(self, rel: str) -> None:
-        """Input `rel` arrived (or its quiet period ended): the jobs waiting for it, and only they, claim it."""
-        for job_id in sorted(self._wanted.get(rel, ())):
-            if self._still_waiting(job_id):
-                self._claim_inputs(job_id, self._needs[job_id][0], self._waiting[job_id], only=rel)
-
-    def _recheck(self, job_id: str) -> None:
-        if self._still_waiting(job_id):
-            self._claim_inputs(job_id, self._needs[job_id][0], self._waiting[job_id])
-
-    def _still_waiting(self, job_id: str) -> bool:
-        """Whether the job is still waiting for inputs (it may have been cancelled meanwhile)."""
-        job = self.store.find(job_id)
-        if job is None or job.status is not JobStatus.WAITING or job_id not in self._needs:
-            self._forget(job_id)
-            return False
-        return True
-
-    def _settled(self, st: os.stat_result) -> bool:
-        """Unchanged for the settle time: how files the watcher does not see (in subfolders) count as complete."""
-        return _touched(st) + self.config.intake.settle <= self._now()
-
-    def _reject_id(self, job_id: str, reason: str) -> None:
-        self._forget(job_id)
-        self.reject(self.store.get(job_id), reason)
+    def _settled(self, jobs: Iterable[Settled]) -> None:
+        """Jobs that wait for their inputs no more, each as it is decided: queued, or rejected with the reason."""
+        for done in jobs:
+            if done.reason is not None:
+                self.reject(self.store.get(done.job_id), done.reason)
+                continue
+            self.store.transition(done.job_id, JobStatus.QUEUED)
+            log.debug("job %s: queued", done.job_id)
+            self._hooks.notify()
 
     def reject(self, job: JobRecord, reason: str) -> None:
+        """End `job` as rejected, with `reason` in words a person acts on; the committer publishes it."""
         log.warning("job %s: rejected: %s", job.id, reason)
-        now = self._now()
         try:
-            job = self.store.transition(job.id, JobStatus.COMMITTING, error=reason, finished_at=now, outcome={
-                "status": JobStatus.REJECTED.value, "error": reason, "exit_code": None, "finished_at": now})
+            self.committer.finish(job.id, {"status": JobStatus.REJECTED.value, "error": reason, "exit_code": None,
+                                           "finished_at": self._now()})
         except StoreError:
             log.exception("job %s could not be rejected", job.id)
-            return
-        self.outbox.finish(job)
 
     # --- recovery ------------------------------------------------------------------------------
 
@@ -649,11 +467,6 @@ class Intake:
             return
         log.warning("job %s: found in the spool but not in the store; resuming it", entry.name)
         self.store.add(entry.name, source=f"{entry.name}.yaml")
-
-
-def _touched(st: os.stat_result) -> float:
-    """When a file last changed: its content (mtime) or its inode (ctime: chmod, utime, a link)."""
-    return max(st.st_mtime, st.st_ctime)
 
 
 def _remove_empty(folder: Path) -> None:

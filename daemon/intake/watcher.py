@@ -17,6 +17,9 @@ How a file arrives decides when it is complete (`Arrival`):
 
 Only the top level of the inbox is watched: that is where manifests are. Input files in
 subfolders are taken once unchanged for the settle time.
+
+The watcher reports; `completeness.Completeness` applies these rules to what it reports, through
+`InboxView` (what the watcher knows about writers), so the intake only claims what is complete.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from watchdog.events import (
     FileClosedEvent,
@@ -85,6 +89,27 @@ class Arrival(StrEnum):
 
 #: called with (path relative to the inbox, how it arrived)
 Listener = Callable[[str, Arrival], None]
+
+
+class InboxView(Protocol):
+    """What the watcher knows about the writers of the inbox's files, as the completeness rules ask it.
+    `InboxWatcher` is the one real implementation; unit tests pass a small fake."""
+
+    def being_written(self, rel: str) -> bool:
+        """Whether a writer still has `rel` open, as far as the events seen so far tell."""
+        ...
+
+    def mark_being_written(self, rel: str) -> None:
+        """A writer has `rel` open (found open at start): its close event will say when it is complete."""
+        ...
+
+    def release_abandoned(self) -> list[str]:
+        """Forget "being written" marks no open file backs any more (a close event lost); the names."""
+        ...
+
+    def open_now(self) -> set[tuple[int, int]] | None:
+        """(device, inode) of the files some process has open; None when that cannot be known."""
+        ...
 
 
 class InboxWatcher(FileSystemEventHandler):

@@ -1,8 +1,10 @@
 """The daemon: wires config, store, pool, balancer, intake and watcher together, in the right order.
 
 Start-up order matters: recovery runs before any thread, so that no job is claimed, dispatched or
-committed twice; the pool is up before the balancer hands out jobs; the watcher starts after the
-intake's queue exists, just before the intake's thread. Shutdown runs the other way round.
+committed twice; the committer starts next (what recovery rejected waits in its queue until then);
+the pool is up before the balancer hands out jobs; the watcher starts after the intake's queue
+exists, just before the intake's thread. Shutdown runs the other way round: the committer stops last,
+once nothing can finish a job.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from types import FrameType
 
 from dropq.config import Config
 from dropq.errors import DaemonRunning, PoolError
-from dropq.intake.claim import Intake
+from dropq.intake.claim import Intake, IntakeHooks
 from dropq.intake.watcher import Arrival, InboxWatcher
 from dropq.ops.metrics import Metrics
 from dropq.ops.systemd import Notifier
 from dropq.ops.web import WebServer
 from dropq.ops.workspace import check_renames
 from dropq.pools import Pool, find_staging
+from dropq.publish.committer import Committer
 from dropq.publish.outbox import Outbox, key_secret
 from dropq.queue.balancer import Balancer
 from dropq.queue.jobs import JobStatus
@@ -81,16 +84,17 @@ class Daemon:
         self.outbox = Outbox(root=config.outbox, spool=config.spool, store=self.store,
                              secret=key_secret(config.state),
                              on_published=self.metrics.observe)
+        # every finished job reaches the outbox through this one committer: results, rejections, cancels
+        self.committer = Committer(outbox=self.outbox)
         self.pool = pool or make_pool(config)
-        self.balancer = Balancer(config=config, store=self.store, pool=self.pool, outbox=self.outbox)
+        self.balancer = Balancer(config=config, store=self.store, pool=self.pool, committer=self.committer)
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
         # the loop turns at least twice per ping interval, so no ping is ever later than 3/4 of the timeout
         every = min(5.0, (self.notifier.watchdog_interval or 10.0) / 2)
-        self.intake = Intake(config=config, store=self.store, outbox=self.outbox,
-                             notify=self.balancer.notify, being_written=self.watcher.being_written,
-                             cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned,
-                             open_now=self.watcher.open_now, mark_being_written=self.watcher.mark_being_written,
-                             heartbeat=self._heartbeat, heartbeat_every=every)
+        hooks = IntakeHooks(notify=self.balancer.notify, cancel=self.balancer.cancel, heartbeat=self._heartbeat,
+                            heartbeat_every=every)
+        self.intake = Intake(config=config, store=self.store, committer=self.committer, inbox=self.watcher,
+                             hooks=hooks)
         self._stop = threading.Event()
         self._next_status = 0.0
         self._trouble_logged = False
@@ -107,7 +111,7 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         """From the intake's loop: feed the systemd watchdog while the daemon can do its work."""
-        trouble = self.balancer.trouble()
+        trouble = self.balancer.trouble() or self.committer.trouble()
         if trouble is not None:
             # no more WATCHDOG=1: systemd restarts the daemon (WatchdogSec), which is the cure
             if not self._trouble_logged:
@@ -139,6 +143,7 @@ class Daemon:
 
     def start(self) -> None:
         self.recover()
+        self.committer.start()
         self.pool.start()
         self.balancer.start()
         # the watcher before the intake's thread: what it reports waits in the intake's queue, and the
@@ -165,6 +170,7 @@ class Daemon:
         # stopping the pool ends the long-polls of slots still following a job; they requeue it
         self.pool.stop()
         self.balancer.join()
+        self.committer.stop()  # after the slots: every outcome they recorded is published first
         if self.web is not None:
             self.web.stop()
         self.store.set_meta("pid", "")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import shutil
 import signal
 import threading
@@ -23,7 +22,7 @@ from dropq.errors import JobRefused, ProtocolMismatch, StoreError, TransportErro
 from dropq.intake.manifest import Manifest
 from dropq.paths import remove_tree
 from dropq.pools import Incarnation, Pool, WorkerHandle
-from dropq.publish.outbox import Outbox
+from dropq.publish.committer import Committer
 from dropq.publish.streams import last_line
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
@@ -38,12 +37,14 @@ SETTLE_WAIT = 30.0
 
 
 class Balancer:
-    def __init__(self, *, config: Config, store: Store, pool: Pool, outbox: Outbox,
+    def __init__(self, *, config: Config, store: Store, pool: Pool, committer: Committer,
                  now: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
         self.pool = pool
-        self.outbox = outbox
+        #: every finished job goes there (results, cancels, jobs given up); it owns the outbox
+        self.committer = committer
+        self.outbox = committer.outbox
         self._now = now
         self._cond = threading.Condition()
         self._stopping = False
@@ -51,21 +52,13 @@ class Balancer:
         self._broken: set[str] = set()
         self._started = False
         self._cancel_requested: set[str] = set()
-        # Publishing (moves, fsyncs) happens on its own thread, so a worker starts its next job as
-        # soon as the last one's outcome is recorded; the store has it as committing meanwhile, and
-        # a restart finishes any such commit.
-        self._commits: queue.SimpleQueue[tuple[WorkerHandle, JobRecord] | None] = queue.SimpleQueue()
-        self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
-        self._publish_failed: str | None = None
         pool.on_change(self._pool_changed)
 
     def trouble(self) -> str | None:
         """Why the balancer cannot go on by itself (and the daemon should be restarted), or None."""
         if self._broken:
             return f"the slot of worker(s) {', '.join(sorted(self._broken))} failed"
-        if self._committer.ident is not None and not self._committer.is_alive() and not self._stopping:
-            return "the committer thread ended"
-        return self._publish_failed
+        return None
 
     def notify(self) -> None:
         with self._cond:
@@ -78,7 +71,6 @@ class Balancer:
         for job in self.store.with_status(JobStatus.RUNNING):
             if job.worker not in names:
                 self._retry_or_fail(job, f"its worker {job.worker} no longer exists")
-        self._committer.start()
         with self._cond:
             self._started = True
             for handle in handles:
@@ -110,24 +102,6 @@ class Balancer:
         deadline = time.monotonic() + timeout
         for thread in list(self._threads.values()):
             thread.join(max(0.0, deadline - time.monotonic()))
-        if self._committer.is_alive():
-            self._commits.put(None)  # after the slots: every outcome they recorded is published first
-            self._committer.join(max(0.0, deadline - time.monotonic()))
-
-    def _commit_loop(self) -> None:
-        while (item := self._commits.get()) is not None:
-            worker, job = item
-            key = self.outbox.key(job)
-            try:
-                self.outbox.finish(job, staging=worker.staging(key))
-                remove_tree(worker.inputs_dir / key)
-                # no DELETE to make the worker forget it: keys are per attempt, and the worker keeps
-                # only its last 64 results anyway; one request less per job
-            except Exception as exc:  # the job stays committing; the next start publishes it
-                log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
-                # the daemon is unhealthy from here: the systemd watchdog is no longer fed, and the restart
-                # retries the commit (or, if the workspace cannot take renames, refuses to start with why)
-                self._publish_failed = f"publishing job {job.id} failed ({exc}); a restart retries it"
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job wherever it is; says what happened, in words for the log."""
@@ -139,13 +113,12 @@ class Balancer:
         self._cancel_requested.add(job_id)
         if job.status in (JobStatus.WAITING, JobStatus.QUEUED):
             try:
-                job = self.store.transition(job_id, JobStatus.COMMITTING, error="the job was cancelled", outcome={
+                self.committer.finish(job_id, {
                     "status": JobStatus.CANCELLED.value, "error": "the job was cancelled before it ran",
                     "exit_code": None, "finished_at": self._now()})
             except StoreError:
                 job = self.store.get(job_id)  # a slot took it a moment ago: cancel it on its worker
             else:
-                self.outbox.finish(job)
                 self._cancel_requested.discard(job_id)
                 return "cancelled before it ran"
         if job.status is JobStatus.RUNNING:
@@ -336,11 +309,10 @@ class Balancer:
             return
         self._cancel_requested.discard(job.id)
         try:
-            job = self.store.transition(job.id, JobStatus.COMMITTING, outcome=outcome)
+            self.committer.finish(job.id, outcome, staging=worker.staging(key), inputs=worker.inputs_dir / key)
         except StoreError:
             log.exception("job %s: could not record its outcome", job.id)
             return
-        self._commits.put((worker, job))
         if outcome.get("error"):  # a success needs no line of its own: the outbox logs the publish
             log.info("job %s: %s: %s", job.id, outcome["status"], outcome["error"])
 
@@ -380,9 +352,8 @@ class Balancer:
             return
         error = (f"the worker running this job was lost {job.attempts} time(s) ({reason}); "
                  f"gave up after {job.attempts} attempt(s)")
-        job = self.store.transition(job.id, JobStatus.COMMITTING, outcome={
+        self.committer.finish(job.id, {
             "status": JobStatus.FAILED.value, "error": error, "exit_code": None, "finished_at": self._now()})
-        self.outbox.finish(job)
 
     def _stage_inputs(self, worker: WorkerHandle, job: JobRecord, manifest: Manifest) -> None:
         """Give the worker its own read-only view of the job's inputs (hard links, or copies)."""

@@ -1,0 +1,105 @@
+"""The one path by which a finished job reaches the outbox, whatever ended it: a result from a worker, a
+rejection by the intake, a cancel before it ran, a job given up after its worker was lost.
+
+`Committer.finish` records the job's outcome (the job is committing from that instant, so a restart
+finishes the commit if this run cannot) and queues it; the committer's thread then publishes it with
+`Outbox.finish`. Publishing (moves, fsyncs) is thus off the threads that claim and dispatch: a worker
+starts its next job, and the intake claims the next manifest, as soon as the outcome is recorded.
+
+A publish that fails leaves its job committing and makes the daemon unhealthy (`trouble`): the systemd
+watchdog is no longer fed, and the restart retries the commit (or, if the workspace cannot take renames,
+refuses to start, saying why). That holds for every kind of finished job, as they share this path.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dropq.paths import remove_tree
+from dropq.publish.outbox import Outbox
+from dropq.queue.jobs import JobStatus
+from dropq.queue.store import JobRecord
+from dropq_worker.protocol import Staging
+
+log = logging.getLogger("dropq.outbox")
+
+
+@dataclass(frozen=True)
+class _Commit:
+    job: JobRecord
+    #: where the worker left the job's output (None: it never ran)
+    staging: Staging | None
+    #: the worker's view of the job's inputs, removed once the job is published
+    inputs: Path | None
+
+
+class Committer:
+    def __init__(self, *, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.store = outbox.store
+        self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failed: str | None = None
+
+    def finish(self, job_id: str, outcome: dict[str, Any], *, staging: Staging | None = None,
+               inputs: Path | None = None) -> JobRecord:
+        """Record that the job ended with `outcome` (its "status" one of the final JobStatus values), then
+        queue it for publishing. Raises StoreError when the job cannot end from where it is (it ended, or
+        a worker took it, a moment ago)."""
+        # error and finished_at as publishing will record them: the committing job already shows them
+        job = self.store.transition(job_id, JobStatus.COMMITTING, outcome=outcome, error=outcome.get("error"),
+                                    finished_at=outcome.get("finished_at"))
+        self._queue.put(_Commit(job, staging, inputs))
+        return job
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Publish every job finished so far, then stop. Called after the intake and the balancer's slots
+        have stopped, so that no outcome they recorded is left for the next start."""
+        self._stopping = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def run_pending(self) -> None:
+        """Publish what is queued, on the caller's thread: drives the committer without its thread
+        (unit tests)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._publish(item)
+
+    def trouble(self) -> str | None:
+        """Why the daemon cannot go on by itself (and should be restarted), or None."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the committer thread ended"
+        return self._failed
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._publish(item)
+
+    def _publish(self, item: _Commit) -> None:
+        job = item.job
+        try:
+            self.outbox.finish(job, staging=item.staging)
+            if item.inputs is not None:
+                # no DELETE to make the worker forget the job: keys are per attempt, and the worker keeps
+                # only its last 64 results anyway; one request less per job
+                remove_tree(item.inputs)
+        except Exception as exc:  # the job stays committing; the next start publishes it
+            log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
+            self._failed = f"publishing job {job.id} failed ({exc}); a restart retries it"

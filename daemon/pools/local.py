@@ -143,7 +143,8 @@ class LocalPool(RestartingPool):
     def _spawn(self, name: str) -> None:
         handle = self._handles[name]
         sock = Path(handle.transport.socket_path or "")
-        old = self._procs.get(name)
+        with self._lock:  # out of the list first: the supervisor then takes its death for no failure
+            old = self._procs.pop(name, None)
         if old is not None:
             old.signal(signal.SIGKILL)
         if sock.exists() or sock.is_symlink():
@@ -224,7 +225,7 @@ class LocalPool(RestartingPool):
                 with self._lock:
                     replaced = self._procs.get(name) is not proc
                 proc.close()
-                if replaced:  # killed by _spawn, which started its successor: nothing more to do
+                if replaced:  # killed by _spawn, which starts its successor: nothing more to do
                     continue
                 if self._stopping.is_set():
                     return

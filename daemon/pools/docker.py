@@ -241,6 +241,11 @@ class DockerPool(RestartingPool):
             old.remove(force=True)
         except docker.errors.NotFound:
             pass
+        except docker.errors.DockerException as exc:
+            # e.g. 409, its removal already in progress (by someone else, or a restart this one raced): a
+            # PoolError, so that the restart is tried again later rather than its thread ending with the
+            # worker never marked ready
+            raise PoolError(f"could not remove the old container of worker {name}: {exc}") from None
         mounts = [
             Mount(IN_PROGRAMS, str(self.config.programs), type="bind", read_only=True),
             Mount(IN_INPUTS, str(handle.inputs_dir), type="bind", read_only=True),

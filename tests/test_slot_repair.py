@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Workspace
+from dropq.queue.balancer import repair_delay
 from helpers import containers_of, dropq_json, engine, wait_for_status, wait_until
 
 WATCHDOG = {"WATCHDOG_USEC": "400000"}
@@ -108,6 +109,10 @@ def check_repaired(ws: Workspace, daemon: DaemonProcess, before: dict[str, Any])
     return after
 
 
+def test_the_repair_back_off_doubles_from_a_second_to_a_minute() -> None:
+    assert [repair_delay(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
 def check_watchdog_fed(notices: Notices) -> None:
     """The daemon stayed healthy all along (never an unhealthy STATUS), and feeds the watchdog now."""
     assert [s for s in notices.since(0, "STATUS") if s.startswith("unhealthy")] == []
@@ -126,6 +131,9 @@ def test_a_local_slot_that_fails_is_repaired_and_loses_no_job(
     assert before["detail"].startswith("pid ")
     break_inputs(workspace)
     wait_repairing(workspace)
+    # systemd's status line says so too (sent every 2 s; the repair fails until the file goes)
+    wait_until(lambda: any(s.startswith("degraded: repairing the slot of worker(s) w1; ")
+                           for s in notices.since(0, "STATUS")), timeout=15, what="a degraded STATUS")
     # the stray file goes (the repair never removes what it did not make); the folder is the repair's to make
     (workspace.state / "workers" / "w1" / "inputs").unlink()
     after = check_repaired(workspace, daemon, before)

@@ -62,6 +62,8 @@ class Balancer:
         self._broken: set[str] = set()
         #: per slot, its failures in a row since it last completed a job
         self._failures: dict[str, int] = {}
+        #: slots waiting for their next repair attempt
+        self._repairing: set[str] = set()
         self._started = False
         self._cancel_requested: set[str] = set()
         # Publishing (moves, fsyncs) happens on its own thread, so a worker starts its next job as
@@ -80,6 +82,12 @@ class Balancer:
         if self._committer.ident is not None and not self._committer.is_alive() and not self._stopping:
             return "the committer thread ended"
         return self._publish_failed
+
+    def degraded(self) -> str | None:
+        """What the balancer is repairing by itself (the daemon still works, with fewer workers), or None."""
+        if self._repairing:
+            return f"repairing the slot of worker(s) {', '.join(sorted(self._repairing))}"
+        return None
 
     def notify(self) -> None:
         with self._cond:
@@ -244,8 +252,12 @@ class Balancer:
             self.store.set_worker(name, WorkerState.REPAIRING, detail=(
                 f"failed {failures} time(s) in a row ({reason}); {what}; next attempt at {at}"))
             log.warning("slot %s: %s; next attempt in %gs", name, what, delay)
-            if not self._pause(delay):
-                return False
+            self._repairing.add(name)
+            try:
+                if not self._pause(delay):
+                    return False
+            finally:
+                self._repairing.discard(name)
         log.info("slot %s: repaired; serving again", name)
         return True
 

@@ -10,6 +10,7 @@ test_systemd.py.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import threading
@@ -21,7 +22,12 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from dropq.queue.balancer import repair_delay
+from dropq.config import Config
+from dropq.ops.service import Daemon
+from dropq.pools import WorkerHandle
+from dropq.queue.balancer import Balancer, repair_delay
+from dropq.queue.store import JobRecord
+from dropq_worker.protocol import Report
 from helpers import containers_of, dropq_json, engine, wait_for_status, wait_until
 
 WATCHDOG = {"WATCHDOG_USEC": "400000"}
@@ -170,3 +176,40 @@ def test_a_docker_slot_that_fails_is_repaired_with_a_new_container(
     now = containers_of(workspace.state)["w1"].id
     assert now != first and after["detail"] == f"container {now[:12]}"
     check_watchdog_fed(notices)
+
+
+def test_a_slot_that_fails_after_recording_an_outcome_never_runs_that_job_again(
+        workspace: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The slot fails just after its job's outcome was recorded (the job is committing): the committer
+    publishes it, and the repair gives nothing back, so it never runs a second time. An in-process daemon
+    with real local workers; the fault is injected by wrapping the balancer's commit, once."""
+    workspace.configure(workers={"count": 1})
+    caplog.set_level(logging.INFO, logger="dropq")
+    real_commit = Balancer._commit
+    injected: list[str] = []
+
+    def commit_then_fail(self: Balancer, worker: WorkerHandle, job: JobRecord, status: Report) -> None:
+        real_commit(self, worker, job, status)
+        if not injected:
+            injected.append(job.id)
+            raise RuntimeError("injected: the slot fails once its job's outcome is recorded")
+
+    monkeypatch.setattr(Balancer, "_commit", commit_then_fail)
+    daemon = Daemon(Config.load(workspace.config))
+    daemon.start()
+    try:
+        workspace.drop("once.yaml", {"program": "echo", "args": ["once"]})
+        workspace.wait_results(1)
+        wait_until(lambda: "slot w1: repaired; serving again" in caplog.text, what="the slot to be repaired")
+        workspace.drop("next.yaml", {"program": "echo", "args": ["next"]})
+        results = workspace.wait_results(2)
+        assert injected == ["once"]
+        assert {k: (r["status"], r["attempts"], r["worker"]) for k, r in results.items()} == {
+            "once": ("succeeded", 1, "w1"), "next": ("succeeded", 1, "w1")}
+        assert (workspace.outbox / "once" / "stdout.txt").read_text().startswith("once\nDROPQ_JOB_ID=once\n")
+        assert "job once: attempt 2" not in caplog.text
+        assert "slot w1 failed (1 in a row): RuntimeError: injected" in caplog.text
+        assert daemon.balancer.trouble() is None
+        assert [w["state"] for w in daemon.store.workers()] == ["idle"]
+    finally:
+        daemon.stop()

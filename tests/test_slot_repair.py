@@ -25,7 +25,7 @@ from conftest import DaemonProcess, Workspace
 from dropq.config import Config
 from dropq.ops.service import Daemon
 from dropq.pools import WorkerHandle
-from dropq.queue.balancer import Balancer, repair_delay
+from dropq.queue.balancer import Balancer
 from dropq.queue.store import JobRecord
 from dropq_worker.protocol import Report
 from helpers import containers_of, dropq_json, engine, wait_for_status, wait_until
@@ -113,10 +113,6 @@ def check_repaired(ws: Workspace, daemon: DaemonProcess, before: dict[str, Any])
     # the traceback is logged once: the failed replacements that follow are one line each
     assert log.count("Traceback (most recent call last)") == 1, log
     return after
-
-
-def test_the_repair_back_off_doubles_from_a_second_to_a_minute() -> None:
-    assert [repair_delay(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
 
 
 def check_watchdog_fed(notices: Notices) -> None:

@@ -117,8 +117,9 @@ class Pool(ABC):
     def replace(self, name: str) -> None:
         """Put a new worker in slot `name`, whatever the old one is doing: what a failed balancer slot asks
         for before it serves again. Returns once the new worker answers; raises PoolError when that cannot be
-        done (the balancer tries again later). This pool does not make its workers (compose does), so it can
-        only wait, within workers.health_timeout, for the worker to answer."""
+        done (the balancer tries again later). By default, for a pool that does not make its workers
+        (compose does), it can only wait, within workers.health_timeout, for the worker to answer;
+        RestartingPool makes a new one."""
         if self.ensure(name, timeout=self.config.workers.health_timeout) is None:
             raise PoolError(f"worker {name} does not answer; it is restarted by {self.kind}, not by dropq")
 

@@ -28,6 +28,7 @@ from dropq.pools import Incarnation, Pool, WorkerHandle
 from dropq.publish.outbox import Outbox
 from dropq.publish.streams import last_line
 from dropq.queue.jobs import JobStatus
+from dropq.queue.repair import Repairs
 from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import JobSpec, Outcome, Report, WorkerState
 
@@ -37,14 +38,6 @@ log = logging.getLogger("dropq.balancer")
 POLL_WAIT = 30.0
 #: seconds to wait for the pool to learn why a worker stopped, before a job it ran is retried
 SETTLE_WAIT = 30.0
-#: seconds a failed slot waits before it serves again; doubled at each failure in a row, up to REPAIR_MAX_DELAY
-REPAIR_DELAY = 1.0
-REPAIR_MAX_DELAY = 60.0
-
-
-def repair_delay(failures: int) -> float:
-    """The back-off before a slot that failed `failures` times in a row serves again: 1, 2, 4 ... 60 s."""
-    return min(REPAIR_MAX_DELAY, REPAIR_DELAY * 2 ** max(0, failures - 1))
 
 
 class Balancer:
@@ -58,12 +51,7 @@ class Balancer:
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: dict[str, threading.Thread] = {}
-        #: slots whose repairs kept failing (workers.repair_max_failures in a row): only a restart helps
-        self._broken: set[str] = set()
-        #: per slot, its failures in a row since it last completed a job
-        self._failures: dict[str, int] = {}
-        #: slots waiting for their next repair attempt
-        self._repairing: set[str] = set()
+        self.repairs = Repairs(max_failures=config.workers.repair_max_failures)
         self._started = False
         self._cancel_requested: set[str] = set()
         # Publishing (moves, fsyncs) happens on its own thread, so a worker starts its next job as
@@ -76,18 +64,15 @@ class Balancer:
 
     def trouble(self) -> str | None:
         """Why the balancer cannot go on by itself (and the daemon should be restarted), or None."""
-        if self._broken:
-            return (f"the slot of worker(s) {', '.join(sorted(self._broken))} failed "
-                    f"{self.config.workers.repair_max_failures} time(s) in a row and could not be repaired")
+        if (broken := self.repairs.trouble()) is not None:
+            return broken
         if self._committer.ident is not None and not self._committer.is_alive() and not self._stopping:
             return "the committer thread ended"
         return self._publish_failed
 
     def degraded(self) -> str | None:
         """What the balancer is repairing by itself (the daemon still works, with fewer workers), or None."""
-        if self._repairing:
-            return f"repairing the slot of worker(s) {', '.join(sorted(self._repairing))}"
-        return None
+        return self.repairs.degraded()
 
     def notify(self) -> None:
         with self._cond:
@@ -193,7 +178,7 @@ class Balancer:
                         return
                 except Exception:  # the store itself failed, most likely: only a restart can help now
                     log.exception("slot %s: its repair failed; the daemon must be restarted", worker.name)
-                    self._broken.add(worker.name)
+                    self.repairs.gave_up(worker.name)
                     return
 
     def _work(self, worker: WorkerHandle) -> None:
@@ -223,18 +208,20 @@ class Balancer:
         failed: Exception | None = exc
         said = ""
         while failed is not None:
-            failures = self._failures[name] = self._failures.get(name, 0) + 1
             reason = _words(failed)
             # the traceback once, and only of an unexpected error: a DropqError's message is meant for a person
             trace = failed if reason != said and not isinstance(failed, DropqError) else None
-            log.error("slot %s failed (%d in a row): %s", name, failures, reason, exc_info=trace)
             said = reason
-            if self._stopping or not self._listed(worker):
+            if self._stopping or not self._listed(worker):  # nothing to repair: the slot ends
+                log.error("slot %s failed as %s: %s", name, "the daemon stops" if self._stopping else
+                          "its worker left the pool", reason, exc_info=trace)
                 self._give_back(worker, reason)
                 return not self._leave(worker)
-            if failures >= self.config.workers.repair_max_failures:
+            verdict = self.repairs.failed(name)
+            failures = verdict.failures
+            log.error("slot %s failed (%d in a row): %s", name, failures, reason, exc_info=trace)
+            if verdict.delay is None:
                 self._give_back(worker, reason)
-                self._broken.add(name)
                 self.store.set_worker(name, WorkerState.BROKEN, detail=(
                     f"failed {failures} time(s) in a row, last: {reason}; the daemon must be restarted"))
                 log.error("slot %s: giving up after %d failures in a row; only a restart of the daemon can "
@@ -246,18 +233,15 @@ class Balancer:
             except Exception as again:  # noqa: BLE001 - counted as the next failure, after the back-off
                 failed = again
             self._give_back(worker, reason)  # after the replacement: the old worker no longer runs the job
-            delay = repair_delay(failures)
+            delay = verdict.delay
             at = time.strftime("%H:%M:%S", time.localtime(self._now() + delay))
             what = "replaced its worker" if failed is None else f"could not replace its worker ({_words(failed)})"
             self.store.set_worker(name, WorkerState.REPAIRING, detail=(
                 f"failed {failures} time(s) in a row ({reason}); {what}; next attempt at {at}"))
             log.warning("slot %s: %s; next attempt in %gs", name, what, delay)
-            self._repairing.add(name)
-            try:
+            with self.repairs.waiting(name):
                 if not self._pause(delay):
                     return False
-            finally:
-                self._repairing.discard(name)
         log.info("slot %s: repaired; serving again", name)
         return True
 
@@ -324,9 +308,7 @@ class Balancer:
             if ready is None:
                 return
             if self._run(worker, ready, health):
-                # a job done: the slot works, and a later failure starts the back-off anew
-                self._failures.pop(worker.name, None)
-                self._broken.discard(worker.name)
+                self.repairs.completed(worker.name)
             else:
                 health = None
 

@@ -79,6 +79,11 @@ class WorkersConfig(_Section):
     """interpreter for `.py` programs on the local pool (a name looked up on PATH, or a path)"""
     health_timeout: float = Field(default=10.0, gt=0)
     """seconds a worker may take to answer its health check before it is restarted"""
+    repair_max_failures: int = Field(default=10, ge=1)
+    """failures in a row (with no job completed between) after which a worker slot is no longer repaired in
+    the daemon: it is reported broken and the systemd watchdog is no longer fed, so systemd restarts the
+    daemon. Until then each failure gives the slot's job back and replaces its worker, after a back-off of
+    1 s doubling to 60 s (10 failures: about 4 minutes); 1 gives up at the first failure"""
     job_uids: int | None = Field(default=1_600_000_000, ge=1, le=2**31 - 1 - 256 * 8)
     """first of the uids jobs run as: each worker takes 8 (w1 from here, w2 8 further...) and runs each
     job under the next, so the kernel keeps a job off the worker, its socket and other jobs' files.

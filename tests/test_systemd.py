@@ -19,7 +19,7 @@ from conftest import DaemonProcess, Workspace
 from dropq.config import Config
 from dropq.errors import LayoutError
 from dropq.ops.systemd import Notifier, unit_text
-from helpers import dropq, dropq_json
+from helpers import dropq, dropq_json, job_status
 
 
 class NotifySocket:
@@ -199,12 +199,14 @@ def test_a_watchdog_meant_for_another_process_is_ignored(tmp_path: Path) -> None
     notifier.close()
 
 
-def test_a_daemon_whose_slot_died_stops_feeding_the_watchdog(
+def test_a_daemon_whose_slot_cannot_be_repaired_stops_feeding_the_watchdog(
         workspace: Workspace, daemon: DaemonProcess, notify_socket: NotifySocket) -> None:
-    """Once a balancer slot has really died, no more WATCHDOG=1 (systemd then restarts the service), and
-    STATUS says why. The crash is real: the worker's inputs folder is replaced by a file, so staging the
-    next job's input raises in the slot's thread, as a broken disk or a stray hand in the state folder would."""
-    workspace.configure(workers={"count": 1})
+    """A balancer slot that fails is repaired in the daemon (see test_slot_repair.py); one whose repairs keep
+    failing (workers.repair_max_failures in a row, 2 here) is reported broken: no more WATCHDOG=1 (systemd then
+    restarts the service), and STATUS says why. The crash is real: the worker's inputs folder is replaced by a
+    file, so staging the next job's input raises in the slot's thread, as a broken disk or a stray hand in the
+    state folder would, and the repair cannot make the folder again while the file stands there."""
+    workspace.configure(workers={"count": 1, "repair_max_failures": 2})
     daemon.start(wait=False, env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"})
     notify_socket.wait_for("READY")
     assert notify_socket.count("WATCHDOG", 1.5) >= 3
@@ -216,9 +218,15 @@ def test_a_daemon_whose_slot_died_stops_feeding_the_watchdog(
     said = notify_socket.wait_for("STATUS", timeout=30)
     while not said["STATUS"].startswith("unhealthy"):
         said = notify_socket.wait_for("STATUS", timeout=30)
-    assert said["STATUS"] == "unhealthy: the slot of worker(s) w1 failed"
-    assert "slot w1 failed" in daemon.log_text()
-    assert [w["state"] for w in dropq_json(workspace.config, "workers")] == ["broken"]
+    assert said["STATUS"] == "unhealthy: the slot of worker(s) w1 failed and could not be repaired"
+    log = daemon.log_text()
+    assert "slot w1 failed (1 in a row): NotADirectoryError" in log
+    assert "slot w1 failed (2 in a row): PoolError: worker w1: its folder" in log
+    assert "slot w1: giving up after 2 failures in a row" in log
+    [worker] = dropq_json(workspace.config, "workers")
+    assert worker["state"] == "broken" and "something that is not a folder stands there" in worker["detail"]
+    # the job the slot held was given back, not lost: queued again for the restarted daemon
+    assert job_status(workspace.config, "crash") == "queued"
     notify_socket.messages.clear()
     assert notify_socket.count("WATCHDOG", 2.0) == 0
 

@@ -78,7 +78,10 @@ class WorkerState(StrEnum):
     IDLE = "idle"
     #: running a job
     BUSY = "busy"
-    #: not usable until something changes (another protocol version, a failed slot); `detail` says why
+    #: its slot failed and is being repaired (a new worker, after a back-off); `detail` says why and when
+    REPAIRING = "repairing"
+    #: not usable until something changes (another protocol version, a slot whose repairs kept failing);
+    #: `detail` says why
     BROKEN = "broken"
 
 

@@ -105,8 +105,9 @@ class Daemon:
                 f"{len(self.pool.workers())} {self.pool.kind} worker(s)")
         # Manifests that cannot be claimed leave the daemon degraded, not unhealthy: it still serves the
         # others, and a restart cannot cure a file's permissions or a full disk, so the watchdog stays fed;
-        # the status line (and `dropq status`) says what is wrong instead of looking healthy.
-        trouble = self.intake.trouble()
+        # the status line (and `dropq status`) says what is wrong instead of looking healthy. So does a worker
+        # slot being repaired: the daemon cures that itself, with one worker fewer meanwhile.
+        trouble = "; ".join(t for t in (self.intake.trouble(), self.balancer.degraded()) if t)
         return f"degraded: {trouble}; {line}" if trouble else line
 
     def _heartbeat(self) -> None:

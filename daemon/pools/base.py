@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dropq.config import Config
-from dropq.errors import ProtocolMismatch, TransportError
+from dropq.errors import PoolError, ProtocolMismatch, TransportError
 from dropq.pools.transport import Transport
 from dropq_worker.protocol import PROTOCOL, Health, Staging, mismatch
 
@@ -82,6 +82,7 @@ class Pool(ABC):
     #: True when stop() leaves the workers running: a job running at shutdown then stays assigned to
     #: its worker, and the next start re-attaches to it instead of running it again
     keeps_jobs_running: bool = False
+    config: Config
 
     def __init__(self) -> None:
         self._changed: Callable[[], None] = lambda: None
@@ -113,6 +114,15 @@ class Pool(ABC):
     def stop(self) -> None:
         """Stop supervising; stop or leave the workers as the pool's configuration says."""
 
+    def replace(self, name: str) -> None:
+        """Put a new worker in slot `name`, whatever the old one is doing: what a failed balancer slot asks
+        for before it serves again. Returns once the new worker answers; raises PoolError when that cannot be
+        done (the balancer tries again later). By default, for a pool that does not make its workers
+        (compose does), it can only wait, within workers.health_timeout, for the worker to answer;
+        RestartingPool makes a new one."""
+        if self.ensure(name, timeout=self.config.workers.health_timeout) is None:
+            raise PoolError(f"worker {name} does not answer; it is restarted by {self.kind}, not by dropq")
+
     def left_on_purpose(self, name: str) -> bool:
         """Whether worker `name` was taken out of the pool on purpose (a compose scale-down, or its operator
         stopped it, as the engine reported) rather than failing. A job it was running is then not to blame,
@@ -132,7 +142,6 @@ class RestartingPool(Pool):
     """A pool that replaces a worker itself when it fails its health check (local processes and
     daemon-managed containers; compose-managed workers are restarted by compose instead)."""
 
-    config: Config
     _handles: dict[str, WorkerHandle]
     _ready: dict[str, threading.Event]
     #: what to do about a worker of an older protocol, when the general advice does not fit this pool
@@ -141,6 +150,22 @@ class RestartingPool(Pool):
     @abstractmethod
     def _restart(self, name: str) -> None:
         """Replace worker `name` and wait until the new one answers (or give up, logging why)."""
+
+    @abstractmethod
+    def _make_folders(self, handle: WorkerHandle) -> None:
+        """Make the worker's folders (staging, inputs) where missing, with the modes and owners it needs;
+        raises PoolError if one cannot be made."""
+
+    def replace(self, name: str) -> None:
+        handle = self._handles[name]
+        # made again first: a new worker (a container's bind mounts above all) needs them to start
+        self._make_folders(handle)
+        self._restart(name)  # stops the old worker, and with it whatever job it still ran
+        try:
+            health = handle.transport.health(timeout=self.config.workers.health_timeout)
+        except TransportError as exc:
+            raise PoolError(f"worker {name} was replaced, but the new one does not answer ({exc})") from None
+        check_protocol(name, health, todo=self._protocol_todo)
 
     def _incarnation(self, name: str, health: Health) -> Incarnation:
         """What ensure() returns for a healthy worker: by default its process id names its incarnation."""
@@ -167,6 +192,17 @@ class RestartingPool(Pool):
             check_protocol(name, health, todo=self._protocol_todo)
             return self._incarnation(name, health)
         return None
+
+
+def make_folders(worker: str, *folders: Path) -> None:
+    """Make a worker's folders where missing. Nothing that stands in the way is removed (it may be
+    someone's file); the error names it, for `dropq workers` and the log."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PoolError(f"worker {worker}: its folder {folder} cannot be made ({exc.strerror or exc}"
+                            f"{'; something that is not a folder stands there' if folder.exists() else ''})") from None
 
 
 def worker_token(path: Path) -> str:

@@ -19,7 +19,15 @@ from typing import Any
 
 from dropq.config import Config
 from dropq.errors import DaemonRunning, EngineUnavailable, PoolError, ProtocolMismatch, TransportError
-from dropq.pools.base import Incarnation, RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
+from dropq.pools.base import (
+    Incarnation,
+    RestartingPool,
+    WorkerHandle,
+    check_protocol,
+    make_folders,
+    wait_answering,
+    worker_token,
+)
 from dropq.pools.engine import engine_client
 from dropq.pools.transport import Transport
 from dropq_worker.isolation import PER_WORKER
@@ -166,20 +174,8 @@ class DockerPool(RestartingPool):
     # --- start, adopt, create ------------------------------------------------------------------
 
     def start(self) -> None:
-        uid, _, gid = container_user(self.config).partition(":")
         for handle in self._handles.values():
-            work = handle.jobs_dir.parent
-            handle.jobs_dir.mkdir(parents=True, exist_ok=True)
-            handle.inputs_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(handle.inputs_dir, 0o755)
-            if isolates_jobs(self.config):
-                # job uids may pass through to their own folders, never list them (nor other jobs' keys)
-                for path in (work, handle.jobs_dir, handle.inputs_dir):
-                    os.chmod(path, 0o711)
-            elif os.geteuid() == 0 and uid.isdigit():
-                for path in (work, handle.jobs_dir):
-                    os.chown(path, int(uid), int(gid or uid))
-                os.chmod(work, 0o700)
+            self._make_folders(handle)
         self._adopt_or_clear()
         for name in self._names:
             if name not in self._ids:
@@ -193,6 +189,20 @@ class DockerPool(RestartingPool):
         self._events = docker.from_env(timeout=None).events(decode=True, filters=mine)
         self._watcher = threading.Thread(target=self._watch_events, name="docker-events", daemon=True)
         self._watcher.start()
+
+    def _make_folders(self, handle: WorkerHandle) -> None:
+        work = handle.jobs_dir.parent
+        make_folders(handle.name, handle.jobs_dir, handle.inputs_dir)
+        os.chmod(handle.inputs_dir, 0o755)
+        uid, _, gid = container_user(self.config).partition(":")
+        if isolates_jobs(self.config):
+            # job uids may pass through to their own folders, never list them (nor other jobs' keys)
+            for path in (work, handle.jobs_dir, handle.inputs_dir):
+                os.chmod(path, 0o711)
+        elif os.geteuid() == 0 and uid.isdigit():
+            for path in (work, handle.jobs_dir):
+                os.chown(path, int(uid), int(gid or uid))
+            os.chmod(work, 0o700)
 
     def _adopt_or_clear(self) -> None:
         found = self.client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={self.instance}"})
@@ -231,6 +241,11 @@ class DockerPool(RestartingPool):
             old.remove(force=True)
         except docker.errors.NotFound:
             pass
+        except docker.errors.DockerException as exc:
+            # e.g. 409, its removal already in progress (by someone else, or a restart this one raced): a
+            # PoolError, so that the restart is tried again later rather than its thread ending with the
+            # worker never marked ready
+            raise PoolError(f"could not remove the old container of worker {name}: {exc}") from None
         mounts = [
             Mount(IN_PROGRAMS, str(self.config.programs), type="bind", read_only=True),
             Mount(IN_INPUTS, str(handle.inputs_dir), type="bind", read_only=True),

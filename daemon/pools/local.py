@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dropq.config import Config
 from dropq.errors import PoolError, ProtocolMismatch, TransportError
-from dropq.pools.base import RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
+from dropq.pools.base import RestartingPool, WorkerHandle, check_protocol, make_folders, wait_answering, worker_token
 from dropq.pools.transport import Transport
 from dropq_worker.isolation import PER_WORKER
 
@@ -85,15 +85,9 @@ class LocalPool(RestartingPool):
 
     def start(self) -> None:
         self._python = _real_interpreter(self.config.workers.python)
-        for handle in self._handles.values():
-            handle.jobs_dir.mkdir(parents=True, exist_ok=True)
-            handle.inputs_dir.mkdir(parents=True, exist_ok=True)
         self._job_uids = self._job_uid_base()
-        if self._job_uids is not None:
-            for handle in self._handles.values():
-                # job uids pass through to their own folders, and can neither list nor write these
-                for path in (handle.jobs_dir.parent, handle.jobs_dir, handle.inputs_dir):
-                    os.chmod(path, 0o711)
+        for handle in self._handles.values():
+            self._make_folders(handle)
         for name in self._names:
             if not self._adopt(name):
                 self._spawn(name)
@@ -102,6 +96,13 @@ class LocalPool(RestartingPool):
             self._wait_answering(name, deadline)
         self._supervisor = threading.Thread(target=self._supervise, name="local-pool", daemon=True)
         self._supervisor.start()
+
+    def _make_folders(self, handle: WorkerHandle) -> None:
+        make_folders(handle.name, handle.jobs_dir, handle.inputs_dir)
+        if self._job_uids is not None:
+            # job uids pass through to their own folders, and can neither list nor write these
+            for path in (handle.jobs_dir.parent, handle.jobs_dir, handle.inputs_dir):
+                os.chmod(path, 0o711)
 
     def _job_uid_base(self) -> int | None:
         """workers.job_uids, where local jobs can run under uids of their own: only a daemon running as
@@ -142,7 +143,8 @@ class LocalPool(RestartingPool):
     def _spawn(self, name: str) -> None:
         handle = self._handles[name]
         sock = Path(handle.transport.socket_path or "")
-        old = self._procs.get(name)
+        with self._lock:  # out of the list first: the supervisor then takes its death for no failure
+            old = self._procs.pop(name, None)
         if old is not None:
             old.signal(signal.SIGKILL)
         if sock.exists() or sock.is_symlink():
@@ -221,9 +223,10 @@ class LocalPool(RestartingPool):
                 if proc.popen is not None:
                     proc.popen.poll()
                 with self._lock:
-                    if self._procs.get(name) is not proc:
-                        continue
+                    replaced = self._procs.get(name) is not proc
                 proc.close()
+                if replaced:  # killed by _spawn, which starts its successor: nothing more to do
+                    continue
                 if self._stopping.is_set():
                     return
                 log.warning("worker %s: process %d exited; starting a new one", name, proc.pid)

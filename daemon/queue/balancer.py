@@ -3,7 +3,9 @@
 One slot thread per worker. An idle slot sleeps on a condition variable and wakes only when a job
 is queued, a worker frees up or comes back, or a retry's backoff ends (the wait is timed to the
 earliest such moment): no polling. The job's state lives in the store, so the queue's order is one
-indexed SQLite query, and a restart loses nothing.
+indexed SQLite query, and a restart loses nothing. A slot that fails unexpectedly is repaired in place
+(its job given back, its worker replaced, after a back-off); only one whose repairs keep failing is
+reported broken, for systemd to restart the daemon.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from dropq.config import Config
-from dropq.errors import JobRefused, ProtocolMismatch, StoreError, TransportError, UnknownJob, WorkerBusy
+from dropq.errors import DropqError, JobRefused, ProtocolMismatch, StoreError, TransportError, UnknownJob, WorkerBusy
 from dropq.intake.manifest import Manifest
 from dropq.paths import remove_tree
 from dropq.pools import Incarnation, Pool, WorkerHandle
 from dropq.publish.committer import Committer
 from dropq.publish.streams import last_line
 from dropq.queue.jobs import JobStatus
+from dropq.queue.repair import Repairs
 from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import JobSpec, Outcome, Report, WorkerState
 
@@ -49,16 +52,18 @@ class Balancer:
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: dict[str, threading.Thread] = {}
-        self._broken: set[str] = set()
+        self.repairs = Repairs(max_failures=config.workers.repair_max_failures)
         self._started = False
         self._cancel_requested: set[str] = set()
         pool.on_change(self._pool_changed)
 
     def trouble(self) -> str | None:
         """Why the balancer cannot go on by itself (and the daemon should be restarted), or None."""
-        if self._broken:
-            return f"the slot of worker(s) {', '.join(sorted(self._broken))} failed"
-        return None
+        return self.repairs.trouble()
+
+    def degraded(self) -> str | None:
+        """What the balancer is repairing by itself (the daemon still works, with fewer workers), or None."""
+        return self.repairs.degraded()
 
     def notify(self) -> None:
         with self._cond:
@@ -134,22 +139,113 @@ class Balancer:
     # --- one slot per worker -------------------------------------------------------------------
 
     def _slot(self, worker: WorkerHandle) -> None:
-        try:
-            for job in self.store.with_status(JobStatus.RUNNING):
-                if job.worker == worker.name:
-                    health = self._ensure(worker)
-                    if health is None:
-                        break
-                    log.info("job %s: re-attaching to worker %s", job.id, worker.name)
-                    self._follow(worker, job, health)
-            while True:
-                self._serve(worker)
-                if self._leave(worker):
+        while True:
+            try:
+                self._work(worker)
+                return
+            except Exception as exc:  # noqa: BLE001 - a slot that dies silently would strand its worker
+                try:
+                    if not self._repair(worker, exc):
+                        return
+                except Exception:  # the store itself failed, most likely: only a restart can help now
+                    log.exception("slot %s: its repair failed; the daemon must be restarted", worker.name)
+                    self.repairs.gave_up(worker.name)
                     return
-        except Exception:  # a slot that dies silently would strand its worker
-            log.exception("slot %s failed; the daemon must be restarted to use this worker again", worker.name)
-            self._broken.add(worker.name)
-            self.store.set_worker(worker.name, WorkerState.BROKEN, detail="see the daemon's log")
+
+    def _work(self, worker: WorkerHandle) -> None:
+        """Finish the jobs this worker already runs (at start), then serve it until the slot ends."""
+        for job in self.store.with_status(JobStatus.RUNNING):
+            if job.worker == worker.name:
+                health = self._ensure(worker)
+                if health is None:
+                    break
+                log.info("job %s: re-attaching to worker %s", job.id, worker.name)
+                self._follow(worker, job, health)
+        while True:
+            self._serve(worker)
+            if self._leave(worker):
+                return
+
+    # --- repairing a slot that failed ----------------------------------------------------------
+
+    def _repair(self, worker: WorkerHandle, exc: Exception) -> bool:
+        """The slot's loop raised. Have the pool put a new worker in its place (the old one may still run the
+        job, or be what failed), give back the job it held, and wait out a back-off before serving again. A
+        replacement that fails is tried again after the next, longer back-off. True when the slot is to
+        serve again; False when it ends: the daemon stops, the worker left the pool, or the slot failed
+        workers.repair_max_failures times in a row without completing a job, and is then reported broken
+        (trouble() says so, the watchdog is no longer fed, and systemd restarts the daemon)."""
+        name = worker.name
+        failed: Exception | None = exc
+        said = ""
+        while failed is not None:
+            reason = _words(failed)
+            # the traceback once, and only of an unexpected error: a DropqError's message is meant for a person
+            trace = failed if reason != said and not isinstance(failed, DropqError) else None
+            said = reason
+            if self._stopping or not self._listed(worker):  # nothing to repair: the slot ends
+                log.error("slot %s failed as %s: %s", name, "the daemon stops" if self._stopping else
+                          "its worker left the pool", reason, exc_info=trace)
+                self._give_back(worker, reason)
+                return not self._leave(worker)
+            verdict = self.repairs.failed(name)
+            failures = verdict.failures
+            log.error("slot %s failed (%d in a row): %s", name, failures, reason, exc_info=trace)
+            if verdict.delay is None:
+                self._give_back(worker, reason)
+                self.store.set_worker(name, WorkerState.BROKEN, detail=(
+                    f"failed {failures} time(s) in a row, last: {reason}; the daemon must be restarted"))
+                log.error("slot %s: giving up after %d failures in a row; only a restart of the daemon can "
+                          "repair it", name, failures)
+                return False
+            try:
+                self.pool.replace(name)
+                failed = None
+            except Exception as again:  # noqa: BLE001 - counted as the next failure, after the back-off
+                failed = again
+            self._give_back(worker, reason)  # after the replacement: the old worker no longer runs the job
+            delay = verdict.delay
+            at = time.strftime("%H:%M:%S", time.localtime(self._now() + delay))
+            what = "replaced its worker" if failed is None else f"could not replace its worker ({_words(failed)})"
+            self.store.set_worker(name, WorkerState.REPAIRING, detail=(
+                f"failed {failures} time(s) in a row ({reason}); {what}; next attempt at {at}"))
+            log.warning("slot %s: %s; next attempt in %gs", name, what, delay)
+            with self.repairs.waiting(name):
+                if not self._pause(delay):
+                    return False
+        log.info("slot %s: repaired; serving again", name)
+        return True
+
+    def _give_back(self, worker: WorkerHandle, reason: str) -> None:
+        """The job a failed slot held goes back to the queue through the retry rules: the attempt counts,
+        since the job may be what failed the slot, and must not do so forever. Only a job still running on
+        this worker: one whose outcome is recorded (committing) is the committer's, and never runs again."""
+        for job in self.store.with_status(JobStatus.RUNNING):
+            if job.worker != worker.name:
+                continue
+            if self._stopping and self.pool.keeps_jobs_running:
+                log.info("job %s: left running on worker %s for the next start", job.id, worker.name)
+                continue
+            key = self.outbox.key(job)
+            try:
+                remove_tree(worker.inputs_dir / key)
+                worker.staging(key).remove()
+            except OSError as exc:  # keys are per attempt: what is left in the way of no other attempt
+                log.warning("job %s: could not remove its staged files on worker %s: %s", job.id, worker.name, exc)
+            if job.id in self._cancel_requested:
+                self._cancel_requested.discard(job.id)
+                self.committer.finish(job.id, {"status": JobStatus.CANCELLED.value, "error": "the job was cancelled",
+                                               "exit_code": None, "finished_at": self._now()})
+                continue
+            self._retry_or_fail(job, f"the slot of worker {worker.name} failed: {reason}")
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if the daemon stops (then False)."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return not self._stopping
 
     def _ensure(self, worker: WorkerHandle) -> Incarnation | None:
         """The worker once it answers (None when stopping). A worker of another protocol version is
@@ -180,7 +276,9 @@ class Balancer:
             ready = self._next(worker, detail=self.pool.detail(worker.name, health))
             if ready is None:
                 return
-            if not self._run(worker, ready, health):
+            if self._run(worker, ready, health):
+                self.repairs.completed(worker.name)
+            else:
                 health = None
 
     def _listed(self, worker: WorkerHandle) -> bool:
@@ -413,6 +511,12 @@ def outcome_of(status: Report, manifest: Manifest | None, *, last_words: str | N
     if manifest and manifest.output:
         outcome["stdout_as"] = manifest.output
     return outcome
+
+
+def _words(exc: BaseException) -> str:
+    """An unexpected error in a line: its type (which says most) and its message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _signal_name(number: int) -> str:

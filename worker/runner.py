@@ -42,6 +42,8 @@ class Settings:
     jobs: Path
     #: interpreter for .py programs
     python: str = "python3"
+    #: programs' environments, one folder per id (read-only for jobs); None: jobs in one are refused
+    envs: Path | None = None
     #: PATH given to jobs
     path: str = "/usr/local/bin:/usr/bin:/bin"
     #: the uids jobs run as, one after the other (None: as the worker's own uid; see isolation)
@@ -201,12 +203,23 @@ class Runner:
             raise SpecError(f"program {spec.program!r} does not exist in the programs folder")
         inputs = [str(inside(self.settings.inputs, rel, what="input")) for rel in spec.inputs]
         if program.suffix == ".py":
-            head = [self.settings.python, str(program)]
+            head = [self._python(spec), str(program)]
         elif os.access(program, os.X_OK):
             head = [str(program)]
         else:
             raise SpecError(f"program {spec.program!r} is neither a .py file nor executable")
         return [*head, *inputs, *spec.args]
+
+    def _python(self, spec: JobSpec) -> str:
+        """The interpreter of the job's environment, or the worker's own."""
+        if spec.environment is None:
+            return self.settings.python
+        if self.settings.envs is None:
+            raise SpecError("this worker has no environments folder (--envs), and the job runs in an environment")
+        python = self.settings.envs / spec.environment / "bin" / "python"
+        if not os.path.exists(python):
+            raise SpecError(f"environment {spec.environment} is not in this worker's environments folder")
+        return str(python)
 
     def _clean_up(self, job: Job) -> None:
         """Nothing of the job may reach the next one: its processes are killed, and with a job uid its

@@ -22,6 +22,7 @@ meta under `intake_trouble` (empty when all is well); `Intake.failing()` lists e
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dropq.config import Config
+from dropq.envs.spec import find_program
 from dropq.errors import ManifestError, StoreError
 from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from dropq.intake.manifest import Manifest, is_manifest_name
@@ -68,11 +70,14 @@ class Intake:
                  mark_being_written: Callable[[str], None] = lambda _: None,
                  cancel: Callable[[str], str] = lambda _: "cancelling is not available",
                  heartbeat: Callable[[], None] | None = None, heartbeat_every: float = 5.0,
-                 quiet: float = QUIET_AFTER_CLOSE, now: Callable[[], float] = time.time) -> None:
+                 quiet: float = QUIET_AFTER_CLOSE, now: Callable[[], float] = time.time,
+                 place: Callable[[str, str], None] | None = None) -> None:
         self.config = config
         self.store = store
         self.outbox = outbox
         self._notify = notify
+        #: queues a job whose inputs are all there (Environments.place); None: queued as it is
+        self._place = place
         self._being_written = being_written
         self._cancel = cancel
         self._release_abandoned = release_abandoned
@@ -511,12 +516,9 @@ class Intake:
         with os.fdopen(fd, "rb") as fh:
             raw = fh.read(limit + 1)
         manifest = Manifest.parse(raw, defaults=self.config.jobs, max_bytes=limit)
-        program = resolve_inside(self.config.programs, PurePosixPath(manifest.program), what="program")
-        if not program.is_file():
-            raise ManifestError(
-                f"program {manifest.program!r} was not found in the programs folder ({self.config.programs})"
-            )
-        return manifest
+        # a folder program's entry point, and what it declares (a bad requirements.txt rejects the job here)
+        program = find_program(self.config.programs, manifest.program)
+        return dataclasses.replace(manifest, program=program.entry)
 
     def _claim_inputs(self, job_id: str, manifest: Manifest, deadline: float, *,
                       only: str | None = None) -> None:
@@ -542,9 +544,12 @@ class Intake:
                                         f"{grace:g} seconds of the manifest")
             return
         self._forget(job_id)
-        self.store.transition(job_id, JobStatus.QUEUED)
+        if self._place is not None:
+            self._place(job_id, manifest.program)  # in its program's environment, built off the job path
+        else:
+            self.store.queue_job(job_id)
+            self._notify()
         log.debug("job %s: queued", job_id)
-        self._notify()
 
     def _claim_input(self, job_id: str, rel: str) -> bool:
         """Move input `rel` into the job's spool folder if it is there and complete; whether the job has it.

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import FrameType
 
 from dropq.config import Config
+from dropq.envs.builder import Environments
+from dropq.envs.install import index_settings
 from dropq.errors import DaemonRunning, PoolError
 from dropq.intake.claim import Intake
 from dropq.intake.watcher import Arrival, InboxWatcher
@@ -83,6 +85,8 @@ class Daemon:
                              on_published=self.metrics.observe)
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, outbox=self.outbox)
+        self.envs = Environments(config=config, store=self.store, outbox=self.outbox,
+                                 installer=self.pool.env_installer(index_settings(config)), notify=self.balancer.notify)
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
         # the loop turns at least twice per ping interval, so no ping is ever later than 3/4 of the timeout
         every = min(5.0, (self.notifier.watchdog_interval or 10.0) / 2)
@@ -90,7 +94,7 @@ class Daemon:
                              notify=self.balancer.notify, being_written=self.watcher.being_written,
                              cancel=self.balancer.cancel, release_abandoned=self.watcher.release_abandoned,
                              open_now=self.watcher.open_now, mark_being_written=self.watcher.mark_being_written,
-                             heartbeat=self._heartbeat, heartbeat_every=every)
+                             heartbeat=self._heartbeat, heartbeat_every=every, place=self.envs.place)
         self._stop = threading.Event()
         self._next_status = 0.0
         self._trouble_logged = False
@@ -138,6 +142,8 @@ class Daemon:
         self.intake.recover()
 
     def start(self) -> None:
+        # before the intake's recovery, which queues resumed jobs in their environments
+        self.envs.start()
         self.recover()
         self.pool.start()
         self.balancer.start()
@@ -161,10 +167,12 @@ class Daemon:
         self.notifier.stopping()
         self.watcher.stop()
         self.intake.stop()
+        self.envs.stop()
         self.balancer.stop()
         # stopping the pool ends the long-polls of slots still following a job; they requeue it
         self.pool.stop()
         self.balancer.join()
+        self.envs.join()
         if self.web is not None:
             self.web.stop()
         self.store.set_meta("pid", "")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dropq.config import Config
+from dropq.envs.install import HostInstaller, IndexSettings, Installer
 from dropq.errors import PoolError, ProtocolMismatch, TransportError
 from dropq.pools.base import RestartingPool, WorkerHandle, check_protocol, wait_answering, worker_token
 from dropq.pools.transport import Transport
@@ -117,6 +118,9 @@ class LocalPool(RestartingPool):
             return None
         return base
 
+    def env_installer(self, index: IndexSettings) -> Installer | None:
+        return HostInstaller(self._python, index=index, cache=self.config.envs_dir / ".cache")
+
     def _adopt(self, name: str) -> bool:
         handle = self._handles[name]
         if not os.path.exists(handle.transport.socket_path or ""):
@@ -149,7 +153,7 @@ class LocalPool(RestartingPool):
             sock.unlink()
         argv = [sys.executable, "-m", "dropq_worker", "--socket", str(sock), "--name", name,
                 "--programs", str(self.config.programs), "--inputs", str(handle.inputs_dir),
-                "--jobs", str(handle.jobs_dir), "--python", self._python,
+                "--jobs", str(handle.jobs_dir), "--python", self._python, "--envs", str(self.config.envs_dir),
                 "--max-file-bytes", str(self.config.jobs.max_file_bytes),
                 "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]
         if self._job_uids is not None:

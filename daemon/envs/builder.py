@@ -32,7 +32,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from dropq.config import Config
-from dropq.envs.install import META, BuildInterrupted, Installer
+from dropq.envs.install import META, BuildInterrupted, ContainerInstaller, Installer, orphan_builds
 from dropq.envs.spec import EnvSpec, Program, env_id, find_program
 from dropq.errors import DropqError, EnvBuildError, StoreError
 from dropq.paths import remove_tree
@@ -100,6 +100,10 @@ class Environments:
 
     def _recover(self) -> None:
         """At start: a build the last daemon left half-done starts again; held jobs get their builds."""
+        if self._fail_jobs:  # the daemon (one per state directory): what its predecessor left building is stopped
+            stopped = orphan_builds(self.root, containers=isinstance(self.installer, ContainerInstaller))
+            if stopped:
+                log.info("stopped %d build process(es) or container(s) a previous daemon left running", stopped)
         for record in self.store.envs():
             if record.state is EnvState.BUILDING and not self._locked_elsewhere(record.id):
                 log.info("environment %s: its build was interrupted; building it again", record.short)

@@ -35,6 +35,8 @@ IN_ENVS = "/dropq/envs"
 _IN_CACHE, _IN_UV, _IN_CA, _IN_WHEELS = "/dropq/cache", "/dropq/bin/uv", "/dropq/ca.pem", "/dropq/wheels"
 #: a build's own files inside its environment folder: the requirements it installed, what it got
 META = ".dropq"
+#: the environment variable that marks a host build's processes with the folder they build
+BUILD_MARKER = "DROPQ_ENV_BUILD"
 LABEL_ROLE, LABEL_STATE = "io.dropq.role", "io.dropq.state"
 
 
@@ -134,7 +136,7 @@ class HostInstaller:
     def build(self, env: str, spec: EnvSpec, folder: Path, log_file: BinaryIO, *, timeout: float,
               cancel: threading.Event) -> None:
         uv = str(uv_binary())
-        step = _Steps(log_file, time.monotonic() + timeout, cancel)
+        step = _Steps(log_file, time.monotonic() + timeout, cancel, marker=str(folder))
         meta = folder / META
         python = folder / "bin" / "python"
         wheels = str(self.index.find_links) if self.index.find_links else None
@@ -278,10 +280,13 @@ def _ca_bundle() -> Path | None:
 class _Steps:
     """The steps of a host build, each a process in its own session, stopped at the deadline or on cancel."""
 
-    def __init__(self, log_file: BinaryIO, deadline: float, cancel: threading.Event) -> None:
+    def __init__(self, log_file: BinaryIO, deadline: float, cancel: threading.Event, *, marker: str) -> None:
         self.log_file = log_file
         self.deadline = deadline
         self.cancel = cancel
+        #: in each step's environment, so that a daemon restarted after a crash finds the steps its
+        #: predecessor left running (orphan_builds) and kills them before it builds again
+        self.marker = marker
 
     def run(self, argv: list[str], *, what: str, stdout: Path | None = None) -> None:
         self.log_file.write(f"$ {' '.join(argv)}\n".encode())
@@ -289,7 +294,8 @@ class _Steps:
         out = open(stdout, "wb") if stdout is not None else None
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out or self.log_file, stderr=self.log_file,
-                                    start_new_session=True, env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"})
+                                    start_new_session=True, env={**os.environ, "UV_PYTHON_DOWNLOADS": "never",
+                                                                 BUILD_MARKER: self.marker})
             code = self._wait(proc, what)
         finally:
             if out is not None:
@@ -340,3 +346,48 @@ def _one_sentence(text: str, limit: int = 400) -> str:
     text = " ".join(text.split())
     text = text.removeprefix("error: ").removeprefix("No solution found when resolving dependencies: ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def orphan_builds(envs: Path, *, containers: bool) -> int:
+    """Kill what a daemon that died left building under `envs`: host build steps (found by their marker
+    in /proc/<pid>/environ, readable for our own processes) and build containers (by label). Returns how
+    many were stopped."""
+    stopped = 0
+    prefix = f"{BUILD_MARKER}={envs}/".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                marked = any(var.startswith(prefix) for var in fh.read().split(b"\0"))
+            if marked:
+                os.killpg(os.getpgid(int(entry.name)), signal.SIGKILL)
+                stopped += 1
+        except (OSError, ProcessLookupError):
+            continue  # gone, or not ours to read
+    return stopped + (_orphan_containers(envs.parent) if containers else 0)
+
+
+def _orphan_containers(state: Path) -> int:
+    from dropq.errors import EngineUnavailable
+    from dropq.pools.engine import engine_client, engine_socket
+
+    if engine_socket() is None:
+        return 0
+    try:
+        client = engine_client(timeout=10)
+    except EngineUnavailable:
+        return 0
+    import docker.errors
+
+    try:
+        found = client.containers.list(all=True, filters={"label": [f"{LABEL_ROLE}=env-build",
+                                                                     f"{LABEL_STATE}={state}"]})
+        for container in found:
+            container.remove(force=True)
+        return len(found)
+    except docker.errors.DockerException as exc:
+        log.warning("could not remove the build containers a previous daemon left: %s", exc)
+        return 0
+    finally:
+        client.close()

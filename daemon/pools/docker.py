@@ -248,6 +248,7 @@ class DockerPool(RestartingPool):
             old.remove(force=True)
         except docker.errors.NotFound:
             pass
+        self.config.envs_dir.mkdir(parents=True, exist_ok=True)  # a bind mount's source must exist
         mounts = [
             Mount(IN_PROGRAMS, str(self.config.programs), type="bind", read_only=True),
             Mount(IN_INPUTS, str(handle.inputs_dir), type="bind", read_only=True),

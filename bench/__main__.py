@@ -348,14 +348,91 @@ def fig_idle(reps: int, scale: float) -> Figure:
     return fig
 
 
-FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle}
+#: a program that declares a dependency it does not import, and the same program declaring nothing: the
+#: difference between the two is what running in an environment costs, not what the package costs
+IN_ENV = '# /// script\n# dependencies = ["six"]\n# ///\n'
+HEAVY = ["tabulate", "numpy"]
+
+
+def _isolated_env() -> dict[str, str]:
+    """This host's environment without its pip configuration (its extra local indexes and wheel folders
+    would give pip files uv never sees), so that both installers reach the same index."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "PIP_CERT": os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")}
+
+
+def _build_with(tool: str, packages: list[str], cache: Path) -> float:
+    """Seconds to make a virtualenv holding `packages` with pip (venv + pip install) or uv (as dropq does)."""
+    from dropq.envs.install import uv_binary
+
+    folder = Path(tempfile.mkdtemp(prefix="dqbench-env-"))
+    env = _isolated_env()
+    start = time.perf_counter()
+    if tool == "uv":
+        uv = str(uv_binary())
+        subprocess.run([uv, "venv", "-q", "--no-config", "--python", PYTHON, str(folder / "v")], check=True, env=env)
+        subprocess.run([uv, "pip", "install", "-q", "--no-config", "--python", str(folder / "v" / "bin" / "python"),
+                        "--cache-dir", str(cache), *packages], check=True, env=env)
+    else:
+        subprocess.run([PYTHON, "-m", "venv", str(folder / "v")], check=True, env=env)
+        subprocess.run([str(folder / "v" / "bin" / "pip"), "install", "-q", "--cache-dir", str(cache), *packages],
+                       check=True, env={**env, "PIP_CACHE_DIR": str(cache)})
+    took = time.perf_counter() - start
+    shutil.rmtree(folder, ignore_errors=True)
+    return took
+
+
+def fig_envs(reps: int, scale: float) -> Figure:
+    fig = Figure("6. Environments: the installer, the first job of a new environment, and steady throughput "
+                 "(local pool)")
+    # pip against uv, on the same dependency list, from a cold cache and from a warm one
+    for tool_cache in ("cold", "warm"):
+        times: dict[str, list[float]] = {"uv": [], "pip": []}
+        for _ in range(reps):
+            for tool in ("uv", "pip"):
+                cache = Path(tempfile.mkdtemp(prefix="dqbench-cache-"))
+                if tool_cache == "warm":
+                    _build_with(tool, HEAVY, cache)
+                times[tool].append(_build_with(tool, HEAVY, cache))
+                shutil.rmtree(cache, ignore_errors=True)
+        u, q = statistics.median(times["uv"]), statistics.median(times["pip"])
+        fig.rows.append((f"build {' + '.join(HEAVY)}, {tool_cache} cache: uv | pip", fmt(u), fmt(q), f"{q / u:.2f}"))
+    # the first job of a new environment (its build included) against the first job of a program without one
+    first, plain = [], []
+    for _ in range(reps):
+        with bench() as b:
+            (b.programs / "in_env.py").write_text(IN_ENV)
+            (b.programs / "plain.py").write_text("")
+            b.start()
+            plain.append(timed(run_batch, b, "plain.py", [], 1))
+            first.append(timed(run_batch, b, "in_env.py", [], 1))
+    fig.rows.append(("first job: new environment (build) | no environment", fmt(statistics.median(first)),
+                     fmt(statistics.median(plain)), f"{statistics.median(plain) / statistics.median(first):.2f}"))
+    # steady throughput, the environment built: goal within 10 % of the same program without one
+    n = max(5, int(300 * scale))
+    with_env, without = [], []
+    with bench() as b:
+        (b.programs / "in_env.py").write_text(IN_ENV)
+        (b.programs / "plain.py").write_text("")
+        b.start()
+        run_batch(b, "in_env.py", [], 1)  # builds it
+        for _ in range(reps):
+            with_env.append(timed(run_batch, b, "in_env.py", [], n))
+            without.append(timed(run_batch, b, "plain.py", [], n))
+    w, o = statistics.median(with_env), statistics.median(without)
+    fig.rows.append((f"{n} jobs: in an environment | without", fmt(w), fmt(o), f"{o / w:.2f}"))
+    return fig
+
+
+FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle, "6": fig_envs}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few jobs per figure: checks that it runs")
-    p.add_argument("--only", default="1,2,3,4,5", help="figures to run, e.g. 1,2")
+    p.add_argument("--only", default="1,2,3,4,5,6", help="figures to run, e.g. 1,2")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     scale, reps = (0.02, 1) if args.smoke else (1.0, args.reps)

@@ -164,6 +164,45 @@ class HttpConfig(_Section):
     """requests served at once"""
 
 
+class EnvironmentsConfig(_Section):
+    """How programs' dependency environments are built (PEP 723 blocks, requirements.txt, pyproject.toml)."""
+
+    index_url: str | None = None
+    """the package index to install from (pip's --index-url); null: PyPI, or what uv is configured with"""
+    find_links: Path | None = None
+    """a folder of wheels (a wheelhouse, filled with `pip download`) searched besides the index"""
+    no_index: bool = False
+    """install from `find_links` only, never from an index: for hosts without a network"""
+    keep_days: float = Field(default=30.0, gt=0)
+    """an environment no job used for this many days is removed (the daemon checks once an hour)"""
+    retry_failed_after: float = Field(default=300.0, ge=0)
+    """seconds a failed build stands: jobs of that environment fail at once with its error until then,
+    and the next job after it builds again (a changed dependency list is a new environment, built now)"""
+    build_timeout: float = Field(default=900.0, gt=0)
+    """seconds one build may take before it is stopped and counted as failed"""
+    local_sdists: bool = False
+    """on the local pool, build environments from wheels only (false), since building a source
+    distribution runs its code on this host as the daemon's user; the docker pool builds in a container
+    and always allows them"""
+
+    @field_validator("find_links", mode="before")
+    @classmethod
+    def _relative_to_the_file(cls, value: Any, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if not isinstance(value, str | Path) or not str(value):
+            raise own(f"config key environments.{info.field_name} must be a path (a string), not {kind_of(value)}")
+        base: Path = (info.context or {}).get("base", Path.cwd())
+        return (base / value).resolve()
+
+    @model_validator(mode="after")
+    def _no_index_needs_links(self) -> EnvironmentsConfig:
+        if self.no_index and self.find_links is None:
+            raise own("config key environments.no_index needs environments.find_links: a folder of wheels to "
+                      "install from")
+        return self
+
+
 def _folder(default: str, description: str) -> Any:
     # validate_default: the default name, too, is resolved against the config file's folder
     return Field(default=Path(default), validate_default=True, description=description)
@@ -184,6 +223,7 @@ class Config(_Section):
     retry: RetryPolicy = RetryPolicy()
     intake: IntakeConfig = IntakeConfig()
     http: HttpConfig = HttpConfig()
+    environments: EnvironmentsConfig = EnvironmentsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """how much the daemon logs"""
     log_format: Literal["text", "json"] = "text"
@@ -248,6 +288,11 @@ class Config(_Section):
     @property
     def workers_dir(self) -> Path:
         return self.state / "workers"
+
+    @property
+    def envs_dir(self) -> Path:
+        """Programs' environments, one folder per environment id (see dropq.envs)."""
+        return self.state / "envs"
 
     @property
     def compose_dir(self) -> Path:

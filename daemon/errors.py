@@ -66,3 +66,16 @@ class NoDaemon(DropqError):
 
 class EngineUnavailable(DropqError):
     """No Docker engine answers where DOCKER_HOST (or the default socket) says one is."""
+
+
+class EnvSpecError(ManifestError):
+    """A program's declared dependencies cannot be read (a bad PEP 723 block, requirements.txt line,
+    pyproject.toml): the job is rejected with the reason, as for any other fault of what was dropped."""
+
+
+class EnvError(DropqError):
+    """Programs' environments (dropq.envs)."""
+
+
+class EnvBuildError(EnvError):
+    """An environment could not be built: the installer's reason, in one sentence."""

@@ -27,6 +27,9 @@ INVOCATIONS: dict[str, list[str]] = {
     "service unit": ["service", "unit"],
     "image build": ["image", "build"],
     "jobs": ["jobs"],
+    "env list": ["env", "list"],
+    "env build": ["env", "build", "x"],
+    "env prune": ["env", "prune"],
 }
 
 BROKEN = "workers: {count: many}\n"

@@ -94,10 +94,11 @@ def test_docker_inspect_shows_the_hardening(docker_ws: Workspace, daemon: Daemon
         # root in the container (with the capabilities above only): jobs run under other uids
         assert container.attrs["Config"]["User"] == "0:0"
         mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
-        assert set(mounts) == {"/dropq/programs", "/dropq/inputs", "/dropq/work"}
-        assert (mounts["/dropq/programs"]["RW"], mounts["/dropq/inputs"]["RW"], mounts["/dropq/work"]["RW"]) == (
-            False, False, True)
+        assert set(mounts) == {"/dropq/programs", "/dropq/inputs", "/dropq/envs", "/dropq/work"}
+        assert [mounts[f"/dropq/{m}"]["RW"] for m in ("programs", "inputs", "envs", "work")] == [
+            False, False, False, True]
         assert mounts["/dropq/programs"]["Source"] == str(docker_ws.programs)
+        assert mounts["/dropq/envs"]["Source"] == str(docker_ws.state / "envs")
         for m in mounts.values():
             assert m["Source"] not in ("/", str(docker_ws.root)), "never the host's / nor the whole workspace"
 
@@ -111,9 +112,10 @@ def test_inside_a_job_the_sandbox_holds(docker_ws: Workspace, daemon: DaemonProc
     assert facts["root_writable"] is False
     assert facts["interfaces"] == ["lo"], "no network interface but loopback"
     binds = {m["point"]: m for m in facts["mounts"] if m["point"].startswith("/dropq")}
-    assert set(binds) == {"/dropq/programs", "/dropq/inputs", "/dropq/work"}
+    assert set(binds) == {"/dropq/programs", "/dropq/inputs", "/dropq/envs", "/dropq/work"}
     assert binds["/dropq/programs"]["options"].startswith("ro")
     assert binds["/dropq/inputs"]["options"].startswith("ro")
+    assert binds["/dropq/envs"]["options"].startswith("ro")
     assert binds["/dropq/work"]["options"].startswith("rw")
     # everything else is the container's own: its root, the kernel's pseudo-filesystems, its /tmp,
     # and the three files Docker writes for every container

@@ -136,17 +136,17 @@ def test_a_new_step_adds_to_what_is_there_and_runs_once(tmp_path: Path) -> None:
     store.close()
 
     def fill(db: sqlite3.Connection) -> None:
-        db.execute("UPDATE jobs SET env = 'base'")
+        db.execute("UPDATE jobs SET tag = 'base'")
 
     later = (*MIGRATIONS,
-             Migration(LATEST + 1, "jobs.env", "ALTER TABLE jobs ADD COLUMN env TEXT;\n"
-                                               "CREATE INDEX jobs_env ON jobs (env);"),
-             Migration(LATEST + 2, "every job gets an env", fill))
+             Migration(LATEST + 1, "jobs.tag", "ALTER TABLE jobs ADD COLUMN tag TEXT;\n"
+                                               "CREATE INDEX jobs_tag ON jobs (tag);"),
+             Migration(LATEST + 2, "every job gets a tag", fill))
     db = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
     try:
         assert [s.version for s in migrate(db, where=tmp_path, steps=later)] == [LATEST + 1, LATEST + 2]
         assert migrate(db, where=tmp_path, steps=later) == []
-        assert db.execute("SELECT id, env FROM jobs").fetchall() == [("kept", "base")]
+        assert db.execute("SELECT id, tag FROM jobs").fetchall() == [("kept", "base")]
         assert version_of(db) == LATEST + 2
     finally:
         db.close()

@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=Path, required=True, help="staging folder, one subfolder per job")
     # {host} in --socket, --inputs and --jobs stands for the hostname (used by docker-compose.yml)
     p.add_argument("--python", default="python3", help="interpreter for .py programs")
+    p.add_argument("--envs", type=Path, help="programs' environments, one folder per id (read-only)")
     p.add_argument("--name", help="the worker's name in /health")
     p.add_argument("--token-env", default="DROPQ_WORKER_TOKEN",
                    help="environment variable holding the bearer token (removed once read)")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if uids is not None:
         _reclaim(args.jobs, uids)
     runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python,
-                             uids=uids, max_disk_bytes=args.max_disk_bytes))
+                             envs=args.envs, uids=uids, max_disk_bytes=args.max_disk_bytes))
     app = create_app(runner=runner, token=token, name=args.name)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

@@ -28,6 +28,8 @@ class Settings:
     jobs: Path
     #: interpreter for .py programs
     python: str = "python3"
+    #: programs' environments, one folder per id (read-only for jobs); None: jobs in one are refused
+    envs: Path | None = None
     #: PATH given to jobs
     path: str = "/usr/local/bin:/usr/bin:/bin"
     #: the uids jobs run as, one after the other (None: as the worker's own uid; see isolation)
@@ -55,12 +57,25 @@ def command(spec: JobSpec, settings: Settings) -> list[str]:
         raise SpecError(f"program {spec.program!r} does not exist in the programs folder")
     inputs = [str(inside(settings.inputs, rel, what="input")) for rel in spec.inputs]
     if program.suffix == ".py":
-        head = [settings.python, str(program)]
+        head = [interpreter(spec, settings), str(program)]
     elif os.access(program, os.X_OK):
         head = [str(program)]
     else:
         raise SpecError(f"program {spec.program!r} is neither a .py file nor executable")
     return [*head, *inputs, *spec.args]
+
+
+def interpreter(spec: JobSpec, settings: Settings) -> str:
+    """The interpreter of the job's environment, found by its id in this worker's own environments folder
+    (the id is checked to be hex digits by the protocol), or the worker's own interpreter."""
+    if spec.environment is None:
+        return settings.python
+    if settings.envs is None:
+        raise SpecError("this worker has no environments folder (--envs), and the job runs in an environment")
+    python = settings.envs / spec.environment / "bin" / "python"
+    if not os.path.exists(python):
+        raise SpecError(f"environment {spec.environment} is not in this worker's environments folder")
+    return str(python)
 
 
 class Job:
@@ -99,7 +114,7 @@ class Job:
                 os.close(fd)
             self._wake_r = self._wake_w = -1
 
-    def environment(self, settings: Settings) -> dict[str, str]:
+    def variables(self, settings: Settings) -> dict[str, str]:
         """The program's whole environment: nothing of the worker's leaks in but TMPDIR."""
         output = self.staging.output
         env = {

@@ -13,6 +13,7 @@ Versioning: every request to `/jobs` carries the daemon's version in the `Dropq-
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +29,7 @@ from . import trees
 #:    requests carry the `Dropq-Protocol` header.
 #: 4: jobs may run under uids of their own (--job-uids): capture files are the daemon's (mode 0600) and
 #:    the staging folder is 0711; a worker of 3 would run jobs unisolated, so it is replaced, not adopted.
-PROTOCOL = 4
+PROTOCOL = 5
 
 #: the request header naming the protocol the daemon speaks
 HEADER = "Dropq-Protocol"
@@ -158,11 +159,14 @@ class JobSpec:
     kill_grace: float = 5.0
     #: cap on each of stdout and stderr; past it the middle is cut
     max_output_bytes: int = 64 * 1024 * 1024
+    #: the environment (an id, a folder of the worker's environments folder) whose interpreter runs a .py
+    #: program; None: the worker's own interpreter
+    environment: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "job_id": self.job_id, "program": self.program, "inputs": list(self.inputs),
                 "args": list(self.args), "env": self.env, "timeout": self.timeout, "kill_grace": self.kill_grace,
-                "max_output_bytes": self.max_output_bytes}
+                "max_output_bytes": self.max_output_bytes, "environment": self.environment}
 
     @classmethod
     def from_json(cls, data: Any) -> JobSpec:
@@ -179,7 +183,7 @@ class JobSpec:
         spec = cls(key=check_key(_str(data, "key")), job_id=_str(data, "job_id"), program=_str(data, "program"),
                    inputs=_strings(data, "inputs"), args=_strings(data, "args"), env=dict(env),
                    timeout=_number(data, "timeout", 600.0), kill_grace=_number(data, "kill_grace", 5.0),
-                   max_output_bytes=max_output)
+                   max_output_bytes=max_output, environment=_environment(data))
         if not spec.job_id or "\x00" in spec.job_id:
             raise ProtocolError(f"invalid job id {spec.job_id!r}")
         if spec.timeout <= 0 or spec.kill_grace < 0 or spec.max_output_bytes < 1024:
@@ -309,3 +313,16 @@ class Staging:
                 os.unlink(path)
             except FileNotFoundError:
                 continue
+
+
+#: an environment id: hex digits only, so that it names one folder and nothing else
+ENVIRONMENT_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _environment(data: dict[str, Any]) -> str | None:
+    value = data.get("environment")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not ENVIRONMENT_ID.fullmatch(value):
+        raise ProtocolError(f"environment must be an environment id (16 hex digits), not {value!r}")
+    return value

@@ -127,7 +127,7 @@ class Runner:
 
     def _run(self, job: Job, argv: list[str]) -> None:
         try:
-            report = execute(job, argv, job.environment(self.settings), self.settings)
+            report = execute(job, argv, job.variables(self.settings), self.settings)
         except Exception as exc:  # noqa: BLE001 - whatever happened, the job must end with a report
             report = job.report.ended(Outcome.ERROR, finished_at=time.time(),
                                       error=f"the worker failed to run the job: {exc}")

@@ -11,6 +11,7 @@ import sys
 
 from dropq.cli import schema
 from dropq.cli.console import say
+from dropq.cli.env import cmd_env
 from dropq.cli.exits import Exit
 from dropq.cli.job import cmd_cancel, cmd_logs, cmd_show
 from dropq.cli.jobs import cmd_jobs
@@ -58,4 +59,4 @@ def _fail(code: Exit, message: str) -> int:
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image,
             "cancel": cmd_cancel, "workers": cmd_workers, "logs": cmd_logs, "retry": cmd_retry,
-            "service": cmd_service, "jobs": cmd_jobs}
+            "service": cmd_service, "jobs": cmd_jobs, "env": cmd_env}

@@ -22,12 +22,19 @@ from dropq.queue.jobs import FINAL, JobStatus
 
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
+    doc = job.summary()
+    if job.held is not None:
+        store = open_store(config)
+        try:
+            doc["waiting"] = store.waiting_reason(job)
+        finally:
+            store.close()
     if args.json:
-        print(as_json(job.summary()))
+        print(as_json(doc))
     elif job.status in FINAL:
         print_result(config, job)
     else:
-        say(yaml.safe_dump(job.summary(), sort_keys=False), end="")
+        say(yaml.safe_dump(doc, sort_keys=False), end="")
     return Exit.OK
 
 

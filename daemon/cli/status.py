@@ -22,7 +22,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     snap = _Snapshot.of(config)
     if args.json:
         print(as_json({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
-                       "workers": snap.workers, "recent": [j.summary() for j in snap.recent]}))
+                       "waiting_for_environments": snap.waiting, "workers": snap.workers,
+                       "recent": [j.summary() for j in snap.recent]}))
         return Exit.OK
     say("\n".join(_status_lines(snap)))
     return Exit.OK
@@ -44,6 +45,7 @@ class _Snapshot:
         self.workers = store.workers()
         self.meta = store.meta()
         self.recent = store.recent(recent)
+        self.waiting = store.waiting_for()
         self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
         self.running = daemon_alive(self.meta.get("pid", ""))
 
@@ -59,6 +61,7 @@ def _status_lines(snap: _Snapshot) -> list[str]:
         lines.append(f"intake   {meta['intake_trouble']} (retried with back-off; see the daemon's log)")
     order = [s.value for s in JobStatus]
     lines.append("jobs     " + ("   ".join(f"{s}: {snap.counts[s]}" for s in order if snap.counts.get(s)) or "none"))
+    lines += [f"env      {w['reason']}: {w['jobs']} queued job(s) wait for it" for w in snap.waiting]
     lines += ["", *_worker_lines(snap)]
     if snap.recent:
         lines.append("")

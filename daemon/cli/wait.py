@@ -68,7 +68,7 @@ def wait(config: Config, name: str, since: int, timeout: float | None) -> int:
 
 def _progress(store: Store, job: JobRecord) -> str:
     if job.status is JobStatus.QUEUED:
-        return f"{job.id}: queued, {store.ahead_of(job)} ahead"
+        return f"{job.id}: queued, {store.waiting_reason(job) or f'{store.ahead_of(job)} ahead'}"
     if job.status is JobStatus.RUNNING and job.started_at:
         return f"{job.id}: running on {job.worker} (attempt {job.attempts}), {duration(time.time() - job.started_at)}"
     return f"{job.id}: {job.status}"

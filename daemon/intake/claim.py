@@ -26,6 +26,7 @@ meta under `intake_trouble` (empty when all is well); `Intake.failing()` lists e
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import queue
@@ -34,16 +35,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from dropq.config import Config
+from dropq.envs.spec import find_program
 from dropq.errors import ManifestError, StoreError
 from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from dropq.intake.completeness import Completeness
 from dropq.intake.inputs import FILE_KINDS, AwaitedInputs, Settled
 from dropq.intake.manifest import Manifest, is_manifest_name
 from dropq.intake.watcher import Arrival, InboxView
-from dropq.paths import resolve_inside
 from dropq.publish.committer import Committer
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
@@ -72,6 +73,9 @@ class IntakeHooks:
     #: watchdog is fed from here, so a stuck intake gets the daemon restarted
     heartbeat: Callable[[], None] | None = None
     heartbeat_every: float = 5.0
+    #: queues a job whose inputs are all there, in its program's environment (Environments.place); None:
+    #: queued as it is
+    place: Callable[[str], None] | None = None
 
 
 class Intake:
@@ -417,22 +421,23 @@ class Intake:
         with os.fdopen(fd, "rb") as fh:
             raw = fh.read(limit + 1)
         manifest = Manifest.parse(raw, defaults=self.config.jobs, max_bytes=limit)
-        program = resolve_inside(self.config.programs, PurePosixPath(manifest.program), what="program")
-        if not program.is_file():
-            raise ManifestError(
-                f"program {manifest.program!r} was not found in the programs folder ({self.config.programs})"
-            )
-        return manifest
+        # a folder program's entry point, and what it declares (a bad requirements.txt rejects the job here)
+        program = find_program(self.config.programs, manifest.program)
+        return dataclasses.replace(manifest, program=program.entry)
 
     def _settled(self, jobs: Iterable[Settled]) -> None:
-        """Jobs that wait for their inputs no more, each as it is decided: queued, or rejected with the reason."""
+        """Jobs that wait for their inputs no more, each as it is decided: queued (in its program's
+        environment, built off the job path), or rejected with the reason."""
         for done in jobs:
             if done.reason is not None:
                 self.reject(self.store.get(done.job_id), done.reason)
                 continue
-            self.store.transition(done.job_id, JobStatus.QUEUED)
+            if self._hooks.place is not None:
+                self._hooks.place(done.job_id)
+            else:
+                self.store.queue_job(done.job_id)
+                self._hooks.notify()
             log.debug("job %s: queued", done.job_id)
-            self._hooks.notify()
 
     def reject(self, job: JobRecord, reason: str) -> None:
         """End `job` as rejected, with `reason` in words a person acts on; the committer publishes it."""

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import FrameType
 
 from dropq.config import Config
+from dropq.envs.builder import Environments
+from dropq.envs.install import index_settings
 from dropq.errors import DaemonRunning, PoolError
 from dropq.intake.claim import Intake, IntakeHooks
 from dropq.intake.watcher import Arrival, InboxWatcher
@@ -88,11 +90,13 @@ class Daemon:
         self.committer = Committer(outbox=self.outbox)
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, committer=self.committer)
+        self.envs = Environments(config=config, store=self.store, committer=self.committer,
+                                 installer=self.pool.env_installer(index_settings(config)), notify=self.balancer.notify)
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
         # the loop turns at least twice per ping interval, so no ping is ever later than 3/4 of the timeout
         every = min(5.0, (self.notifier.watchdog_interval or 10.0) / 2)
         hooks = IntakeHooks(notify=self.balancer.notify, cancel=self.balancer.cancel, heartbeat=self._heartbeat,
-                            heartbeat_every=every)
+                            heartbeat_every=every, place=self.envs.place)
         self.intake = Intake(config=config, store=self.store, committer=self.committer, inbox=self.watcher,
                              hooks=hooks)
         self._stop = threading.Event()
@@ -143,6 +147,8 @@ class Daemon:
         self.intake.recover()
 
     def start(self) -> None:
+        # before the intake's recovery, which queues resumed jobs in their environments
+        self.envs.start()
         self.recover()
         self.committer.start()
         self.pool.start()
@@ -167,11 +173,13 @@ class Daemon:
         self.notifier.stopping()
         self.watcher.stop()
         self.intake.stop()
+        self.envs.stop()
         self.balancer.stop()
         # stopping the pool ends the long-polls of slots still following a job; they requeue it
         self.pool.stop()
         self.balancer.join()
-        self.committer.stop()  # after the slots: every outcome they recorded is published first
+        self.envs.join()
+        self.committer.stop()  # after the slots and the builds: every outcome they recorded is published first
         if self.web is not None:
             self.web.stop()
         self.store.set_meta("pid", "")

@@ -122,6 +122,7 @@ class _Api:
             counts={s.value: counts.get(s.value, 0) for s in JobStatus},
             queue_depth=counts.get(JobStatus.QUEUED.value, 0),
             running=[job_summary(j, now) for j in running],
+            waiting_for_environments=self.store.waiting_for(),
             workers=self.store.workers(),
             watcher={"kind": meta.get("watcher"), "rescans": int(_float(meta, "watcher_rescans") or 0),
                      "missed": int(_float(meta, "watcher_missed") or 0),
@@ -142,6 +143,7 @@ class _Api:
             abort(404, description=f"no job with id {job_id!r}")
         limit = _int_arg("bytes", STREAM_BYTES, 0, 1024 * 1024)
         doc = job_summary(found, time.time())
+        doc["waiting"] = self.store.waiting_reason(found)
         doc["result"] = found.outcome if found.status in FINAL else None
         doc["stdout"] = head_and_tail(stream_path(self.config, found, "stdout"), limit)
         doc["stderr"] = head_and_tail(stream_path(self.config, found, "stderr"), limit)

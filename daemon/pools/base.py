@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dropq.config import Config
+from dropq.envs.install import IndexSettings, Installer
 from dropq.errors import PoolError, ProtocolMismatch, TransportError
 from dropq.pools.transport import Transport
 from dropq_worker.protocol import PROTOCOL, Health, Staging, mismatch
@@ -136,6 +137,11 @@ class Pool(ABC):
 
     def describe(self) -> str:
         return self.kind
+
+    def env_installer(self, index: IndexSettings) -> Installer | None:
+        """What builds programs' environments for this pool's workers; None when its workers cannot run
+        jobs in one (they do not mount the environments folder)."""
+        return None
 
 
 class RestartingPool(Pool):

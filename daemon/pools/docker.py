@@ -1,7 +1,8 @@
 """The docker pool: each worker is a hardened container the daemon creates, or adopts, by label.
 
-A container gets exactly three mounts: programs/ read-only, its own inputs folder read-only, and its
-own work folder read-write (its staging folder, and the Unix socket its API listens on). It runs with
+A container gets exactly four mounts: programs/ read-only, its own inputs folder read-only, the programs'
+environments (state/envs/) read-only, and its own work folder read-write (its staging folder, and the
+Unix socket its API listens on). It runs with
 no network at all, so the daemon reaches it only through that socket on the shared mount and never
 connects to a container address. Deaths are learnt from the engine's event stream (no polling); a
 worker that hangs is caught by the health check before each job and replaced.
@@ -9,6 +10,7 @@ worker that hangs is caught by the health check before each job and replaced.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dropq.config import Config
+from dropq.envs.install import IN_ENVS, ContainerInstaller, IndexSettings, Installer
 from dropq.errors import DaemonRunning, EngineUnavailable, PoolError, ProtocolMismatch, TransportError
 from dropq.pools.base import (
     Incarnation,
@@ -86,6 +89,13 @@ def container_user(config: Config) -> str:
     return "65534:65534" if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}"
 
 
+def _build_user(config: Config) -> str:
+    """The uid:gid environment builds run as: never root, and the daemon's own when it is not root (so it
+    can remove what the build wrote)."""
+    user = container_user(config)
+    return "65534:65534" if user.split(":")[0] == "0" else user
+
+
 def remove_workers(config: Config) -> list[str]:
     """Stop and remove the worker containers of the daemon on this state directory (`dropq workers remove`):
     with `on_shutdown: leave` they outlive the daemon. Only containers labelled with this state's instance
@@ -151,6 +161,13 @@ class DockerPool(RestartingPool):
         # containers are made from the image only when replaced, so a rebuild needs a restart to take
         self._protocol_todo = (f"the image {self.settings.image} is out of date: rebuild it with "
                                "`dropq image build`, then restart dropq")
+
+    def env_installer(self, index: IndexSettings) -> Installer | None:
+        # an sdist's build runs in the build container, never on the host: allowed here
+        return ContainerInstaller(image=self.settings.image, envs=self.config.envs_dir,
+                                  index=dataclasses.replace(index, sdists=True),
+                                  cache=self.config.envs_dir / ".cache", state=self.config.state,
+                                  user=_build_user(self.config))
 
     def describe(self) -> str:
         return f"docker ({self.settings.image})"
@@ -246,12 +263,15 @@ class DockerPool(RestartingPool):
             # PoolError, so that the restart is tried again later rather than its thread ending with the
             # worker never marked ready
             raise PoolError(f"could not remove the old container of worker {name}: {exc}") from None
+        self.config.envs_dir.mkdir(parents=True, exist_ok=True)  # a bind mount's source must exist
         mounts = [
             Mount(IN_PROGRAMS, str(self.config.programs), type="bind", read_only=True),
             Mount(IN_INPUTS, str(handle.inputs_dir), type="bind", read_only=True),
             Mount(IN_WORK, str(handle.jobs_dir.parent), type="bind", read_only=False),
+            Mount(IN_ENVS, str(self.config.envs_dir), type="bind", read_only=True),
         ]
         command = ["--socket", f"{IN_WORK}/worker.sock", "--programs", IN_PROGRAMS, "--inputs", IN_INPUTS,
+                   "--envs", IN_ENVS,
                    "--jobs", f"{IN_WORK}/jobs", "--name", name,
                    "--max-file-bytes", str(self.config.jobs.max_file_bytes),
                    "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]

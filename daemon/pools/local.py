@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dropq.config import Config
+from dropq.envs.install import HostInstaller, IndexSettings, Installer
 from dropq.errors import PoolError, ProtocolMismatch, TransportError
 from dropq.pools.base import RestartingPool, WorkerHandle, check_protocol, make_folders, wait_answering, worker_token
 from dropq.pools.transport import Transport
@@ -67,6 +68,7 @@ class LocalPool(RestartingPool):
         self._restarts: dict[str, int] = dict.fromkeys(self._names, 0)
         self._restarting = {name: threading.Lock() for name in self._names}
         self._python = config.workers.python
+        self._version = "?"
         self._handles = {name: self._handle(name) for name in self._names}
         #: the first job uid of w1 when jobs run under uids of their own (see _job_uids), else None
         self._job_uids: int | None = None
@@ -84,7 +86,7 @@ class LocalPool(RestartingPool):
         return [self._handles[n] for n in self._names]
 
     def start(self) -> None:
-        self._python = _real_interpreter(self.config.workers.python)
+        self._python, self._version = _real_interpreter(self.config.workers.python)
         self._job_uids = self._job_uid_base()
         for handle in self._handles.values():
             self._make_folders(handle)
@@ -117,6 +119,13 @@ class LocalPool(RestartingPool):
                         "the folders of %s (every folder above them needs o+x)", ", ".join(closed))
             return None
         return base
+
+    def describe(self) -> str:
+        # which interpreter programs run with, so that `pool: auto` never changes it unseen
+        return f"local (Python {self._version}, {self._python})"
+
+    def env_installer(self, index: IndexSettings) -> Installer | None:
+        return HostInstaller(self._python, index=index, cache=self.config.envs_dir / ".cache")
 
     def _adopt(self, name: str) -> bool:
         handle = self._handles[name]
@@ -151,7 +160,7 @@ class LocalPool(RestartingPool):
             sock.unlink()
         argv = [sys.executable, "-m", "dropq_worker", "--socket", str(sock), "--name", name,
                 "--programs", str(self.config.programs), "--inputs", str(handle.inputs_dir),
-                "--jobs", str(handle.jobs_dir), "--python", self._python,
+                "--jobs", str(handle.jobs_dir), "--python", self._python, "--envs", str(self.config.envs_dir),
                 "--max-file-bytes", str(self.config.jobs.max_file_bytes),
                 "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]
         if self._job_uids is not None:
@@ -264,18 +273,20 @@ class LocalPool(RestartingPool):
         proc.close()
 
 
-def _real_interpreter(name: str) -> str:
-    """The interpreter's real path. Version managers put shell-script shims on PATH (pyenv's costs
-    ~30 ms a start), so ask the interpreter once where it lives instead of paying that per job."""
+def _real_interpreter(name: str) -> tuple[str, str]:
+    """The interpreter's real path, and its version. Version managers put shell-script shims on PATH
+    (pyenv's costs ~30 ms a start), so ask the interpreter once where it lives instead of paying that per
+    job."""
     found = shutil.which(name)
     if found is None:
         raise PoolError(f"workers.python: {name!r} was not found on PATH")
     try:
-        out = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.strip()
+        out = subprocess.run([found, "-c", "import platform, sys; print(platform.python_version(), sys.executable)"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     except (subprocess.SubprocessError, OSError) as exc:
         raise PoolError(f"workers.python: {found} does not run: {exc}") from None
-    return out or found
+    version, _, path = out.partition(" ")
+    return path or found, version
 
 
 def _passable(path: Path) -> bool:

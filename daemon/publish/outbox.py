@@ -170,7 +170,7 @@ class Outbox:
                     raise
                 tmp.mkdir(parents=True)
         # what is still in the spool: it is on another filesystem, or a commit stopped half-way
-        for piece in ("manifest.yaml", "inputs"):
+        for piece in ("manifest.yaml", "inputs", "env-build.log"):
             if os.path.lexists(spool / piece) and not os.path.lexists(tmp / piece):
                 move(spool / piece, tmp / piece)
         dropped = cls._keep_manifest(tmp)
@@ -242,6 +242,8 @@ def result_document(job: JobRecord, outcome: dict[str, Any], name: str, *, key: 
             doc[f"{stream}_truncated"] = True
     if outcome.get("dropped"):
         doc["dropped"] = outcome["dropped"]
+    if outcome.get("environment"):
+        doc["environment"] = outcome["environment"]
     doc["key"] = key
     return {field: _printable(value) for field, value in doc.items()}
 

@@ -328,7 +328,7 @@ class Balancer:
                 key=key, job_id=job.id, program=manifest.program, args=tuple(manifest.args),
                 inputs=tuple(f"{key}/{rel}" for rel in manifest.inputs), env=dict(manifest.env),
                 timeout=manifest.timeout, kill_grace=self.config.jobs.kill_grace,
-                max_output_bytes=self.config.jobs.max_output_bytes,
+                max_output_bytes=self.config.jobs.max_output_bytes, environment=job.env,
             )
             # started and waited for in one request; a cancel that overtakes it is kept by the worker
             status: Report | None = worker.transport.start(spec, wait=POLL_WAIT)
@@ -396,6 +396,10 @@ class Balancer:
         key = self.outbox.key(job)
         # the cause of a failure is most often the program's last words: keep them in the error
         outcome = outcome_of(status, manifest, last_words=last_line(worker.staging(key).stderr))
+        if job.env is not None:
+            # what the program ran with, for result.yaml: the versions are fixed for the environment's life
+            record = self.store.env(job.env)
+            outcome["environment"] = {"id": job.env, "packages": record.packages if record else None}
         code = outcome.get("exit_code")
         if (manifest is not None and code in manifest.retry_on_exit and job.attempts <= job.retries
                 and job.id not in self._cancel_requested):

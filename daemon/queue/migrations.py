@@ -16,7 +16,7 @@ before the daemon is restarted.
 Adding migration N+1 (never edit, renumber or remove a released step):
 
 1. Append a step to MIGRATIONS, e.g.
-   `Migration(2, "jobs.env: the environment a job runs in", "ALTER TABLE jobs ADD COLUMN env TEXT")`.
+   `Migration(3, "jobs.tag: a person's label for a job", "ALTER TABLE jobs ADD COLUMN tag TEXT")`.
    The SQL may hold several statements; for a change of data, give a function that takes the
    connection instead (it runs inside the step's transaction: do not commit in it).
 2. Give the new field of `JobRecord` (store.py) a default, so that a reader still meets the
@@ -94,6 +94,29 @@ CREATE TABLE IF NOT EXISTS meta (
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema of dropq 0.1.0, whose databases are at version 0", SCHEMA_0_1_0),
+    Migration(2, "environments: programs' dependency environments; jobs.env, the one a job runs in, and "
+                 "jobs.held, the one a queued job waits for (the ready index skips held jobs)", """
+CREATE TABLE environments (
+    id          TEXT PRIMARY KEY,
+    spec        TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    error       TEXT,
+    packages    TEXT,
+    size_bytes  INTEGER,
+    builds      INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    started_at  REAL,
+    built_at    REAL,
+    failed_at   REAL,
+    last_used   REAL
+);
+ALTER TABLE jobs ADD COLUMN env TEXT;
+ALTER TABLE jobs ADD COLUMN held TEXT;
+DROP INDEX jobs_ready;
+CREATE INDEX jobs_ready ON jobs (status, held, priority DESC, seq);
+CREATE INDEX jobs_held ON jobs (held) WHERE held IS NOT NULL;
+"""),
 )
 
 #: the schema version this dropq writes

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,10 @@ class JobRecord:
     not_before: float
     deadline: float | None
     updated_at: float
+    #: the environment the job runs in (dropq.envs), or None: the pool's interpreter as it is
+    env: str | None = None
+    #: while queued, the environment it waits for (being built); None when it may be taken
+    held: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -73,7 +78,66 @@ class JobRecord:
         """The job as `dropq show --json`, `dropq status --json` and the API give it."""
         return {"id": self.id, "status": self.status.value, "priority": self.priority, "attempts": self.attempts,
                 "worker": self.worker, "error": self.error, "manifest": self.source,
-                "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at}
+                "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at,
+                "environment": self.env}
+
+
+class EnvState(StrEnum):
+    #: wanted by a job; its build has not begun (or begins again after a daemon restart)
+    PENDING = "pending"
+    BUILDING = "building"
+    READY = "ready"
+    #: the last build failed; jobs of it fail at once until environments.retry_failed_after has passed
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class EnvRecord:
+    id: str
+    spec: dict[str, Any]
+    target: dict[str, str]
+    state: EnvState
+    error: str | None
+    packages: list[str] | None
+    size_bytes: int | None
+    builds: int
+    created_at: float
+    started_at: float | None
+    built_at: float | None
+    failed_at: float | None
+    last_used: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> EnvRecord:
+        data = dict(row)
+        data["state"] = EnvState(data["state"])
+        data["spec"] = json.loads(data["spec"])
+        data["target"] = json.loads(data["target"])
+        data["packages"] = json.loads(data["packages"]) if data["packages"] else None
+        return cls(**data)
+
+    @property
+    def short(self) -> str:
+        return self.id[:8]
+
+    @property
+    def summary(self) -> str:
+        """The dependency list in a few words: "tabulate>=0.9, numpy"."""
+        text = ", ".join(self.spec.get("dependencies", [])) or f"requires-python {self.spec.get('requires_python')}"
+        return text if len(text) <= 60 else text[:59] + "…"
+
+    def waiting_reason(self, now: float) -> str:
+        """Why a job of this environment waits, as status screens show it."""
+        if self.state is EnvState.BUILDING and self.started_at is not None:
+            return f"building environment {self.short}… ({self.summary}), {now - self.started_at:.0f} s"
+        return f"waiting for environment {self.short}… ({self.summary}) to be built"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state.value, "dependencies": self.spec.get("dependencies", []),
+                "requires_python": self.spec.get("requires_python"), "declared_in": self.spec.get("declared_in"),
+                "target": self.target, "packages": self.packages, "size_bytes": self.size_bytes,
+                "builds": self.builds, "error": self.error, "created_at": self.created_at,
+                "built_at": self.built_at, "last_used": self.last_used}
 
 
 class Store:
@@ -253,6 +317,8 @@ class Store:
     def transition(self, job_id: str, target: JobStatus, **fields: Any) -> JobRecord:
         """Move a job into `target`, if the transition table allows it from its current state."""
         allowed = [s.value for s in sources_of(target)]
+        if target is not JobStatus.QUEUED:
+            fields.setdefault("held", None)  # only a queued job waits for its environment
         if "outcome" in fields and fields["outcome"] is not None:
             fields["outcome"] = json.dumps(fields["outcome"])
         fields["updated_at"] = self._now()
@@ -275,7 +341,7 @@ class Store:
         now = self._now()
         with self._tx() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE status = 'queued' AND not_before <= ? "
+                "SELECT id FROM jobs WHERE status = 'queued' AND held IS NULL AND not_before <= ? "
                 "ORDER BY priority DESC, seq LIMIT 1",
                 (now,),
             ).fetchone()
@@ -293,6 +359,120 @@ class Store:
                 (worker, WorkerState.BUSY.value, row[0], detail, now),
             )
         return self.get(row[0])
+
+    # --- environments (dropq.envs) ----------------------------------------------------------------
+
+    def queue_job(self, job_id: str, *, env: str | None = None) -> JobRecord:
+        """A job whose inputs are all there becomes queued; in an environment, held until that is ready
+        (or made again, should it have been pruned meanwhile). One statement reads the environment's state
+        and sets the hold, so a build that ends meanwhile cannot leave the job held for good (env_ready
+        releases in its own transaction)."""
+        now = self._now()
+        allowed = [s.value for s in sources_of(JobStatus.QUEUED)]
+        marks = ",".join("?" * len(allowed))
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status = 'queued', env = ?, updated_at = ?, held = CASE WHEN ? IS NULL THEN NULL "
+                "WHEN (SELECT state FROM environments WHERE id = ?) = 'ready' THEN NULL ELSE ? END "
+                f"WHERE id = ? AND status IN ({marks})",
+                (env, now, env, env, env, job_id, *allowed))
+            if cur.rowcount != 1:
+                raise StoreError(f"job {job_id!r} cannot be queued now")
+            if env is not None:
+                db.execute("UPDATE environments SET last_used = ? WHERE id = ?", (now, env))
+        return self.get(job_id)
+
+    def env(self, env_id: str) -> EnvRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM environments WHERE id = ?", (env_id,)).fetchone()
+        return EnvRecord.from_row(row) if row else None
+
+    def envs(self) -> list[EnvRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM environments ORDER BY created_at").fetchall()
+        return [EnvRecord.from_row(row) for row in rows]
+
+    def want_env(self, env_id: str, *, spec: dict[str, Any], target: dict[str, str]) -> EnvRecord:
+        """The record of environment `env_id`, made (pending a build) when it is new."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO environments (id, spec, target, state, created_at) "
+                       "VALUES (?, ?, ?, 'pending', ?)", (env_id, json.dumps(spec), json.dumps(target), self._now()))
+        record = self.env(env_id)
+        assert record is not None
+        return record
+
+    def env_state(self, env_id: str, state: EnvState, *, only_from: Sequence[EnvState] = ()) -> bool:
+        """Set an environment's state (from one of `only_from`, when given); whether it changed."""
+        now = self._now()
+        extra = {EnvState.BUILDING: ", started_at = ?, builds = builds + 1, error = NULL",
+                 EnvState.PENDING: ", error = NULL"}.get(state, "")
+        params: list[Any] = [state.value, *([now] if state is EnvState.BUILDING else [])]
+        where = " AND state IN (" + ",".join("?" * len(only_from)) + ")" if only_from else ""
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE environments SET state = ?{extra} WHERE id = ?{where}",
+                             (*params, env_id, *[s.value for s in only_from]))
+        return cur.rowcount == 1
+
+    def env_ready(self, env_id: str, *, packages: list[str], size_bytes: int) -> int:
+        """The build succeeded: the environment is ready and the jobs held for it may be taken (one
+        transaction). Returns how many were released."""
+        now = self._now()
+        with self._tx() as db:
+            db.execute("UPDATE environments SET state = 'ready', packages = ?, size_bytes = ?, built_at = ?, "
+                       "error = NULL, failed_at = NULL WHERE id = ?", (json.dumps(packages), size_bytes, now, env_id))
+            return db.execute("UPDATE jobs SET held = NULL WHERE held = ?", (env_id,)).rowcount
+
+    def env_failed(self, env_id: str, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE environments SET state = 'failed', error = ?, failed_at = ? WHERE id = ?",
+                       (error, self._now(), env_id))
+
+    def held_for(self, env_id: str) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE held = ? AND status = 'queued' ORDER BY seq",
+                                    (env_id,)).fetchall()
+        return [JobRecord.from_row(row) for row in rows]
+
+    def held_envs(self) -> dict[str, int]:
+        """Environments queued jobs wait for, with how many wait for each."""
+        with self._lock:
+            rows = self._db.execute("SELECT held, COUNT(*) FROM jobs WHERE held IS NOT NULL AND status = 'queued' "
+                                    "GROUP BY held").fetchall()
+        return {row[0]: row[1] for row in rows}
+
+    def waiting_for(self) -> list[dict[str, Any]]:
+        """The environments queued jobs wait for, each with the reason in words and how many wait."""
+        now = self._now()
+        found = []
+        for env, jobs in self.held_envs().items():
+            record = self.env(env)
+            reason = record.waiting_reason(now) if record else f"waiting for environment {env[:8]}…"
+            found.append({"id": env, "jobs": jobs, "reason": reason})
+        return found
+
+    def waiting_reason(self, job: JobRecord) -> str | None:
+        """Why a queued job is not taken yet, when it waits for its environment."""
+        if job.status is not JobStatus.QUEUED or job.held is None:
+            return None
+        record = self.env(job.held)
+        return record.waiting_reason(self._now()) if record else f"waiting for environment {job.held[:8]}…"
+
+    def env_in_use(self, env_id: str) -> bool:
+        """Whether a job that has not ended runs, or will run, in the environment."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM jobs WHERE env = ? AND status IN "
+                                   "('waiting', 'queued', 'running', 'committing') LIMIT 1", (env_id,)).fetchone()
+        return row is not None
+
+    def forget_env(self, env_id: str) -> bool:
+        """Remove an environment's record, unless a job that has not ended needs it (checked in the same
+        transaction); whether it was removed."""
+        with self._tx() as db:
+            busy = db.execute("SELECT 1 FROM jobs WHERE env = ? AND status IN "
+                              "('waiting', 'queued', 'running', 'committing') LIMIT 1", (env_id,)).fetchone()
+            if busy:
+                return False
+            return db.execute("DELETE FROM environments WHERE id = ?", (env_id,)).rowcount == 1
 
     def set_worker(self, name: str, state: WorkerState, *, job: str | None = None, detail: str | None = None) -> None:
         with self._tx() as db:

@@ -242,6 +242,10 @@ def test_a_daemon_killed_during_a_build_builds_again_and_loses_no_job(
     assert "(tabulate>=0.9)" in waiting[0]["reason"]
     shown = dropq_json(workspace.config, "show", "k1")
     assert shown["status"] == "queued" and "building environment" in shown["waiting"], shown
+    # the dashboard shows what the API says
+    summary = daemon.get("/api/summary").json()
+    assert "building environment" in summary["waiting_for_environments"][0]["reason"], summary
+    assert "building environment" in daemon.get("/api/jobs/k1").json()["waiting"]
     assert gated_index.asked.wait(60)
     # the build's processes name the environment's folder (workers name only the envs folder itself)
     building = f"{workspace.state / 'envs'}/"
@@ -280,6 +284,22 @@ def test_env_build_ahead_list_and_prune(workspace: Workspace, daemon: DaemonProc
     pruned = dropq(workspace.config, "env", "prune", "--older-than", "0")
     assert f"removed environment {env['id'][:8]}" in pruned.stdout, pruned.stdout
     assert envs_of(workspace) == [] and not (workspace.state / "envs" / env["id"]).exists()
+
+
+def test_a_folder_program_with_an_executable_main_in_any_language(workspace: Workspace,
+                                                                  daemon: DaemonProcess) -> None:
+    folder = workspace.programs / "shell"
+    folder.mkdir()
+    (folder / "words.txt").write_text("alpha beta\n")
+    main = folder / "main"
+    main.write_text('#!/bin/sh\necho "args: $*"\nwc -w < "$(dirname "$0")/words.txt"\n')
+    main.chmod(0o755)
+    daemon.start()
+    workspace.drop("s1.yaml", {"program": "shell", "args": ["x", "y"]})
+    assert wait_for_status(workspace.config, "s1", "succeeded", "failed", "rejected") == "succeeded", \
+        workspace.result("s1")
+    assert (workspace.outbox / "s1" / "stdout.txt").read_text().split("\n")[:2] == ["args: x y", "2"]
+    assert envs_of(workspace) == []
 
 
 def test_a_program_declaring_nothing_builds_nothing(workspace: Workspace, daemon: DaemonProcess) -> None:

@@ -141,3 +141,19 @@ def test_submit_after_builds_the_manifest(workspace: Workspace, daemon: DaemonPr
     dropq(workspace.config, "submit", "echo", "--name", "first", "--", "1")
     assert wait_for_status(workspace.config, "joined", "succeeded", "failed", "cancelled", "rejected") == "succeeded"
     assert (workspace.outbox / "joined" / "stdout.txt").read_text().startswith("1\n")
+
+
+def test_retrying_a_pipeline_job_reads_the_upstream_output_again_and_leaves_the_inbox_empty(
+        workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    workspace.put("local.txt", "mine\n")
+    workspace.drop("up.yaml", {"program": "echo", "args": ["from up"], "output": "u.txt"})
+    workspace.drop("down.yaml", concat("local.txt", "outbox:up/output/u.txt"))
+    assert wait_for_status(workspace.config, "down", "succeeded", "failed", "cancelled", "rejected") == "succeeded"
+    done = dropq(workspace.config, "retry", "down", "--wait", timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert (workspace.outbox / "down-retry" / "stdout.txt").read_text().startswith("mine\nfrom up\n")
+    # its own input went back through the inbox; the one from up's folder was read from there again
+    assert (workspace.outbox / "down-retry" / "inputs" / "local.txt").read_text() == "mine\n"
+    assert (workspace.outbox / "down-retry" / "inputs" / "outbox" / "up" / "output" / "u.txt").exists()
+    assert os.listdir(workspace.inbox) == []

@@ -18,8 +18,8 @@ from dropq.cli.inbox import drop, free_name, place_input
 from dropq.cli.lookup import get_job, last_seq
 from dropq.cli.wait import require_daemon, wait
 from dropq.config import Config
-from dropq.errors import DropqError
-from dropq.intake.manifest import is_manifest_name
+from dropq.errors import DropqError, ManifestError
+from dropq.intake.manifest import Manifest, is_manifest_name
 from dropq.intake.manifest_file import OUTBOX_PREFIX
 from dropq.queue.jobs import FINAL
 from dropq_worker.trees import walk
@@ -77,8 +77,10 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     if not manifest.is_file():
         raise DropqError(f"{job.id} cannot be retried: its manifest is not in {folder}")
     inputs = folder / "inputs"
+    fetched = _fetched_inputs(config, manifest)
     # walked without recursion (Path.rglob recurses): the inputs are a tree someone else made
-    names = sorted(p.relative_to(inputs) for p, st, _ in walk(inputs) if stat.S_ISREG(st.st_mode))
+    names = sorted(n for n in (p.relative_to(inputs) for p, st, _ in walk(inputs) if stat.S_ISREG(st.st_mode))
+                   if str(n) not in fetched)
     taken = [str(n) for n in names if os.path.lexists(config.inbox / n)]
     if taken:
         raise DropqError(f"inbox/{taken[0]} exists; the retry puts {job.id}'s input there, so move it away first")
@@ -90,6 +92,17 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         os.rename(tmp, target)
     return _drop(config, free_name(config, f"{job.id}-retry.yaml"), manifest.read_bytes(), args,
                  said=f" (a retry of {job.id})")
+
+
+def _fetched_inputs(config: Config, manifest: Path) -> set[str]:
+    """The inputs a job read from other jobs' outbox folders (inputs/outbox/JOB/PATH): a retry reads them
+    from there again, so they are not copied into the inbox."""
+    try:
+        parsed = Manifest.parse(manifest.read_bytes(), defaults=config.jobs,
+                                max_bytes=config.intake.max_manifest_bytes)
+    except ManifestError:
+        return set()  # the daemon rejects it again, saying why
+    return set(parsed.inputs) - set(parsed.inbox_inputs())
 
 
 def _drop(config: Config, name: str, data: bytes, args: argparse.Namespace, *, said: str) -> int:

@@ -334,9 +334,15 @@ def test_a_restart_rebuilds_the_wait_from_the_store(rig: Rig) -> None:
     rig.t += 3600  # the grace is long past, but the job it waits for is known: it waits on
     rig.turn()
     assert rig.status("down") is JobStatus.WAITING
+    # a copy the last run began (and a crash cut short) is made again, not trusted
+    fetched = rig.config.spool / "down" / "inputs" / "outbox" / "up" / "output"
+    fetched.mkdir(parents=True)
+    (fetched / ".r.txt.fetch").write_text("half")
+    (fetched / ".r.txt.fetch").chmod(0o444)
     rig.run("up", files={"r.txt": "restarted\n"})
     assert rig.status("down") is JobStatus.QUEUED
-    assert (rig.config.spool / "down" / "inputs" / "outbox" / "up" / "output" / "r.txt").read_text() == "restarted\n"
+    assert os.listdir(fetched) == ["r.txt"]
+    assert (fetched / "r.txt").read_text() == "restarted\n"
 
 
 def test_a_restart_keeps_the_grace_of_an_unknown_upstream(rig: Rig) -> None:

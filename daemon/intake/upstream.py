@@ -21,6 +21,7 @@ thread drives everything else too; decisions come out as `Settled` records, as t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -226,7 +227,9 @@ def _copy(src: os.PathLike[str], dst: os.PathLike[str], seen: os.stat_result, *,
         target = os.fspath(dst)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.fetch")
-        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a copy a crash interrupted (read-only already, perhaps)
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(out_fd, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
             out.flush()

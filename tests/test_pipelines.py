@@ -26,6 +26,18 @@ def concat(*inputs: str, prefix: str = "", output: str | None = None, after: lis
 def test_a_diamond_runs_each_job_after_its_upstreams_and_d_reads_the_outputs_of_b_and_c(
         workspace: Workspace, daemon: DaemonProcess) -> None:
     daemon.start()
+    run_diamond(workspace)
+
+
+def test_a_diamond_on_docker_workers_reads_the_upstream_outputs_through_the_read_only_inputs_mount(
+        workspace: Workspace, daemon: DaemonProcess, docker_image: str) -> None:
+    workspace.configure(workers={"pool": "docker", "count": 2, "docker": {"image": docker_image}})
+    daemon.start()
+    assert "worker pool: docker" in daemon.log_text()
+    run_diamond(workspace)
+
+
+def run_diamond(workspace: Workspace) -> None:
     workspace.put("words.txt", "alpha\nbeta\n")
     # dropped downstream first: each is claimed before the jobs it runs after, and waits for them
     workspace.drop("d.yaml", concat("outbox:b/output/b.txt", "outbox:c/output/c.txt", after=["a"]))

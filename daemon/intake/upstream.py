@@ -76,7 +76,8 @@ class AwaitedUpstreams:
             self._waiting[job_id] = _Waiting(manifest, set(manifest.after), deadline)
             for up in manifest.after:
                 self._dependents.setdefault(up, set()).add(job_id)
-        cycle = self._cycle(job_id)
+        # a cycle can close only through a job some waiting job names: others cost no walk at all
+        cycle = self._cycle(job_id) if job_id in self._dependents else []
         if cycle:
             self.forget(job_id)
             return Settled(job_id, f"`after` makes a cycle: {' -> '.join(cycle)}; none of these jobs could ever run")

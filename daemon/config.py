@@ -138,7 +138,8 @@ class IntakeConfig(_Section):
     settle: float = Field(default=2.0, ge=0)
     """seconds a file must stay unchanged before it is taken, where close events are unavailable"""
     input_grace: float = Field(default=10.0, ge=0)
-    """seconds a claimed manifest waits for the input files it names before it is rejected"""
+    """seconds a claimed manifest waits for the input files it names, and for the jobs its `after` names to be
+    dropped, before it is rejected"""
     rescan: float = Field(default=30.0, gt=0)
     """seconds between full rescans of the inbox (finds what the watcher missed)"""
     max_manifest_bytes: int = Field(default=64 * 1024, ge=1)

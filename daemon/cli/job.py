@@ -23,7 +23,7 @@ from dropq.queue.jobs import FINAL, JobStatus
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     doc = job.summary()
-    if job.held is not None:
+    if job.held is not None or job.status is JobStatus.WAITING:
         store = open_store(config)
         try:
             doc["waiting"] = store.waiting_reason(job)

@@ -19,6 +19,8 @@ examples:
   dropq submit wordcount moby.txt --wait      copy moby.txt into the inbox, run wordcount on it, wait
   dropq submit job.yaml                       drop an existing manifest into the inbox
   dropq submit sleep --timeout 5 -- 30        arguments after -- go to the program
+  dropq submit wordcount outbox:clean/output/clean.txt --after fetch
+                                              run once jobs clean and fetch have succeeded, on clean's output
   dropq status                                the queue and the workers at a glance
   dropq status --watch                        the same, live, with the backlog's progress
   dropq workers                               each worker, its state and its job
@@ -83,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Input files outside the inbox are copied into it first.",
                             epilog="arguments after -- are passed to the program")
     submit.add_argument("target", metavar="MANIFEST.yaml|PROGRAM")
-    submit.add_argument("inputs", nargs="*", metavar="INPUT", help="input files (copied into the inbox)")
+    submit.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="input files (copied into the inbox), or outbox:JOB/PATH, a file of finished job JOB")
     submit.add_argument("--output", help="save stdout as output/NAME instead of stdout.txt")
     submit.add_argument("--timeout", type=float, help="seconds before the program is stopped")
     submit.add_argument("--retries", type=int, help="further attempts when its worker is lost")
     submit.add_argument("--priority", type=int, help="higher runs first")
     submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    submit.add_argument("--after", action="append", default=[], metavar="ID",
+                        help="run after job ID has succeeded (cancelled if it does not); repeatable")
     submit.add_argument("--name", help="the manifest's file name in the inbox (and so the job's id)")
     _add_wait(submit)
 

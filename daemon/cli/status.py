@@ -15,6 +15,9 @@ from dropq.queue.jobs import FINAL, JobStatus
 from dropq.queue.store import Store
 from dropq_worker.protocol import WorkerState
 
+#: the waiting jobs `dropq status` lists, with what each waits for
+WAITING_SHOWN = 5
+
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.watch:
@@ -22,7 +25,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     snap = _Snapshot.of(config)
     if args.json:
         print(as_json({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
-                       "waiting_for_environments": snap.waiting, "workers": snap.workers,
+                       "waiting_for_environments": snap.waiting,
+                       "waiting": [{"id": i, "reason": r} for i, r in snap.after], "workers": snap.workers,
                        "recent": [j.summary() for j in snap.recent]}))
         return Exit.OK
     say("\n".join(_status_lines(snap)))
@@ -46,6 +50,9 @@ class _Snapshot:
         self.meta = store.meta()
         self.recent = store.recent(recent)
         self.waiting = store.waiting_for()
+        #: a few waiting jobs, each with what it waits for (the jobs it runs after, or its inputs)
+        self.after = [(j.id, store.waiting_reason(j))
+                      for j in store.with_status(JobStatus.WAITING, limit=WAITING_SHOWN)]
         self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
         self.running = daemon_alive(self.meta.get("pid", ""))
 
@@ -62,6 +69,7 @@ def _status_lines(snap: _Snapshot) -> list[str]:
     order = [s.value for s in JobStatus]
     lines.append("jobs     " + ("   ".join(f"{s}: {snap.counts[s]}" for s in order if snap.counts.get(s)) or "none"))
     lines += [f"env      {w['reason']}: {w['jobs']} queued job(s) wait for it" for w in snap.waiting]
+    lines += [f"waiting  {job_id}: {reason}" for job_id, reason in snap.after if reason]
     lines += ["", *_worker_lines(snap)]
     if snap.recent:
         lines.append("")

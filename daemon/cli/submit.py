@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -18,8 +18,9 @@ from dropq.cli.inbox import drop, free_name, place_input
 from dropq.cli.lookup import get_job, last_seq
 from dropq.cli.wait import require_daemon, wait
 from dropq.config import Config
-from dropq.errors import DropqError
-from dropq.intake.manifest import is_manifest_name
+from dropq.errors import DropqError, ManifestError
+from dropq.intake.manifest import Manifest, is_manifest_name
+from dropq.intake.manifest_file import OUTBOX_PREFIX
 from dropq.queue.jobs import FINAL
 from dropq_worker.trees import walk
 
@@ -29,13 +30,14 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
         require_daemon(config)
     target = Path(args.target)
     if is_manifest_name(target.name) and target.is_file():
-        if args.inputs or args.program_args:
-            raise DropqError("give either a manifest file, or a program with inputs and arguments, not both")
+        if args.inputs or args.program_args or args.after:
+            raise DropqError("give either a manifest file, or a program with inputs, arguments and --after, not both "
+                             "(a manifest says `after:` itself)")
         text = target.read_text(encoding="utf-8")
         name = args.name or target.name
     else:
         text = yaml.safe_dump(_manifest_from_args(config, args), sort_keys=False)
-        name = args.name or f"{Path(args.inputs[0]).stem if args.inputs else args.target}.yaml"
+        name = args.name or f"{PurePosixPath(args.inputs[0]).stem if args.inputs else args.target}.yaml"
     if not is_manifest_name(name):
         name = f"{name}.yaml"
     return _drop(config, free_name(config, name), text.encode(), args, said="")
@@ -43,7 +45,8 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
 
 def _manifest_from_args(config: Config, args: argparse.Namespace) -> dict[str, Any]:
     manifest: dict[str, Any] = {"program": args.target}
-    inputs = [place_input(config, Path(p)) for p in args.inputs]
+    # `outbox:JOB/PATH` reads a file of a finished job's outbox folder: given to the daemon as written
+    inputs = [p if p.startswith(OUTBOX_PREFIX) else place_input(config, Path(p)) for p in args.inputs]
     if inputs:
         manifest["input"] = inputs[0]
     if len(inputs) > 1:
@@ -53,6 +56,8 @@ def _manifest_from_args(config: Config, args: argparse.Namespace) -> dict[str, A
     for key in ("output", "timeout", "retries", "priority"):
         if getattr(args, key) is not None:
             manifest[key] = getattr(args, key)
+    if args.after:
+        manifest["after"] = list(dict.fromkeys(args.after))
     if args.env:
         pairs = [e.partition("=") for e in args.env]
         if any(not sep for _, sep, _ in pairs):
@@ -72,8 +77,10 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     if not manifest.is_file():
         raise DropqError(f"{job.id} cannot be retried: its manifest is not in {folder}")
     inputs = folder / "inputs"
+    fetched = _fetched_inputs(config, manifest)
     # walked without recursion (Path.rglob recurses): the inputs are a tree someone else made
-    names = sorted(p.relative_to(inputs) for p, st, _ in walk(inputs) if stat.S_ISREG(st.st_mode))
+    names = sorted(n for n in (p.relative_to(inputs) for p, st, _ in walk(inputs) if stat.S_ISREG(st.st_mode))
+                   if str(n) not in fetched)
     taken = [str(n) for n in names if os.path.lexists(config.inbox / n)]
     if taken:
         raise DropqError(f"inbox/{taken[0]} exists; the retry puts {job.id}'s input there, so move it away first")
@@ -85,6 +92,17 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         os.rename(tmp, target)
     return _drop(config, free_name(config, f"{job.id}-retry.yaml"), manifest.read_bytes(), args,
                  said=f" (a retry of {job.id})")
+
+
+def _fetched_inputs(config: Config, manifest: Path) -> set[str]:
+    """The inputs a job read from other jobs' outbox folders (inputs/outbox/JOB/PATH): a retry reads them
+    from there again, so they are not copied into the inbox."""
+    try:
+        parsed = Manifest.parse(manifest.read_bytes(), defaults=config.jobs,
+                                max_bytes=config.intake.max_manifest_bytes)
+    except ManifestError:
+        return set()  # the daemon rejects it again, saying why
+    return set(parsed.inputs) - set(parsed.inbox_inputs())
 
 
 def _drop(config: Config, name: str, data: bytes, args: argparse.Namespace, *, said: str) -> int:

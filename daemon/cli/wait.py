@@ -67,6 +67,8 @@ def wait(config: Config, name: str, since: int, timeout: float | None) -> int:
 
 
 def _progress(store: Store, job: JobRecord) -> str:
+    if job.status is JobStatus.WAITING:
+        return f"{job.id}: {store.waiting_reason(job) or 'waiting'}"
     if job.status is JobStatus.QUEUED:
         return f"{job.id}: queued, {store.waiting_reason(job) or f'{store.ahead_of(job)} ahead'}"
     if job.status is JobStatus.RUNNING and job.started_at:

@@ -5,9 +5,11 @@ place. Then the manifest is parsed; the input files it names are claimed with it
 job's spool folder), waiting a grace period for any not there yet. A manifest that cannot be run is
 not lost: it is rejected, which publishes an outbox folder that says why.
 
-Two concepts live beside this module, each in its own: `completeness.Completeness` says when a file
-the watcher reported (or a rescan found) is complete, and `inputs.AwaitedInputs` keeps the jobs waiting
-for their inputs. A job that ends here (rejected) goes, like every finished job, to the `Committer`.
+Three concepts live beside this module, each in its own: `completeness.Completeness` says when a file
+the watcher reported (or a rescan found) is complete, `inputs.AwaitedInputs` keeps the jobs waiting
+for their inputs, and `upstream.AwaitedUpstreams` those waiting, once they have their inputs, for the
+jobs they run after (pipelines). A job that ends here (rejected, or cancelled because a job it runs
+after did not succeed) goes, like every finished job, to the `Committer`.
 
 One thread does all of this, fed by the watcher and woken by its own timers (settle checks, the
 quiet period after a close, input deadlines, claim retries, the periodic rescan), so no two claims
@@ -44,6 +46,7 @@ from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from dropq.intake.completeness import Completeness
 from dropq.intake.inputs import FILE_KINDS, AwaitedInputs, Settled
 from dropq.intake.manifest import Manifest, is_manifest_name
+from dropq.intake.upstream import CAUSE, AwaitedUpstreams
 from dropq.intake.watcher import Arrival, InboxView
 from dropq.publish.committer import Committer
 from dropq.queue.jobs import JobStatus
@@ -59,6 +62,13 @@ CANCEL_SUFFIX = ".cancel"
 class _Offer:
     rel: str
     arrival: Arrival
+
+
+@dataclass(frozen=True)
+class _Published:
+    """A job some waiting job runs after (or a waiting job itself) has committed."""
+
+    job_id: str
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,9 @@ class Intake:
                                          input_grace=config.intake.input_grace, now=now)
         #: the claimed jobs waiting for their input files
         self.inputs = AwaitedInputs(config=config, store=store, completeness=self.completeness, now=now)
-        self._queue: queue.SimpleQueue[_Offer | str | None] = queue.SimpleQueue()
+        #: the jobs with all their inputs, waiting for the jobs they run after
+        self.upstreams = AwaitedUpstreams(config=config, store=store, now=now)
+        self._queue: queue.SimpleQueue[_Offer | _Published | str | None] = queue.SimpleQueue()
         #: names whose claim failed, retried with back-off (see trouble())
         self._failing = ClaimRetries()
         self._trouble_shown: str | None = None
@@ -115,6 +127,12 @@ class Intake:
 
     def rescan_now(self) -> None:
         self._queue.put("rescan")
+
+    def published(self, job: JobRecord) -> None:
+        """A job has committed (the outbox's hook, on the committer's thread): handed to the intake's thread
+        when a waiting job runs after it, and only then."""
+        if self.upstreams.awaited(job.id):
+            self._queue.put(_Published(job.id))
 
     def run_pending(self) -> None:
         """Handle every offer made so far, then whatever has come due by the clock, as the thread does
@@ -157,7 +175,10 @@ class Intake:
             except Exception:  # one bad file must never stop the intake
                 log.exception("intake failed on %r; it will be retried at the next rescan", item)
 
-    def _handle(self, item: _Offer | str) -> None:
+    def _handle(self, item: _Offer | _Published | str) -> None:
+        if isinstance(item, _Published):
+            self._decide(self.upstreams.published(item.job_id))
+            return
         if isinstance(item, _Offer):
             if "/" not in item.rel and item.rel.endswith(CANCEL_SUFFIX) and not item.rel.startswith("."):
                 self._cancel_file(item.rel)
@@ -180,6 +201,7 @@ class Intake:
         for name in self._failing.due(now):
             self._try_claim(name)
         self._settled(self.inputs.due(now))
+        self._decide(self.upstreams.due(now))
 
     def _arrived(self, name: str, arrival: Arrival) -> None:
         """A manifest the watcher reported: claimed once complete (see completeness)."""
@@ -197,7 +219,8 @@ class Intake:
             self._settled(self.inputs.arrived(rel))
 
     def _next_wakeup(self) -> float:
-        times = [self._next_rescan, *self.inputs.next_times(), *self.completeness.next_times(),
+        times = [self._next_rescan, *self.inputs.next_times(), *self.upstreams.next_times(),
+                 *self.completeness.next_times(),
                  *self._failing.next_times()]
         if self._hooks.heartbeat is not None:
             times.append(self._now() + self._hooks.heartbeat_every)
@@ -426,9 +449,26 @@ class Intake:
         return dataclasses.replace(manifest, program=program.entry)
 
     def _settled(self, jobs: Iterable[Settled]) -> None:
-        """Jobs that wait for their inputs no more, each as it is decided: queued (in its program's
-        environment, built off the job path), or rejected with the reason."""
+        """Jobs that wait for their inputs no more, each as it is decided: those that run after other jobs
+        wait for them next (upstream); the others are decided at once (see _decide)."""
         for done in jobs:
+            if done.reason is None and done.manifest is not None and done.manifest.after:
+                job = self.store.get(done.job_id)
+                deadline = job.deadline or self._now() + self.config.intake.input_grace
+                waited = self.upstreams.wait(done.job_id, done.manifest, deadline)
+                if waited is None:
+                    log.info("job %s: %s", done.job_id, self.upstreams.reason(done.job_id))
+                    continue
+                done = waited
+            self._decide([done])
+
+    def _decide(self, jobs: Iterable[Settled]) -> None:
+        """Jobs that wait no more, each as it is decided: queued (in its program's environment, built off
+        the job path), or rejected, or cancelled (a job it runs after did not succeed) with the reason."""
+        for done in jobs:
+            if done.cause is not None:
+                self.cancel_after(done.job_id, done.reason or done.cause, cause=done.cause)
+                continue
             if done.reason is not None:
                 self.reject(self.store.get(done.job_id), done.reason)
                 continue
@@ -447,6 +487,16 @@ class Intake:
                                            "finished_at": self._now()})
         except StoreError:
             log.exception("job %s could not be rejected", job.id)
+
+    def cancel_after(self, job_id: str, reason: str, *, cause: str) -> None:
+        """End a waiting job as cancelled, because a job it runs after did not succeed (`cause`, kept in its
+        outcome for the jobs after it); the committer publishes it."""
+        log.warning("job %s: cancelled: %s", job_id, reason)
+        try:
+            self.committer.finish(job_id, {"status": JobStatus.CANCELLED.value, "error": reason, "exit_code": None,
+                                           "finished_at": self._now(), CAUSE: cause})
+        except StoreError:  # a person cancelled it a moment ago
+            log.info("job %s had already ended", job_id)
 
     # --- recovery ------------------------------------------------------------------------------
 

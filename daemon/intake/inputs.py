@@ -40,10 +40,16 @@ FILE_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IFI
 
 @dataclass(frozen=True)
 class Settled:
-    """A job that waits no more: it has all its inputs (`reason` None: queue it), or must be rejected."""
+    """A job that waits no more: it may run (`reason` None), or must be rejected (or, with a `cause`,
+    cancelled: a job it runs after did not succeed) for `reason`."""
 
     job_id: str
     reason: str | None = None
+    #: the job's manifest, when it may run
+    manifest: Manifest | None = None
+    #: when it ends cancelled rather than rejected: the first job in its chain that did not succeed, in
+    #: words ("prep failed"), kept in its outcome for the jobs after it
+    cause: str | None = None
 
 
 class AwaitedInputs:
@@ -63,8 +69,9 @@ class AwaitedInputs:
         claimed at once; whether it waits no more."""
         self._deadlines[job_id] = deadline
         if job_id not in self._needs:
-            self._needs[job_id] = (manifest, set(manifest.inputs))
-            for rel in manifest.inputs:
+            # inputs read from an outbox folder are fetched once the jobs they come from have ended (upstream)
+            self._needs[job_id] = (manifest, set(manifest.inbox_inputs()))
+            for rel in manifest.inbox_inputs():
                 self._wanted.setdefault(rel, set()).add(job_id)
         return self._claim(job_id)
 
@@ -121,7 +128,7 @@ class AwaitedInputs:
                 return Settled(job_id, str(exc))
         if not needs:
             self.forget(job_id)
-            return Settled(job_id)
+            return Settled(job_id, manifest=manifest)
         if self._now() >= self._deadlines[job_id]:
             grace = self.config.intake.input_grace
             missing = next(rel for rel in manifest.inputs if rel in needs)

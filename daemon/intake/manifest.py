@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from dropq.config import JobDefaults
 from dropq.errors import ManifestError
-from dropq.intake.manifest_file import KEYS, ManifestFile, refusal
+from dropq.intake.manifest_file import KEYS, ManifestFile, is_from_outbox, placed_input, refusal
 from dropq.paths import check_relative
 from dropq.validation import first_error
 
@@ -42,7 +42,8 @@ def is_manifest_name(name: str) -> bool:
 class Manifest:
     #: the program's path inside programs/, e.g. "wordcount.py"
     program: str
-    #: input files, relative to inbox/: `input` first, then `inputs`
+    #: input files, as they are placed in the job's inputs/ folder: `input` first, then `inputs`; a file
+    #: read from a finished job's outbox folder (`outbox:JOB/PATH`) is outbox/JOB/PATH
     inputs: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     #: if set, stdout is saved as output/<output> instead of stdout.txt
@@ -53,6 +54,15 @@ class Manifest:
     priority: int = 0
     #: exit codes that mean "try again" (like HTCondor's retry_until): retried up to `retries` times
     retry_on_exit: tuple[int, ...] = ()
+    #: ids of the jobs this one runs after (`after`, then those its `outbox:` inputs read from)
+    after: tuple[str, ...] = ()
+    #: the inputs read from finished jobs' outbox folders, as JOB/PATH (each is inputs/outbox/JOB/PATH)
+    from_outbox: tuple[str, ...] = ()
+
+    def inbox_inputs(self) -> tuple[str, ...]:
+        """The input files taken from the inbox (not those read from an outbox folder)."""
+        fetched = {placed_input(f"outbox:{item}") for item in self.from_outbox}
+        return tuple(rel for rel in self.inputs if rel not in fetched)
 
     @classmethod
     def parse(cls, raw: bytes, *, defaults: JobDefaults, max_bytes: int) -> Manifest:
@@ -73,9 +83,10 @@ class Manifest:
             doc = ManifestFile.model_validate(data)
         except ValidationError as exc:
             raise refusal(first_error(exc)) from None
+        named = doc.input_files()
         return cls(
             program=program_file(doc.program),
-            inputs=doc.input_files(),
+            inputs=tuple(placed_input(item) for item in named),
             args=tuple(str(a) for a in doc.args or ()),
             output=doc.output,
             env=MappingProxyType({name: str(value) for name, value in (doc.env or {}).items()}),
@@ -83,6 +94,8 @@ class Manifest:
             retries=defaults.retries if doc.retries is None else doc.retries,
             priority=doc.priority,
             retry_on_exit=doc.exit_codes(),
+            after=doc.upstream(),
+            from_outbox=tuple(item.split(":", 1)[1] for item in named if is_from_outbox(item)),
         )
 
     def to_json(self) -> str:
@@ -94,7 +107,9 @@ class Manifest:
         data = json.loads(text)
         return cls(
             **{**data, "inputs": tuple(data["inputs"]), "args": tuple(data["args"]),
-               "env": MappingProxyType(data["env"]), "retry_on_exit": tuple(data.get("retry_on_exit", ()))}
+               "env": MappingProxyType(data["env"]), "retry_on_exit": tuple(data.get("retry_on_exit", ())),
+               # absent from a manifest stored before pipelines
+               "after": tuple(data.get("after", ())), "from_outbox": tuple(data.get("from_outbox", ()))}
         )
 
 

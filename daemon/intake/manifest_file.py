@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dropq.errors import ManifestError, UnsafePathError
+from dropq.intake.claims import MAX_ID_BYTES
 from dropq.paths import check_relative
 from dropq.validation import OWN, UNSAFE_PATH, Problem, own, unsafe_path
 
@@ -27,6 +28,10 @@ RESERVED_ENV = ("DROPQ_OUTPUT", "DROPQ_JOB_ID", "DROPQ_INPUTS")
 MAX_TIMEOUT = 7 * 24 * 3600
 MAX_RETRIES = 100
 MAX_PRIORITY = 1_000_000
+#: an input written `outbox:JOB/PATH` is file PATH of finished job JOB's outbox folder
+OUTBOX_PREFIX = "outbox:"
+#: such an input is placed in the job's inputs/ under this folder: inputs/outbox/JOB/PATH
+OUTBOX_FOLDER = "outbox"
 
 ExitCode = Annotated[int, Field(ge=1, le=255)]
 #: a scalar passed to the program as text; strict mode refuses true/false here
@@ -50,9 +55,11 @@ class ManifestFile(BaseModel):
     program: str = Field(examples=["wordcount"])
     """the program to run, inside programs/ (a bare name gets .py: `wordcount` runs programs/wordcount.py)"""
     input: str | None = None
-    """an input file, relative to inbox/ (drop it before the manifest); passed as the first argument"""
+    """an input file, relative to inbox/ (drop it before the manifest), or `outbox:JOB/PATH`, file PATH of the
+    outbox folder of job JOB, which this job then runs after (e.g. outbox:prep/output/clean.csv); passed as the
+    first argument"""
     inputs: list[str] | None = None
-    """more input files, relative to inbox/, passed after `input`"""
+    """more input files, relative to inbox/ or written `outbox:JOB/PATH`, passed after `input`"""
     args: list[Scalar] | None = None
     """further arguments for the program (numbers are passed as text)"""
     output: str | None = None
@@ -67,16 +74,33 @@ class ManifestFile(BaseModel):
     """higher runs first; first in, first out within a priority"""
     retry_on_exit: ExitCode | list[ExitCode] | None = None
     """exit codes that mean "try again": such a run is retried, up to `retries` times"""
+    after: list[str] | None = None
+    """ids of jobs this one runs after, e.g. [prep, fetch]: it waits until each has ended, and runs only if all
+    of them succeeded (otherwise it is cancelled, naming the one that did not)"""
 
-    @field_validator("program", "input", "output")
+    @field_validator("program", "output")
     @classmethod
     def _a_relative_path(cls, value: str | None, info: Any) -> str | None:
         return None if value is None else _relative(value, what=info.field_name)
 
+    @field_validator("input")
+    @classmethod
+    def _an_input(cls, value: str | None) -> str | None:
+        return None if value is None else _input(value)
+
     @field_validator("inputs")
     @classmethod
     def _relative_paths(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else [_relative(item, what="input") for item in value]
+        return None if value is None else [_input(item) for item in value]
+
+    @field_validator("after")
+    @classmethod
+    def _job_ids(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            _job_id(item, what="`after`")
+        if value is not None and len(set(value)) != len(value):
+            raise own("`after` names the same job twice")
+        return value
 
     @field_validator("output")
     @classmethod
@@ -110,16 +134,63 @@ class ManifestFile(BaseModel):
         named = self.input_files()
         if len(set(named)) != len(named):
             raise own("the same input file is named twice")
+        placed: dict[str, str] = {}
+        for item in named:
+            # `outbox/prep/x` from the inbox and `outbox:prep/x` would both be inputs/outbox/prep/x
+            if (other := placed.setdefault(placed_input(item), item)) != item:
+                raise own(f"inputs {short(other)!r} and {short(item)!r} would both be "
+                          f"inputs/{short(placed_input(item))}")
         return self
 
     def input_files(self) -> tuple[str, ...]:
         """Every input file: `input` first, then `inputs`."""
         return (*([self.input] if self.input is not None else []), *(self.inputs or ()))
 
+    def upstream(self) -> tuple[str, ...]:
+        """The jobs this one runs after: those of `after`, then those `outbox:` inputs read from, each once."""
+        named = [*(self.after or ()), *(upstream_of(item) for item in self.input_files() if is_from_outbox(item))]
+        return tuple(dict.fromkeys(named))
+
     def exit_codes(self) -> tuple[int, ...]:
         if self.retry_on_exit is None:
             return ()
         return tuple(self.retry_on_exit) if isinstance(self.retry_on_exit, list) else (self.retry_on_exit,)
+
+
+def is_from_outbox(item: str) -> bool:
+    """Whether input `item` (as validated) is read from a finished job's outbox folder."""
+    return item.startswith(OUTBOX_PREFIX)
+
+
+def upstream_of(item: str) -> str:
+    """The job an `outbox:JOB/PATH` input reads from."""
+    return PurePosixPath(item[len(OUTBOX_PREFIX):]).parts[0]
+
+
+def placed_input(item: str) -> str:
+    """Where input `item` is in the job's inputs/ folder: its inbox path, or outbox/JOB/PATH."""
+    return f"{OUTBOX_FOLDER}/{item[len(OUTBOX_PREFIX):]}" if is_from_outbox(item) else item
+
+
+def _input(value: str) -> str:
+    """An input as written: a path relative to inbox/, or `outbox:JOB/PATH` (normalised, checked as strictly)."""
+    if not value.startswith(OUTBOX_PREFIX):
+        return _relative(value, what="input")
+    rest = PurePosixPath(_relative(value[len(OUTBOX_PREFIX):], what="input"))
+    if len(rest.parts) < 2:
+        raise own(f"input {short(value)!r} must name a file in a job's outbox folder, "
+                  "e.g. outbox:prep/output/clean.csv")
+    _job_id(rest.parts[0], what=f"input {short(value)!r}")
+    return f"{OUTBOX_PREFIX}{rest}"
+
+
+def _job_id(value: str, *, what: str) -> None:
+    """Refuse what cannot be a job id (an outbox folder's name)."""
+    if not value or value in (".", "..") or value.startswith(".") or "/" in value or "\x00" in value:
+        raise own(f"{what} names {short(value)!r}, which is not a job id (a job's id is its manifest's "
+                  "name without .yaml, as in outbox/<id>/)")
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_ID_BYTES:
+        raise own(f"{what} names a job id longer than {MAX_ID_BYTES} bytes")
 
 
 def _relative(value: str, *, what: str) -> str:
@@ -142,6 +213,7 @@ _EXPECTED = {
     "retries": "`retries` must be a whole number",
     "priority": "`priority` must be a whole number",
     "retry_on_exit": "`retry_on_exit` must be an exit code from 1 to 255, or a list of them",
+    "after": "`after` must be a list of job ids, e.g. after: [prep, fetch]",
 }
 _RANGES = {
     "timeout": f"`timeout` may be at most {MAX_TIMEOUT} seconds (a week)",
@@ -172,7 +244,7 @@ def _sentence(problem: Problem) -> str:
         if problem.raw_loc[2:] == ("[key]",):
             return f"`env` has an invalid variable name {name}"
         return f"`env.{name}` must be a string"
-    if key in ("inputs", "args") and len(loc) >= 2:
+    if key in ("inputs", "args", "after") and len(loc) >= 2:
         # the type only: a repr of an untrusted nested value can be enormous
         return f"every item of `{key}` must be a string, not {type(problem.value).__name__}"
     if key in _RANGES and kind in ("less_than_equal", "greater_than_equal"):

@@ -33,7 +33,7 @@ from dropq.publish.committer import Committer
 from dropq.publish.outbox import Outbox, key_secret
 from dropq.queue.balancer import Balancer
 from dropq.queue.jobs import JobStatus
-from dropq.queue.store import Store
+from dropq.queue.store import JobRecord, Store
 
 log = logging.getLogger("dropq.daemon")
 
@@ -85,7 +85,7 @@ class Daemon:
         self.web = WebServer(config, self.metrics) if config.http.enabled else None
         self.outbox = Outbox(root=config.outbox, spool=config.spool, store=self.store,
                              secret=key_secret(config.state),
-                             on_published=self.metrics.observe)
+                             on_published=self._published)
         # every finished job reaches the outbox through this one committer: results, rejections, cancels
         self.committer = Committer(outbox=self.outbox)
         self.pool = pool or make_pool(config)
@@ -129,6 +129,11 @@ class Daemon:
         if self.notifier.enabled and now >= self._next_status:
             self._next_status = now + 2.0
             self.notifier.status(self.status_line())
+
+    def _published(self, job: JobRecord) -> None:
+        """Every job the outbox publishes: counted, and the jobs that run after it (a pipeline) look again."""
+        self.metrics.observe(job)
+        self.intake.published(job)
 
     def _on_file(self, rel: str, arrival: Arrival) -> None:
         self.intake.offer(rel, arrival)

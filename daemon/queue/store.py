@@ -451,11 +451,27 @@ class Store:
         return found
 
     def waiting_reason(self, job: JobRecord) -> str | None:
-        """Why a queued job is not taken yet, when it waits for its environment."""
+        """Why a job is not taken yet: a waiting job waits for the jobs it runs after ("waiting for prep,
+        fetch") or for its input files; a queued one, for its environment."""
+        if job.status is JobStatus.WAITING:
+            return self._waiting_reason(job)
         if job.status is not JobStatus.QUEUED or job.held is None:
             return None
         record = self.env(job.held)
         return record.waiting_reason(self._now()) if record else f"waiting for environment {job.held[:8]}…"
+
+    def _waiting_reason(self, job: JobRecord) -> str | None:
+        """A waiting job's reason, from its stored manifest (dropq.intake.manifest.Manifest.to_json): the
+        jobs it runs after that have not ended, else its input files; None before its manifest is read."""
+        if not job.manifest:
+            return None
+        manifest = json.loads(job.manifest)
+        after = [up for up in manifest.get("after", ()) if isinstance(up, str)]
+        pending = [up for up in after if (found := self.find(up)) is None or not found.status.is_final]
+        if pending:
+            return "waiting for " + ", ".join(pending)
+        from_inbox = len(manifest.get("inputs", ())) - len(manifest.get("from_outbox", ()))
+        return "waiting for its input files" if from_inbox > 0 else None
 
     def env_in_use(self, env_id: str) -> bool:
         """Whether a job that has not ended runs, or will run, in the environment."""

@@ -31,6 +31,7 @@ from dropq.ops.workspace import check_renames
 from dropq.pools import Pool, find_staging
 from dropq.publish.committer import Committer
 from dropq.publish.outbox import Outbox, key_secret
+from dropq.publish.retention import Retention
 from dropq.queue.balancer import Balancer
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import Store
@@ -88,6 +89,8 @@ class Daemon:
                              on_published=self.metrics.observe)
         # every finished job reaches the outbox through this one committer: results, rejections, cancels
         self.committer = Committer(outbox=self.outbox)
+        #: removes published folders past retention.max_age / max_bytes (a thread only when one is set)
+        self.retention = Retention(config=config, store=self.store)
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, committer=self.committer)
         self.envs = Environments(config=config, store=self.store, committer=self.committer,
@@ -151,6 +154,7 @@ class Daemon:
         self.envs.start()
         self.recover()
         self.committer.start()
+        self.retention.start()
         self.pool.start()
         self.balancer.start()
         # the watcher before the intake's thread: what it reports waits in the intake's queue, and the
@@ -171,6 +175,7 @@ class Daemon:
     def stop(self) -> None:
         log.info("shutting down")
         self.notifier.stopping()
+        self.retention.stop()
         self.watcher.stop()
         self.intake.stop()
         self.envs.stop()

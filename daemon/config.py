@@ -196,6 +196,26 @@ class RetentionConfig(_Section):
         return parse_size(self.max_bytes) if self.max_bytes is not None else None
 
 
+class DiskConfig(_Section):
+    """Free space the daemon keeps: below it, new manifests wait in the inbox."""
+
+    min_free: str = "1g"
+    """claim no new manifest while the outbox's or the state's filesystem has less free than this (1g, 500m)"""
+
+    @field_validator("min_free")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        try:
+            parse_size(value)
+        except DropqError as exc:
+            raise own(f"config key disk.min_free: {exc}") from None
+        return value
+
+    @property
+    def min_free_bytes(self) -> int:
+        return parse_size(self.min_free)
+
+
 class HttpConfig(_Section):
     """The dashboard, the JSON API and /metrics, served by the daemon (read-only, no login)."""
 
@@ -270,6 +290,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     environments: EnvironmentsConfig = EnvironmentsConfig()
     retention: RetentionConfig = RetentionConfig()
+    disk: DiskConfig = DiskConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """how much the daemon logs"""
     log_format: Literal["text", "json"] = "text"

@@ -55,7 +55,7 @@ class Bench:
         (self.programs / "pass.py").write_text("")
         (self.programs / "sleep.py").write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
         config = {"workers": {"pool": pool, "count": count, "docker": {"image": IMAGE, "on_shutdown": "remove"}},
-                  "intake": {"rescan": 30}, "log_level": "info", "http": {"port": 0}}
+                  "intake": {"rescan": 30}, "log_level": "info", "http": {"port": 0}, "disk": {"min_free": "1m"}}
         (self.root / "config.yaml").write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
         self.seq = 0

@@ -26,7 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from dropq.errors import ConfigError
+from dropq.errors import ConfigError, DropqError
+from dropq.units import parse_duration, parse_size
 from dropq.validation import OWN, first_error, kind_of, known_keys, own
 
 PoolKind = Literal["auto", "local", "docker"]
@@ -152,6 +153,70 @@ class IntakeConfig(_Section):
     safe) and are claimed as the queue drains, so a huge backlog does not compete with the jobs"""
 
 
+class RetentionConfig(_Section):
+    """How long results are kept in the outbox (off unless a limit is set)."""
+
+    max_age: str | None = None
+    """remove committed job folders older than this (30d, 12h); null: no age limit"""
+    max_bytes: str | None = None
+    """remove the oldest committed job folders while the outbox holds more than this (50g, 500m); null: no
+    size limit"""
+    check_every: float = Field(default=300.0, gt=0)
+    """seconds between two looks for folders past a limit"""
+
+    @field_validator("max_age")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_duration(value)
+            except DropqError as exc:
+                raise own(f"config key retention.max_age: {exc}") from None
+        return value
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_size(value)
+            except DropqError as exc:
+                raise own(f"config key retention.max_bytes: {exc}") from None
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_age is not None or self.max_bytes is not None
+
+    @property
+    def age_seconds(self) -> float | None:
+        return parse_duration(self.max_age) if self.max_age is not None else None
+
+    @property
+    def size_limit(self) -> int | None:
+        return parse_size(self.max_bytes) if self.max_bytes is not None else None
+
+
+class DiskConfig(_Section):
+    """Free space the daemon keeps: below it, new manifests wait in the inbox."""
+
+    min_free: str = "1g"
+    """claim no new manifest while the outbox's or the state's filesystem has less free than this (1g, 500m)"""
+
+    @field_validator("min_free")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        try:
+            parse_size(value)
+        except DropqError as exc:
+            raise own(f"config key disk.min_free: {exc}") from None
+        return value
+
+    @property
+    def min_free_bytes(self) -> int:
+        return parse_size(self.min_free)
+
+
 class HttpConfig(_Section):
     """The dashboard, the JSON API and /metrics, served by the daemon (read-only, no login)."""
 
@@ -225,6 +290,8 @@ class Config(_Section):
     intake: IntakeConfig = IntakeConfig()
     http: HttpConfig = HttpConfig()
     environments: EnvironmentsConfig = EnvironmentsConfig()
+    retention: RetentionConfig = RetentionConfig()
+    disk: DiskConfig = DiskConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """how much the daemon logs"""
     log_format: Literal["text", "json"] = "text"

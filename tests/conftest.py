@@ -119,6 +119,9 @@ class Workspace:
             "log_level": "debug",
             # a free port each: tests run daemons side by side, and never on the operator's 8787
             "http": {"port": 0},
+            # the tests' jobs are small: a nearly full CI disk must not pause claiming (tests/test_disk.py
+            # sets its own)
+            "disk": {"min_free": "1m"},
         }
 
     def configure(self, **overrides: Any) -> None:

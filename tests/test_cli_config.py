@@ -30,6 +30,7 @@ INVOCATIONS: dict[str, list[str]] = {
     "env list": ["env", "list"],
     "env build": ["env", "build", "x"],
     "env prune": ["env", "prune"],
+    "prune": ["prune", "--older-than", "1d"],
 }
 
 BROKEN = "workers: {count: many}\n"

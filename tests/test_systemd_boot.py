@@ -20,7 +20,8 @@ from helpers import engine
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
-CONFIG = {"workers": {"pool": "local", "count": 1}, "http": {"port": 0}, "intake": {"rescan": 2}}
+CONFIG = {"workers": {"pool": "local", "count": 1}, "http": {"port": 0}, "intake": {"rescan": 2},
+          "disk": {"min_free": "1m"}}
 
 
 @pytest.fixture(scope="module")

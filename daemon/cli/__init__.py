@@ -17,6 +17,7 @@ from dropq.cli.job import cmd_cancel, cmd_logs, cmd_show
 from dropq.cli.jobs import cmd_jobs
 from dropq.cli.ops import cmd_image, cmd_run, cmd_service
 from dropq.cli.parser import build_parser, config_path
+from dropq.cli.prune import cmd_prune
 from dropq.cli.status import cmd_status, cmd_workers
 from dropq.cli.submit import cmd_retry, cmd_submit
 from dropq.config import Config
@@ -59,4 +60,5 @@ def _fail(code: Exit, message: str) -> int:
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "show": cmd_show, "image": cmd_image,
             "cancel": cmd_cancel, "workers": cmd_workers, "logs": cmd_logs, "retry": cmd_retry,
-            "service": cmd_service, "jobs": cmd_jobs, "env": cmd_env}
+            "service": cmd_service, "jobs": cmd_jobs, "env": cmd_env,
+            "prune": cmd_prune}

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dropq.cli import env, schema
+from dropq.cli import env, prune, schema
 from dropq.queue.jobs import JobStatus
 
 #: the configuration file when neither -c/--config nor $DROPQ_CONFIG names one
@@ -33,6 +33,7 @@ examples:
   dropq image build --from-debian             build the worker image from Debian packages, no registry
   dropq env build report                      build the environment of program report ahead of its jobs
   dropq env list                              programs' environments: packages, size, last use
+  dropq prune --older-than 30d --dry-run      which published job folders a prune would remove
   sudo dropq service install                  run the daemon on this config under systemd
   dropq schema manifest > manifest.schema.json   a JSON Schema editors check manifests with
 
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
 
     env.add_parser(sub)
+    prune.add_parser(sub)
     schema.add_parser(sub)
     return parser
 

@@ -64,6 +64,8 @@ def _status_lines(snap: _Snapshot) -> list[str]:
              + (f"   dashboard: {meta['http']}" if snap.running and meta.get("http") else ""),
              f"watcher  {meta.get('watcher', '?')}, {meta.get('watcher_rescans', '0')} rescans, "
              f"{meta.get('watcher_missed', '0')} manifests missed by events and found by a rescan"]
+    if snap.running and meta.get("disk_low"):
+        lines.append(f"disk     claiming paused: {meta['disk_low']}")
     if snap.running and meta.get("intake_trouble"):
         lines.append(f"intake   {meta['intake_trouble']} (retried with back-off; see the daemon's log)")
     order = [s.value for s in JobStatus]

@@ -83,5 +83,9 @@ def _result_path(config: Config, job: JobRecord) -> Path:
 def print_result(config: Config, job: JobRecord) -> None:
     path = _result_path(config, job)
     # result.yaml is written escaped, but it sits in a folder anyone with the outbox can edit: shown escaped
-    say(path.read_text(errors="surrogateescape") if path.exists()
-        else f"{job.id}: {job.status} (its outbox folder is gone)\n", end="")
+    if job.pruned_at is not None:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.pruned_at))
+        gone = f"its outbox folder was removed by retention on {when}"
+    else:
+        gone = "its outbox folder is gone"
+    say(path.read_text(errors="surrogateescape") if path.exists() else f"{job.id}: {job.status} ({gone})\n", end="")

@@ -83,6 +83,8 @@ class IntakeHooks:
     #: watchdog is fed from here, so a stuck intake gets the daemon restarted
     heartbeat: Callable[[], None] | None = None
     heartbeat_every: float = 5.0
+    #: why claiming must wait for free space (DiskGuard.low), or None; None here: never
+    disk_low: Callable[[], str | None] | None = None
     #: queues a job whose inputs are all there, in its program's environment (Environments.place); None:
     #: queued as it is
     place: Callable[[str], None] | None = None
@@ -115,6 +117,8 @@ class Intake:
         self._queued_estimate = 0
         self._since_count = 0
         self._full = False
+        #: what the store's meta says of free space (disk_low), so that it is written only when it changes
+        self._disk_said: str | None = None
         self.rescans = 0
         self.claimed = 0
         #: manifests a rescan found that the watcher never reported (lost events, e.g. an overflow)
@@ -195,7 +199,9 @@ class Intake:
         self._timers(now)
 
     def _timers(self, now: float) -> None:
-        """Whatever has come due: settle checks, quiet periods, claim retries, inputs awaited."""
+        """Whatever has come due: settle checks, quiet periods, claim retries, inputs awaited; and a look at
+        the free space, so that status shows a pause even while no manifest arrives."""
+        self._disk_low()
         for name in self.completeness.due(now):
             self._take(name)
         for name in self._failing.due(now):
@@ -207,7 +213,7 @@ class Intake:
         """A manifest the watcher reported: claimed once complete (see completeness)."""
         if not self.completeness.arrived(name, arrival):
             return
-        if arrival is Arrival.WHOLE:
+        if arrival is Arrival.WHOLE and not self._disk_low():
             self._try_claim(name)  # reported whole: claimed at once, not held in the backlog
         else:
             self._take(name)
@@ -275,10 +281,21 @@ class Intake:
             self._take(name)
         return missed
 
+    def _disk_low(self) -> bool:
+        """Whether free space is below disk.min_free: then manifests wait in the backlog (the inbox) too."""
+        low = self._hooks.disk_low() if self._hooks.disk_low is not None else None
+        if low != self._disk_said:  # for `dropq status`, /metrics and the dashboard's banner
+            self.store.set_meta("disk_low", low or "")
+            self._disk_said = low
+        if low is not None:
+            self._full = True
+        return low is not None
+
     def _queue_full(self) -> bool:
-        """Whether intake.max_queued jobs are queued. An estimate, counted again every 50 claims (a
-        COUNT per claim would cost more than the claim); once full, full until the backlog drains."""
-        if self._full:
+        """Whether intake.max_queued jobs are queued (or the disk is short of space). An estimate, counted
+        again every 50 claims (a COUNT per claim would cost more than the claim); once full, full until the
+        backlog drains."""
+        if self._full or self._disk_low():
             return True
         self._since_count += 1
         if self._since_count >= 50:
@@ -294,6 +311,8 @@ class Intake:
     def _drain_backlog(self) -> None:
         self._queued_estimate, self._since_count = self.store.queued(), 0
         self._full = self._queued_estimate >= self.config.intake.max_queued
+        if self._disk_low():
+            return
         while self._backlog and not self._full:
             name = self._backlog.popleft()
             if not self.completeness.being_written(name) and self.completeness.settled(name):
@@ -306,9 +325,11 @@ class Intake:
         self._publish_trouble()
 
     def _take(self, name: str) -> None:
-        """Claim a complete manifest, unless the queue is full (then it waits in the backlog)."""
+        """Claim a complete manifest, unless the queue is full or the disk short (then it waits in the backlog)."""
         if self._queue_full():
             self._backlog.appendleft(name)
+            if self._disk_said is not None:
+                log.debug("%s waits in the inbox: free space is below disk.min_free", printable(name))
             return
         self._try_claim(name)
 

@@ -70,6 +70,8 @@ class StoreCollector(Collector):
         yield CounterMetricFamily("dropq_watcher_missed", "Manifests the watcher's events missed (an inotify "
                                   "queue overflow, most often) that a rescan found",
                                   value=_number(meta.get("watcher_missed")))
+        yield GaugeMetricFamily("dropq_claiming_paused_disk", "1 while new manifests wait in the inbox because "
+                                "free space is below disk.min_free", value=1 if meta.get("disk_low") else 0)
         yield InfoMetricFamily("dropq", "The daemon's pool and watcher",
                                value={"pool": meta.get("pool", ""), "watcher": meta.get("watcher", "")})
 

@@ -24,6 +24,7 @@ from dropq.envs.install import index_settings
 from dropq.errors import DaemonRunning, PoolError
 from dropq.intake.claim import Intake, IntakeHooks
 from dropq.intake.watcher import Arrival, InboxWatcher
+from dropq.ops.disk import DiskGuard
 from dropq.ops.metrics import Metrics
 from dropq.ops.systemd import Notifier
 from dropq.ops.web import WebServer
@@ -31,6 +32,7 @@ from dropq.ops.workspace import check_renames
 from dropq.pools import Pool, find_staging
 from dropq.publish.committer import Committer
 from dropq.publish.outbox import Outbox, key_secret
+from dropq.publish.retention import Retention
 from dropq.queue.balancer import Balancer
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
@@ -88,6 +90,8 @@ class Daemon:
                              on_published=self._published)
         # every finished job reaches the outbox through this one committer: results, rejections, cancels
         self.committer = Committer(outbox=self.outbox)
+        #: removes published folders past retention.max_age / max_bytes (a thread only when one is set)
+        self.retention = Retention(config=config, store=self.store)
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, committer=self.committer)
         self.envs = Environments(config=config, store=self.store, committer=self.committer,
@@ -95,8 +99,9 @@ class Daemon:
         self.watcher = InboxWatcher(inbox=config.inbox, mode=config.intake.watch, on_file=self._on_file)
         # the loop turns at least twice per ping interval, so no ping is ever later than 3/4 of the timeout
         every = min(5.0, (self.notifier.watchdog_interval or 10.0) / 2)
+        self.disk = DiskGuard([config.outbox, config.state], min_free=config.disk.min_free_bytes)
         hooks = IntakeHooks(notify=self.balancer.notify, cancel=self.balancer.cancel, heartbeat=self._heartbeat,
-                            heartbeat_every=every, place=self.envs.place)
+                            heartbeat_every=every, place=self.envs.place, disk_low=self.disk.low)
         self.intake = Intake(config=config, store=self.store, committer=self.committer, inbox=self.watcher,
                              hooks=hooks)
         self._stop = threading.Event()
@@ -111,7 +116,7 @@ class Daemon:
         # others, and a restart cannot cure a file's permissions or a full disk, so the watchdog stays fed;
         # the status line (and `dropq status`) says what is wrong instead of looking healthy. So does a worker
         # slot being repaired: the daemon cures that itself, with one worker fewer meanwhile.
-        trouble = "; ".join(t for t in (self.intake.trouble(), self.balancer.degraded()) if t)
+        trouble = "; ".join(t for t in (self.intake.trouble(), self.balancer.degraded(), self.disk.low()) if t)
         return f"degraded: {trouble}; {line}" if trouble else line
 
     def _heartbeat(self) -> None:
@@ -156,6 +161,7 @@ class Daemon:
         self.envs.start()
         self.recover()
         self.committer.start()
+        self.retention.start()
         self.pool.start()
         self.balancer.start()
         # the watcher before the intake's thread: what it reports waits in the intake's queue, and the
@@ -176,6 +182,7 @@ class Daemon:
     def stop(self) -> None:
         log.info("shutting down")
         self.notifier.stopping()
+        self.retention.stop()
         self.watcher.stop()
         self.intake.stop()
         self.envs.stop()
@@ -188,6 +195,7 @@ class Daemon:
         if self.web is not None:
             self.web.stop()
         self.store.set_meta("pid", "")
+        self.store.set_meta("disk_low", "")
         self.store.set_meta("http", "")
         self.store.close()
         os.close(self._lock_fd)

@@ -123,6 +123,7 @@ class _Api:
             queue_depth=counts.get(JobStatus.QUEUED.value, 0),
             running=[job_summary(j, now) for j in running],
             waiting_for_environments=self.store.waiting_for(),
+            disk_low=meta.get("disk_low") or None,
             workers=self.store.workers(),
             watcher={"kind": meta.get("watcher"), "rescans": int(_float(meta, "watcher_rescans") or 0),
                      "missed": int(_float(meta, "watcher_missed") or 0),

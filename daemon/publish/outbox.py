@@ -27,6 +27,7 @@ from dropq.paths import collect_tree, move, remove_tree
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import Staging
+from dropq_worker.trees import walk
 
 log = logging.getLogger("dropq.outbox")
 
@@ -84,6 +85,8 @@ class Outbox:
         #: for attempt keys (key_secret(state) in the daemon; a random one lasts as long as this object)
         self.secret = secrets.token_bytes(32) if secret is None else secret
         self._on_published = on_published
+        #: status and error a commit had to change (see commit: a full disk), for finish to record
+        self._changed: dict[str, dict[str, Any]] = {}
 
     def key(self, job: JobRecord) -> str:
         """The key of `job`'s current attempt (job_key under this daemon's secret)."""
@@ -93,7 +96,8 @@ class Outbox:
         """Publish a job in COMMITTING state and record its final status; safe to run again."""
         name = self._folder_name(job)
         folder = self.commit(job, staging=staging, name=name)
-        outcome = dict(job.outcome or {}, folder=name)
+        # what publishing changed (a full disk fails a job whose output had to go), as result.yaml says it
+        outcome = dict(job.outcome or {}, folder=name, **self._changed.pop(job.id, {}))
         final = self.store.transition(job.id, JobStatus(outcome["status"]), outcome=outcome,
                                       error=outcome.get("error"), finished_at=outcome.get("finished_at"))
         log.info("job %s: %s, published as %s", job.id, final.status, name)
@@ -127,7 +131,11 @@ class Outbox:
         final = self.root / name
         spool = self.spool / job.id
         if self.committed_here(job, name):
-            # published before a crash: only the clean-up after the rename may be missing
+            # published before a crash: only the clean-up after the rename may be missing; the status is
+            # the one result.yaml says (publishing may have changed it)
+            published = yaml.safe_load((self.root / name / "result.yaml").read_text())
+            if published.get("status") != (job.outcome or {}).get("status"):
+                self._changed[job.id] = {"status": published["status"], "error": published.get("error")}
             remove_tree(spool)
             if staging is not None:
                 staging.remove()
@@ -148,7 +156,23 @@ class Outbox:
         if stdout_name:
             (tmp / "stdout.txt").touch()
         document = result_document(job, outcome, name, key=self.key(job))
-        _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
+        try:
+            _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # The disk is full, most likely with what this very job wrote: its output goes, so that its
+            # result can be recorded at all (nothing published before is touched), and the result says so.
+            freed = _free_job_output(tmp)
+            log.warning("job %s: the disk is full; its output (%d bytes) was removed to publish its result",
+                        job.id, freed)
+            outcome["error"] = ((outcome.get("error") or "") + ("; " if outcome.get("error") else "") +
+                                f"the disk was full when it was published: its output ({freed} bytes) was removed")
+            if outcome.get("status") == JobStatus.SUCCEEDED.value:
+                outcome["status"] = JobStatus.FAILED.value
+            self._changed[job.id] = {"status": outcome["status"], "error": outcome["error"]}
+            document = result_document(job, outcome, name, key=self.key(job))
+            _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(self.root)
@@ -246,6 +270,24 @@ def result_document(job: JobRecord, outcome: dict[str, Any], name: str, *, key: 
         doc["environment"] = outcome["environment"]
     doc["key"] = key
     return {field: _printable(value) for field, value in doc.items()}
+
+
+def _free_job_output(tmp: Path) -> int:
+    """Empty what the job produced in a folder being published (output/, stdout.txt, stderr.txt); the
+    bytes freed."""
+    freed = 0
+    for _path, st, _depth in walk(tmp / "output", skip_errors=True):
+        if not stat.S_ISDIR(st.st_mode):
+            freed += st.st_size
+    remove_tree(tmp / "output")
+    (tmp / "output").mkdir()
+    for stream in ("stdout.txt", "stderr.txt"):
+        try:
+            freed += os.lstat(tmp / stream).st_size
+            os.truncate(tmp / stream, 0)
+        except FileNotFoundError:
+            continue
+    return freed
 
 
 def _printable(value: Any) -> Any:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -411,7 +412,19 @@ class Balancer:
             return
         self._cancel_requested.discard(job.id)
         try:
-            self.committer.finish(job.id, outcome, staging=worker.staging(key), inputs=worker.inputs_dir / key)
+            try:
+                self.committer.finish(job.id, outcome, staging=worker.staging(key), inputs=worker.inputs_dir / key)
+            except sqlite3.OperationalError as exc:
+                if "full" not in str(exc):
+                    raise
+                # The disk is full, most likely with what this job wrote (its staging shares the disk with the
+                # database): its output goes, so that its outcome can be recorded at all, and the error says so.
+                worker.staging(key).remove()
+                error = "the job filled the disk: its output was removed so that its result could be recorded"
+                outcome.update(status=JobStatus.FAILED.value, error=f"{outcome['error']}; {error}"
+                               if outcome.get("error") else error)
+                log.warning("job %s: %s", job.id, error)
+                self.committer.finish(job.id, outcome, staging=worker.staging(key), inputs=worker.inputs_dir / key)
         except StoreError:
             log.exception("job %s: could not record its outcome", job.id)
             return

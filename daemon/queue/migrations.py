@@ -117,6 +117,12 @@ DROP INDEX jobs_ready;
 CREATE INDEX jobs_ready ON jobs (status, held, priority DESC, seq);
 CREATE INDEX jobs_held ON jobs (held) WHERE held IS NOT NULL;
 """),
+    Migration(3, "retention: jobs.pruned_at, when a job's outbox folder was removed (its record stays, so counts "
+                 "hold), and jobs.folder_bytes, the folder's size once measured", """
+ALTER TABLE jobs ADD COLUMN pruned_at REAL;
+ALTER TABLE jobs ADD COLUMN folder_bytes INTEGER;
+CREATE INDEX jobs_retained ON jobs (finished_at) WHERE finished_at IS NOT NULL AND pruned_at IS NULL;
+"""),
 )
 
 #: the schema version this dropq writes

@@ -52,6 +52,10 @@ class JobRecord:
     env: str | None = None
     #: while queued, the environment it waits for (being built); None when it may be taken
     held: str | None = None
+    #: when retention removed its outbox folder (the record stays)
+    pruned_at: float | None = None
+    #: its outbox folder's size, once retention measured it
+    folder_bytes: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -359,6 +363,34 @@ class Store:
                 (worker, WorkerState.BUSY.value, row[0], detail, now),
             )
         return self.get(row[0])
+
+    # --- retention (dropq.publish.retention) ---------------------------------------------------------
+
+    def retained(self, *, statuses: Sequence[JobStatus] = (), finished_before: float | None = None,
+                 limit: int = 1000, after: tuple[float, int] = (0.0, 0)) -> list[JobRecord]:
+        """Published jobs whose folders are still in the outbox, oldest finished first, from after
+        (finished_at, seq), a page at a time."""
+        final = statuses or [s for s in JobStatus if s.is_final]
+        marks = ",".join("?" * len(final))
+        where = "finished_at IS NOT NULL AND pruned_at IS NULL AND (finished_at > ? OR (finished_at = ? AND seq > ?))"
+        params: list[Any] = [after[0], after[0], after[1]]
+        if finished_before is not None:
+            where += " AND finished_at < ?"
+            params.append(finished_before)
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE {where} AND status IN ({marks}) "  # marks only
+                                    "ORDER BY finished_at, seq LIMIT ?", (*params, *[s.value for s in final], limit))
+            return [JobRecord.from_row(row) for row in rows.fetchall()]
+
+    def set_folder_bytes(self, job_id: str, size: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET folder_bytes = ? WHERE id = ?", (size, job_id))
+
+    def mark_pruned(self, job_id: str) -> bool:
+        """Record that a published job's folder was removed; whether it was still unpruned."""
+        with self._tx() as db:
+            return db.execute("UPDATE jobs SET pruned_at = ? WHERE id = ? AND pruned_at IS NULL AND finished_at IS "
+                              "NOT NULL", (self._now(), job_id)).rowcount == 1
 
     # --- environments (dropq.envs) ----------------------------------------------------------------
 

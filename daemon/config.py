@@ -217,6 +217,46 @@ class DiskConfig(_Section):
         return parse_size(self.min_free)
 
 
+class NotifyConfig(_Section):
+    """Telling someone a job has finished: webhooks a manifest asks for, and a command the operator runs."""
+
+    allowed: list[str] = []
+    """URL prefixes a manifest's `notify:` must start with (e.g. https://hooks.example.org/); empty: manifests
+    may not ask for a webhook, so a manifest can never make the daemon call an address the operator did not
+    allow"""
+    secret_file: Path | None = None
+    """the file holding the secret webhooks are signed with (X-Dropq-Signature-256, HMAC-SHA256 of the body);
+    null: state/notify.secret, made on first use"""
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    """deliveries of one webhook tried at most this often (back-off 5 s, doubling, at most 10 minutes)"""
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    """seconds one delivery may take"""
+    command: list[str] | None = None
+    """a command run after each job is published, with the job's folder as its last argument (e.g.
+    [/usr/local/bin/mail-result]); for local integrations. Operator-only: a manifest cannot set it"""
+    command_timeout: float = Field(default=30.0, gt=0)
+    """seconds the command may run before it is killed"""
+
+    @field_validator("allowed")
+    @classmethod
+    def _http_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.startswith(("https://", "http://")) or "/" not in prefix.split("://", 1)[1]:
+                raise own(f"config key notify.allowed: {prefix!r} must be an http(s) URL prefix that names the host "
+                          "and ends its path with a slash or more, e.g. https://hooks.example.org/dropq/")
+        return value
+
+    @field_validator("secret_file", mode="before")
+    @classmethod
+    def _relative_to_the_file(cls, value: Any, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if not isinstance(value, str | Path) or not str(value):
+            raise own(f"config key notify.{info.field_name} must be a path (a string), not {kind_of(value)}")
+        base: Path = (info.context or {}).get("base", Path.cwd())
+        return (base / value).resolve()
+
+
 class HttpConfig(_Section):
     """The dashboard, the JSON API and /metrics, served by the daemon (read-only, no login)."""
 
@@ -292,6 +332,7 @@ class Config(_Section):
     environments: EnvironmentsConfig = EnvironmentsConfig()
     retention: RetentionConfig = RetentionConfig()
     disk: DiskConfig = DiskConfig()
+    notify: NotifyConfig = NotifyConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """how much the daemon logs"""
     log_format: Literal["text", "json"] = "text"

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -23,19 +23,39 @@ from dropq.queue.jobs import FINAL, JobStatus
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     doc = job.summary()
-    if job.held is not None or job.status is JobStatus.WAITING:
-        store = open_store(config)
-        try:
+    store = open_store(config)
+    try:
+        if job.held is not None or job.status is JobStatus.WAITING:
             doc["waiting"] = store.waiting_reason(job)
-        finally:
-            store.close()
+        delivery = store.delivery(job.id)
+    finally:
+        store.close()
+    if delivery is not None:
+        doc["notify"] = {k: delivery[k] for k in ("url", "state", "attempts", "last_error", "delivered_at")}
     if args.json:
         print(as_json(doc))
-    elif job.status in FINAL:
+        return Exit.OK
+    if job.status in FINAL:
         print_result(config, job)
     else:
-        say(yaml.safe_dump(doc, sort_keys=False), end="")
+        say(yaml.safe_dump({k: v for k, v in doc.items() if k != "notify"}, sort_keys=False), end="")
+    if delivery is not None:
+        say(f"# notify: {_delivery_words(delivery, config.notify.max_attempts)}")
     return Exit.OK
+
+
+def _delivery_words(delivery: dict[str, Any], most: int) -> str:
+    """A webhook's last state, for a person: delivered, or failing with the status or error."""
+    state, attempts, error = delivery["state"], delivery["attempts"], delivery["last_error"]
+    if state == "delivered":
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(delivery["delivered_at"]))
+        return f"delivered to {delivery['url']} at {when} (attempt {attempts})"
+    if state == "failed":
+        return f"not delivered to {delivery['url']}: gave up after {attempts} attempts; last: {error}"
+    if attempts == 0:
+        return f"to be delivered to {delivery['url']}"
+    nxt = time.strftime("%H:%M:%S", time.localtime(delivery["next_at"]))
+    return f"failing: {error} (attempt {attempts} of {most}); next attempt at {nxt}"
 
 
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ from dropq.intake.manifest import Manifest, is_manifest_name
 from dropq.intake.upstream import CAUSE, AwaitedUpstreams
 from dropq.intake.watcher import Arrival, InboxView
 from dropq.publish.committer import Committer
+from dropq.publish.notify import check_notify
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
 
@@ -431,6 +432,8 @@ class Intake:
             if len(manifest.inputs) > limit:
                 raise ManifestError(f"the manifest names {len(manifest.inputs)} input files; the limit is {limit} "
                                     "(intake.max_inputs): split the work over several manifests")
+            if manifest.notify is not None:
+                check_notify(manifest.notify, self.config.notify.allowed)
             deadline = job.deadline or self._now() + self.config.intake.input_grace
             self.store.set_manifest(job.id, manifest.to_json(), priority=manifest.priority,
                                     retries=manifest.retries, deadline=deadline)

@@ -58,6 +58,8 @@ class Manifest:
     after: tuple[str, ...] = ()
     #: the inputs read from finished jobs' outbox folders, as JOB/PATH (each is inputs/outbox/JOB/PATH)
     from_outbox: tuple[str, ...] = ()
+    #: the webhook to POST the result to once published (checked against notify.allowed at claim)
+    notify: str | None = None
 
     def inbox_inputs(self) -> tuple[str, ...]:
         """The input files taken from the inbox (not those read from an outbox folder)."""
@@ -96,6 +98,7 @@ class Manifest:
             retry_on_exit=doc.exit_codes(),
             after=doc.upstream(),
             from_outbox=tuple(item.split(":", 1)[1] for item in named if is_from_outbox(item)),
+            notify=doc.notify,
         )
 
     def to_json(self) -> str:
@@ -109,7 +112,8 @@ class Manifest:
             **{**data, "inputs": tuple(data["inputs"]), "args": tuple(data["args"]),
                "env": MappingProxyType(data["env"]), "retry_on_exit": tuple(data.get("retry_on_exit", ())),
                # absent from a manifest stored before pipelines
-               "after": tuple(data.get("after", ())), "from_outbox": tuple(data.get("from_outbox", ()))}
+               "after": tuple(data.get("after", ())), "from_outbox": tuple(data.get("from_outbox", ())),
+               "notify": data.get("notify")}
         )
 
 

@@ -74,6 +74,9 @@ class ManifestFile(BaseModel):
     """higher runs first; first in, first out within a priority"""
     retry_on_exit: ExitCode | list[ExitCode] | None = None
     """exit codes that mean "try again": such a run is retried, up to `retries` times"""
+    notify: str | None = Field(default=None, max_length=2048)
+    """a URL the daemon POSTs the job's result to once it is published (signed; see README), which must start
+    with one of the daemon's notify.allowed prefixes"""
     after: list[str] | None = None
     """ids of jobs this one runs after, e.g. [prep, fetch]: it waits until each has ended, and runs only if all
     of them succeeded (otherwise it is cancelled, naming the one that did not)"""
@@ -100,6 +103,15 @@ class ManifestFile(BaseModel):
             _job_id(item, what="`after`")
         if value is not None and len(set(value)) != len(value):
             raise own("`after` names the same job twice")
+        return value
+
+    @field_validator("notify")
+    @classmethod
+    def _a_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("https://", "http://")) or any(c.isspace() or ord(c) < 32 for c in value):
+            raise own("`notify` must be an http:// or https:// URL without spaces")
         return value
 
     @field_validator("output")
@@ -214,6 +226,7 @@ _EXPECTED = {
     "priority": "`priority` must be a whole number",
     "retry_on_exit": "`retry_on_exit` must be an exit code from 1 to 255, or a list of them",
     "after": "`after` must be a list of job ids, e.g. after: [prep, fetch]",
+    "notify": "`notify` must be an http:// or https:// URL, at most 2048 characters",
 }
 _RANGES = {
     "timeout": f"`timeout` may be at most {MAX_TIMEOUT} seconds (a week)",

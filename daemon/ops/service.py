@@ -31,6 +31,7 @@ from dropq.ops.web import WebServer
 from dropq.ops.workspace import check_renames
 from dropq.pools import Pool, find_staging
 from dropq.publish.committer import Committer
+from dropq.publish.notify import Notifications
 from dropq.publish.outbox import Outbox, key_secret
 from dropq.publish.retention import Retention
 from dropq.queue.balancer import Balancer
@@ -92,6 +93,8 @@ class Daemon:
         self.committer = Committer(outbox=self.outbox)
         #: removes published folders past retention.max_age / max_bytes (a thread only when one is set)
         self.retention = Retention(config=config, store=self.store)
+        #: webhooks manifests ask for, and notify.command (threads only when configured)
+        self.notifications = Notifications(config=config, store=self.store)
         self.pool = pool or make_pool(config)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, committer=self.committer)
         self.envs = Environments(config=config, store=self.store, committer=self.committer,
@@ -139,6 +142,7 @@ class Daemon:
         """Every job the outbox publishes: counted, and the jobs that run after it (a pipeline) look again."""
         self.metrics.observe(job)
         self.intake.published(job)
+        self.notifications.published(job)
 
     def _on_file(self, rel: str, arrival: Arrival) -> None:
         self.intake.offer(rel, arrival)
@@ -160,6 +164,7 @@ class Daemon:
         # before the intake's recovery, which queues resumed jobs in their environments
         self.envs.start()
         self.recover()
+        self.notifications.start()  # before the committer: a delivery pending from the last run goes out too
         self.committer.start()
         self.retention.start()
         self.pool.start()
@@ -192,6 +197,7 @@ class Daemon:
         self.balancer.join()
         self.envs.join()
         self.committer.stop()  # after the slots and the builds: every outcome they recorded is published first
+        self.notifications.stop()  # deliveries not yet sent stay in the store for the next start
         if self.web is not None:
             self.web.stop()
         self.store.set_meta("pid", "")

@@ -123,6 +123,20 @@ ALTER TABLE jobs ADD COLUMN pruned_at REAL;
 ALTER TABLE jobs ADD COLUMN folder_bytes INTEGER;
 CREATE INDEX jobs_retained ON jobs (finished_at) WHERE finished_at IS NOT NULL AND pruned_at IS NULL;
 """),
+    Migration(4, "deliveries: webhooks to send when a job is published, kept until delivered or given up, so "
+                 "that they survive a restart", """
+CREATE TABLE deliveries (
+    job          TEXT PRIMARY KEY,
+    url          TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_at      REAL NOT NULL,
+    last_error   TEXT,
+    created_at   REAL NOT NULL,
+    delivered_at REAL
+);
+CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+"""),
 )
 
 #: the schema version this dropq writes

@@ -163,6 +163,9 @@ class Store:
             self._db.close()
             raise
         self._db.row_factory = sqlite3.Row
+        #: the schema this database is at: a reader (the CLI, the dashboard) may meet one older than this
+        #: dropq's, before the daemon is restarted after an upgrade, and then reads what is there
+        self.schema = migrations.version_of(self._db)
 
     def _schema(self, *, readonly: bool) -> None:
         """Refuse a database from a newer dropq; as the writer, bring an older one (or a new one) up to date."""
@@ -392,6 +395,41 @@ class Store:
             return db.execute("UPDATE jobs SET pruned_at = ? WHERE id = ? AND pruned_at IS NULL AND finished_at IS "
                               "NOT NULL", (self._now(), job_id)).rowcount == 1
 
+    # --- webhooks (dropq.publish.notify) ------------------------------------------------------------
+
+    def add_delivery(self, job_id: str, url: str) -> None:
+        now = self._now()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO deliveries (job, url, state, next_at, created_at) "
+                       "VALUES (?, ?, 'pending', ?, ?)", (job_id, url, now, now))
+
+    def due_deliveries(self, limit: int = 20) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM deliveries WHERE state = 'pending' AND next_at <= ? ORDER BY "
+                                    "next_at LIMIT ?", (self._now(), limit)).fetchall()
+        return [dict(row) for row in rows]
+
+    def next_delivery_at(self) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    def delivery_done(self, job_id: str, *, state: str, attempts: int, error: str | None,
+                      next_at: float | None = None) -> None:
+        """Record one attempt: delivered, failed for good, or pending again at `next_at`."""
+        now = self._now()
+        with self._tx() as db:
+            db.execute("UPDATE deliveries SET state = ?, attempts = ?, last_error = ?, next_at = COALESCE(?, next_at), "
+                       "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE job = ?",
+                       (state, attempts, error, next_at, state, now, job_id))
+
+    def delivery(self, job_id: str) -> dict[str, Any] | None:
+        if self.schema < 4:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT * FROM deliveries WHERE job = ?", (job_id,)).fetchone()
+        return dict(row) if row else None
+
     # --- environments (dropq.envs) ----------------------------------------------------------------
 
     def queue_job(self, job_id: str, *, env: str | None = None) -> JobRecord:
@@ -474,6 +512,8 @@ class Store:
 
     def waiting_for(self) -> list[dict[str, Any]]:
         """The environments queued jobs wait for, each with the reason in words and how many wait."""
+        if self.schema < 2:
+            return []
         now = self._now()
         found = []
         for env, jobs in self.held_envs().items():

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dropq.errors import ManifestError, UnsafePathError
 from dropq.paths import check_relative
+from dropq.sizes import SIZE, parse_size
 from dropq.validation import OWN, UNSAFE_PATH, Problem, own, unsafe_path
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -27,6 +28,9 @@ RESERVED_ENV = ("DROPQ_OUTPUT", "DROPQ_JOB_ID", "DROPQ_INPUTS")
 MAX_TIMEOUT = 7 * 24 * 3600
 MAX_RETRIES = 100
 MAX_PRIORITY = 1_000_000
+#: the least `memory:` a job may ask for: the engine refuses a container limit below 6 MiB
+MIN_MEMORY = 6 * 1024 * 1024
+MAX_CPUS = 1024
 
 ExitCode = Annotated[int, Field(ge=1, le=255)]
 #: a scalar passed to the program as text; strict mode refuses true/false here
@@ -67,6 +71,12 @@ class ManifestFile(BaseModel):
     """higher runs first; first in, first out within a priority"""
     retry_on_exit: ExitCode | list[ExitCode] | None = None
     """exit codes that mean "try again": such a run is retried, up to `retries` times"""
+    memory: Annotated[str, Field(pattern=SIZE, examples=["2g"])] | Annotated[int, Field(ge=MIN_MEMORY)] | None = None
+    """memory the job may use, in docker's syntax (512m, 2g) or bytes: its limit while it runs, and what it
+    counts as against workers.capacity (at most the config's jobs.max_memory)"""
+    cpus: Annotated[float, Field(gt=0, le=MAX_CPUS, allow_inf_nan=False)] | None = None
+    """CPUs the job may use, e.g. 1.5: its share while it runs (docker pool), and what it counts as against
+    workers.capacity (at most the config's jobs.max_cpus)"""
 
     @field_validator("program", "input", "output")
     @classmethod
@@ -105,6 +115,16 @@ class ManifestFile(BaseModel):
                 raise own(f"`env.{name}` contains a NUL byte")
         return value
 
+    @field_validator("memory")
+    @classmethod
+    def _enough_memory(cls, value: str | int | None) -> str | int | None:
+        if value is not None and parse_size(value) < MIN_MEMORY:
+            raise own("`memory` must be at least 6m (the least a container may be given)")
+        return value
+
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
+
     @model_validator(mode="after")
     def _each_input_once(self) -> ManifestFile:
         named = self.input_files()
@@ -142,11 +162,15 @@ _EXPECTED = {
     "retries": "`retries` must be a whole number",
     "priority": "`priority` must be a whole number",
     "retry_on_exit": "`retry_on_exit` must be an exit code from 1 to 255, or a list of them",
+    "memory": "`memory` must be a size such as 512m or 2g (docker's syntax), or a number of bytes",
+    "cpus": "`cpus` must be a positive number of CPUs, such as 1.5",
 }
 _RANGES = {
     "timeout": f"`timeout` may be at most {MAX_TIMEOUT} seconds (a week)",
     "retries": f"`retries` must be between 0 and {MAX_RETRIES}",
     "priority": f"`priority` must be between {-MAX_PRIORITY} and {MAX_PRIORITY}",
+    "memory": "`memory` must be at least 6m (the least a container may be given)",
+    "cpus": f"`cpus` must be more than 0 and at most {MAX_CPUS}",
 }
 
 
@@ -175,7 +199,7 @@ def _sentence(problem: Problem) -> str:
     if key in ("inputs", "args") and len(loc) >= 2:
         # the type only: a repr of an untrusted nested value can be enormous
         return f"every item of `{key}` must be a string, not {type(problem.value).__name__}"
-    if key in _RANGES and kind in ("less_than_equal", "greater_than_equal"):
+    if key in _RANGES and kind in ("less_than_equal", "greater_than_equal", "greater_than"):
         return _RANGES[key]
     return _EXPECTED.get(key, f"`{key}` {problem.says}")
 

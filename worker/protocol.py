@@ -178,15 +178,12 @@ class JobSpec:
     memory_rlimit: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = {"key": self.key, "job_id": self.job_id, "program": self.program, "inputs": list(self.inputs),
+        # memory and memory_rlimit are read by workers that know them and ignored by older ones (of the same
+        # protocol version): such a worker names its own limit in an out-of-memory error, not the job's
+        return {"key": self.key, "job_id": self.job_id, "program": self.program, "inputs": list(self.inputs),
                 "args": list(self.args), "env": self.env, "timeout": self.timeout, "kill_grace": self.kill_grace,
-                "max_output_bytes": self.max_output_bytes, "environment": self.environment}
-        # optional fields only when set: a worker that predates them reads the same message as before
-        if self.memory is not None:
-            data["memory"] = self.memory
-        if self.memory_rlimit is not None:
-            data["memory_rlimit"] = self.memory_rlimit
-        return data
+                "max_output_bytes": self.max_output_bytes, "environment": self.environment,
+                "memory": self.memory, "memory_rlimit": self.memory_rlimit}
 
     @classmethod
     def from_json(cls, data: Any) -> JobSpec:

@@ -170,7 +170,7 @@ _RANGES = {
     "retries": f"`retries` must be between 0 and {MAX_RETRIES}",
     "priority": f"`priority` must be between {-MAX_PRIORITY} and {MAX_PRIORITY}",
     "memory": "`memory` must be at least 6m (the least a container may be given)",
-    "cpus": f"`cpus` must be more than 0 and at most {MAX_CPUS}",
+    "cpus": f"`cpus` may be at most {MAX_CPUS}",
 }
 
 
@@ -199,7 +199,7 @@ def _sentence(problem: Problem) -> str:
     if key in ("inputs", "args") and len(loc) >= 2:
         # the type only: a repr of an untrusted nested value can be enormous
         return f"every item of `{key}` must be a string, not {type(problem.value).__name__}"
-    if key in _RANGES and kind in ("less_than_equal", "greater_than_equal", "greater_than"):
+    if key in _RANGES and kind in ("less_than_equal", "greater_than_equal"):
         return _RANGES[key]
     return _EXPECTED.get(key, f"`{key}` {problem.says}")
 

@@ -328,7 +328,7 @@ class DockerPool(RestartingPool):
 
         try:
             update_resources(self.client, cid, memory=target[0], nano_cpus=target[1])
-        except docker.errors.DockerException as exc:
+        except (docker.errors.DockerException, OSError) as exc:  # OSError: requests' errors (the engine is gone)
             raise PoolError(f"worker {name}: could not set its container's limits to {human_size(target[0])} of "
                             f"memory and {target[1] / 1e9:g} CPUs: {exc}") from None
         self._limits[cid] = target

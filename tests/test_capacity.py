@@ -85,6 +85,19 @@ def test_the_wait_is_counted_for_the_job_at_the_head_not_for_whoever_was_there()
     assert cap.choose([("large2", 3 * GIB, None), ("small2", GIB // 2, None)]) == "small2"
 
 
+def test_a_job_of_higher_priority_going_ahead_does_not_restart_the_wait() -> None:
+    clock = Clock()
+    cap = capacity(clock, starve_after=10)
+    cap.reserve("running", 2 * GIB, None)
+    assert cap.choose([("large", 3 * GIB, None), ("small", GIB // 4, None)]) == "small"
+    cap.reserve("small", GIB // 4, None)
+    clock.t += 5
+    assert cap.choose([("urgent", GIB // 4, None), ("large", 3 * GIB, None)]) == "urgent"
+    cap.reserve("urgent", GIB // 4, None)
+    clock.t += 5  # "large" has now waited 10 seconds in all
+    assert cap.choose([("large", 3 * GIB, None), ("small2", GIB // 4, None)]) is None
+
+
 def test_starve_after_zero_keeps_the_queue_strictly_in_order() -> None:
     cap = capacity(Clock(), starve_after=0)
     cap.reserve("running", 2 * GIB, None)

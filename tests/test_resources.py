@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+import yaml
 
 from conftest import DaemonProcess, Workspace
-from helpers import containers_of, wait_until
+from helpers import containers_of, dropq, wait_for_status, wait_until
 
 #: allocates argv[1] MiB and writes every page of it (b"x" * n fills the memory; a zeroed buffer would not)
 ALLOC = '''
@@ -96,6 +97,24 @@ def test_local_jobs_asking_three_quarters_of_the_capacity_never_overlap(
     _never_overlap(res_ws, daemon, {"cpus": 1.5})
 
 
+def test_submit_takes_memory_and_cpus(res_ws: Workspace, daemon: DaemonProcess) -> None:
+    res_ws.configure(workers={"count": 1})
+    daemon.start()
+    done = dropq(res_ws.config, "submit", "alloc", "--name", "sized", "--memory", "64m", "--cpus", "0.5",
+                 "--wait", "--", "256")
+    assert done.returncode == 1, done.stderr  # the job failed: its 64m did not hold 256 MiB
+    manifest = yaml.safe_load((res_ws.outbox / "sized" / "manifest.yaml").read_text())
+    assert (manifest["memory"], manifest["cpus"]) == ("64m", 0.5)
+    assert "MemoryError" in (res_ws.outbox / "sized" / "stderr.txt").read_text()
+
+
+def test_submit_refuses_a_size_it_cannot_read(res_ws: Workspace) -> None:
+    done = dropq(res_ws.config, "submit", "alloc", "--memory", "lots")
+    assert done.returncode == 2
+    assert "--memory" in done.stderr and "512m" in done.stderr
+    assert not [p for p in res_ws.inbox.iterdir() if not p.name.startswith(".")]
+
+
 # --- the docker pool -----------------------------------------------------------------------------------
 
 
@@ -136,3 +155,19 @@ def test_docker_jobs_asking_three_quarters_of_the_capacity_never_overlap(
         docker_res: Workspace, daemon: DaemonProcess) -> None:
     docker_res.configure(workers={"count": 2, "capacity": {"memory": "1g", "cpus": 2}})
     _never_overlap(docker_res, daemon, {"memory": "768m", "cpus": 1.5})
+
+
+@pytest.mark.docker
+def test_a_job_left_running_across_a_restart_still_holds_its_room(
+        docker_res: Workspace, daemon: DaemonProcess) -> None:
+    docker_res.configure(workers={"count": 2, "capacity": {"memory": "1g", "cpus": 2},
+                                  "docker": {"on_shutdown": "leave"}})
+    daemon.start()
+    docker_res.drop("long.yaml", {"program": "hold", "args": ["6"], "memory": "768m"})
+    wait_for_status(docker_res.config, "long", "running", timeout=60)
+    assert daemon.stop() == 0  # its container, and the job in it, go on running
+    daemon.start()  # re-attaches to it; its room is taken before any slot picks a job
+    docker_res.drop("next.yaml", {"program": "hold", "args": ["0.5"], "memory": "768m"})
+    results = docker_res.wait_results(2, timeout=90)
+    assert {r["status"] for r in results.values()} == {"succeeded"}, results
+    assert _interval(results["long"])[1] <= _interval(results["next"])[0], "the second job started beside the first"

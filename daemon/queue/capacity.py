@@ -119,7 +119,9 @@ class Capacity:
             fits = (used + self.request(memory, cpus)).within(self.total)
             if index == 0:
                 if fits:
-                    self._blocked = None
+                    if self._blocked is not None and self._blocked[0] == job_id:
+                        self._blocked = None
+                    # else a job of higher priority went ahead: the one that waits keeps its time waited
                     return job_id
                 if self._blocked is None or self._blocked[0] != job_id:
                     self._blocked = (job_id, self._now())

@@ -91,6 +91,22 @@ def test_a_job_that_could_never_fit_is_rejected_at_claim(res_ws: Workspace, daem
     assert "workers.capacity.memory" in result["error"] and "never run" in result["error"]
 
 
+def test_a_queued_job_that_no_longer_fits_after_a_restart_fails_saying_why(
+        res_ws: Workspace, daemon: DaemonProcess) -> None:
+    res_ws.configure(workers={"count": 1, "capacity": {"memory": "4g"}})
+    daemon.start()
+    res_ws.drop("long.yaml", {"program": "hold", "args": ["3"]})
+    wait_for_status(res_ws.config, "long", "running")
+    res_ws.drop("big.yaml", {"program": "hold", "args": ["0"], "memory": "3g"})
+    wait_for_status(res_ws.config, "big", "queued")
+    assert daemon.stop() == 0
+    res_ws.configure(workers={"capacity": {"memory": "2g"}})
+    daemon.start()
+    wait_for_status(res_ws.config, "big", "failed")
+    assert "workers.capacity.memory" in res_ws.wait_results(1)["big"]["error"]
+    assert res_ws.wait_results(2)["long"]["status"] == "succeeded"  # the queue behind it was not stopped
+
+
 def test_local_jobs_asking_three_quarters_of_the_capacity_never_overlap(
         res_ws: Workspace, daemon: DaemonProcess) -> None:
     res_ws.configure(workers={"count": 2, "capacity": {"memory": "4g", "cpus": 2}})

@@ -111,6 +111,8 @@ def test_local_jobs_asking_three_quarters_of_the_capacity_never_overlap(
         res_ws: Workspace, daemon: DaemonProcess) -> None:
     res_ws.configure(workers={"count": 2, "capacity": {"memory": "4g", "cpus": 2}})
     _never_overlap(res_ws, daemon, {"cpus": 1.5})
+    said = "the local pool does not enforce a job's `cpus:`; it only counts against workers.capacity"
+    assert daemon.log_text().count(said) == 1, "said once, not per job"
 
 
 def test_submit_takes_memory_and_cpus(res_ws: Workspace, daemon: DaemonProcess) -> None:

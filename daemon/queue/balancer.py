@@ -67,6 +67,7 @@ class Balancer:
         self._cancel_requested: set[str] = set()
         #: the room running jobs take of workers.capacity; counted under self._cond, with the pick
         self.capacity = capacity if capacity is not None else Capacity.from_config(config)
+        self._unenforced_said: set[str] = set()
         pool.on_change(self._pool_changed)
 
     def trouble(self) -> str | None:
@@ -378,6 +379,7 @@ class Balancer:
                 self._stage_inputs(worker, job, manifest)
             # the worker is idle: its limits are set for this job (or back to its standing ones)
             rlimit = self.pool.apply_limits(worker.name, memory=manifest.memory, cpus=manifest.cpus)
+            self._say_unenforced(manifest)
             spec = JobSpec(
                 key=key, job_id=job.id, program=manifest.program, args=tuple(manifest.args),
                 inputs=tuple(f"{key}/{rel}" for rel in manifest.inputs), env=dict(manifest.env),
@@ -405,6 +407,15 @@ class Balancer:
                 return False
             status = None
         return self._follow(worker, job, health, status)
+
+    def _say_unenforced(self, manifest: Manifest) -> None:
+        """Once per daemon and key: a job asks for what this pool does not enforce (it still counts against
+        workers.capacity), so that an operator is not left to believe it is a limit."""
+        for key, value in (("memory", manifest.memory), ("cpus", manifest.cpus)):
+            if value is not None and key not in self.pool.enforces and key not in self._unenforced_said:
+                self._unenforced_said.add(key)
+                log.warning("the %s pool does not enforce a job's `%s:`; it only counts against workers.capacity "
+                            "(README: Per-job resources)", self.pool.kind, key)
 
     def _ended(self, worker: WorkerHandle, job: JobRecord) -> None:
         """After a job left the slot's hands: its room is freed and its worker's own limits lifted, unless the

@@ -12,7 +12,7 @@ editor checks config.yaml with is made from these very classes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,10 +27,12 @@ from pydantic import (
 )
 
 from dropq.errors import ConfigError, DropqError
-from dropq.units import parse_duration, parse_size
+from dropq.units import SIZE, parse_duration, parse_size
 from dropq.validation import OWN, first_error, kind_of, known_keys, own
 
 PoolKind = Literal["auto", "local", "docker"]
+#: a size in docker's syntax (512m, 2g), or a number of bytes
+Size = Annotated[str, Field(pattern=SIZE)] | Annotated[int, Field(ge=0)]
 WatchMode = Literal["auto", "inotify", "polling"]
 
 
@@ -46,7 +48,19 @@ class DockerConfig(_Section):
     image: str = "dropq-worker:latest"
     """image the worker containers run; `dropq image build` makes it"""
     memory: str = "512m"
-    """memory limit of one worker container, job included (docker syntax: 512m, 2g)"""
+    """memory limit of one worker container, job included (docker syntax: 512m, 2g); a job whose manifest
+    asks for `memory:` gets that plus `worker_memory` instead, while it runs"""
+    worker_memory: Size = "64m"
+    """memory kept for the worker process itself on top of a job's `memory:` request: the container's limit
+    is the sum while such a job runs (the worker and its job share the container's memory)"""
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory)
+
+    @property
+    def worker_memory_bytes(self) -> int:
+        return parse_size(self.worker_memory)
     cpus: float = Field(default=1.0, gt=0)
     """CPUs one worker container may use"""
     pids_limit: int = Field(default=256, ge=1)
@@ -66,6 +80,28 @@ class DockerConfig(_Section):
     on_shutdown: Literal["leave", "remove"] = "leave"
     """what `dropq run` does with its containers when it stops: leave them running (to be adopted by the
     next start, so running jobs survive a restart) or remove them"""
+
+
+class CapacityConfig(_Section):
+    """What the jobs running at once may ask for in all: the balancer starts a job only while the sum of the
+    running jobs' requests (their manifests' `memory:` and `cpus:`) stays within these."""
+
+    memory: Size | None = None
+    """memory of all running jobs' requests together (512m, 2g); null: the host's memory (MemTotal)"""
+    cpus: float | None = Field(default=None, gt=0)
+    """CPUs of all running jobs' requests together; null: the host's CPUs"""
+    job_memory: Size = 0
+    """what a job whose manifest asks for no `memory:` counts as (0: nothing; it runs within its worker's
+    standing limit, workers.docker.memory on docker)"""
+    job_cpus: float = Field(default=0.0, ge=0)
+    """what a job whose manifest asks for no `cpus:` counts as (0: nothing)"""
+    starve_after: float = Field(default=30.0, ge=0)
+    """seconds the first job in the queue may wait for room while smaller jobs behind it start; past that
+    no job behind it starts until it has run (0: strictly in order)"""
+
+    @property
+    def job_memory_bytes(self) -> int:
+        return parse_size(self.job_memory)
 
 
 class WorkersConfig(_Section):
@@ -90,6 +126,7 @@ class WorkersConfig(_Section):
     job under the next, so the kernel keeps a job off the worker, its socket and other jobs' files.
     Pick a range no host account or subuid range uses. null: jobs run as the worker's own uid"""
     docker: DockerConfig = DockerConfig()
+    capacity: CapacityConfig = CapacityConfig()
 
 
 class JobDefaults(_Section):
@@ -108,6 +145,16 @@ class JobDefaults(_Section):
     max_disk_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1024)
     """bytes a job may have on disk at once (its output folder, and its files in /tmp where it runs
     under a uid of its own), counted while it runs; past it the job is stopped"""
+    max_memory: Size | None = None
+    """the most `memory:` a manifest may ask for (512m, 2g); a manifest asking more is rejected. null: no
+    maximum but workers.capacity.memory"""
+    max_cpus: float | None = Field(default=None, gt=0)
+    """the most `cpus:` a manifest may ask for; a manifest asking more is rejected. null: no maximum but
+    workers.capacity.cpus"""
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     @model_validator(mode="after")
     def _file_limit_holds_the_captures(self) -> JobDefaults:

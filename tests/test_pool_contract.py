@@ -126,3 +126,21 @@ def test_the_transport_reports_a_dead_worker_as_an_error(pool: Pool) -> None:
         fresh.close()
     with pytest.raises(TransportError):
         worker.transport.health(timeout=2)
+
+
+def test_a_jobs_own_memory_limit_holds_and_is_lifted_after_it(pool: Pool) -> None:
+    # writes every page of argv[1] MiB (a zeroed buffer would not be counted until touched)
+    (pool.config.programs / "alloc.py").write_text(
+        'import sys\ndata = b"x" * (int(sys.argv[1]) * 1024 * 1024)\nprint(len(data) // 1048576)\n')
+    worker = pool.workers()[0]
+    limit = 64 * 1024 * 1024
+    rlimit = pool.apply_limits(worker.name, memory=limit, cpus=0.5)
+    assert (rlimit is not None) == (pool.kind == "local")  # local: the worker sets it in the program's process
+    worker.transport.start(JobSpec(key="m1", job_id="job-m1", program="alloc.py", args=("256",),
+                                   memory=limit, memory_rlimit=rlimit))
+    tight = worker.transport.status("m1", wait=60)
+    assert tight.done and (tight.exit_code, tight.outcome) != (0, Outcome.EXITED), tight
+    pool.lift_limits(worker.name)
+    worker.transport.start(spec("m2", "alloc.py", "256"))
+    roomy = worker.transport.status("m2", wait=60)
+    assert (roomy.outcome, roomy.exit_code) == (Outcome.EXITED, 0), roomy

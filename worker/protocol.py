@@ -119,6 +119,14 @@ def _number(data: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+def _bytes(data: dict[str, Any], key: str) -> int | None:
+    """An optional positive whole number of bytes."""
+    value = _opt(data, key, int)
+    if value is not None and value <= 0:
+        raise ProtocolError(f"{key} must be a positive number of bytes")
+    return value  # type: ignore[no-any-return]
+
+
 def _strings(data: dict[str, Any], key: str) -> tuple[str, ...]:
     value = data.get(key, ())
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -162,11 +170,20 @@ class JobSpec:
     #: the environment (an id, a folder of the worker's environments folder) whose interpreter runs a .py
     #: program; None: the worker's own interpreter
     environment: str | None = None
+    #: the job's memory limit in bytes (its manifest's `memory:`), named when the kernel kills the program for
+    #: memory; the pool enforces it (a docker worker's container limit). None: the worker's own limit
+    memory: int | None = None
+    #: bytes of private memory the program may map (RLIMIT_DATA, set in its process before exec): how a worker
+    #: without a container of its own (the local pool) enforces `memory`. None: no such limit
+    memory_rlimit: int | None = None
 
     def to_json(self) -> dict[str, Any]:
+        # memory and memory_rlimit are read by workers that know them and ignored by older ones (of the same
+        # protocol version): such a worker names its own limit in an out-of-memory error, not the job's
         return {"key": self.key, "job_id": self.job_id, "program": self.program, "inputs": list(self.inputs),
                 "args": list(self.args), "env": self.env, "timeout": self.timeout, "kill_grace": self.kill_grace,
-                "max_output_bytes": self.max_output_bytes, "environment": self.environment}
+                "max_output_bytes": self.max_output_bytes, "environment": self.environment,
+                "memory": self.memory, "memory_rlimit": self.memory_rlimit}
 
     @classmethod
     def from_json(cls, data: Any) -> JobSpec:
@@ -183,7 +200,8 @@ class JobSpec:
         spec = cls(key=check_key(_str(data, "key")), job_id=_str(data, "job_id"), program=_str(data, "program"),
                    inputs=_strings(data, "inputs"), args=_strings(data, "args"), env=dict(env),
                    timeout=_number(data, "timeout", 600.0), kill_grace=_number(data, "kill_grace", 5.0),
-                   max_output_bytes=max_output, environment=_environment(data))
+                   max_output_bytes=max_output, environment=_environment(data),
+                   memory=_bytes(data, "memory"), memory_rlimit=_bytes(data, "memory_rlimit"))
         if not spec.job_id or "\x00" in spec.job_id:
             raise ProtocolError(f"invalid job id {spec.job_id!r}")
         if spec.timeout <= 0 or spec.kill_grace < 0 or spec.max_output_bytes < 1024:

@@ -6,6 +6,7 @@ running job's process group (`RUNNING`) and `reap_abandoned`, which reads it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -38,15 +39,20 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
     owner = (settings.uids.owner_uid, settings.uids.owner_gid) if settings.uids is not None else None
     out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes, owner=owner)
     err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes, owner=owner)
-    as_uid: dict[str, object] = {}
+    popen_extra: dict[str, object] = {}
     if job.uid is not None:
         # its own uid and gid, no supplementary groups (root's would stay otherwise), and so no capability
-        as_uid = {"user": job.uid, "group": job.uid, "extra_groups": []}
+        popen_extra = {"user": job.uid, "group": job.uid, "extra_groups": []}
+    if spec.memory_rlimit is not None:
+        # in the child, after fork and before exec: the limit is the program's, never the worker's. A C builtin
+        # bound by partial, so no Python code of ours runs in the forked child of this threaded process
+        popen_extra["preexec_fn"] = functools.partial(
+            resource.setrlimit, resource.RLIMIT_DATA, (spec.memory_rlimit, spec.memory_rlimit))
     try:
         proc = subprocess.Popen(  # argv is built from checked paths, never a shell
             argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-            **as_uid,  # type: ignore[call-overload]
+            **popen_extra,  # type: ignore[call-overload]
         )
     except OSError as exc:
         out.close()
@@ -82,10 +88,8 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
     if outcome is Outcome.EXITED and code == -signal.SIGKILL and ooms_before is not None:
         after = procs.oom_kills()
         if after is not None and after > ooms_before:
-            limit = procs.memory_limit()
             outcome = Outcome.OOM
-            error = ("the program ran out of memory and was killed by the kernel"
-                     + (f" (the worker's memory limit is {procs.human_bytes(limit)})" if limit else ""))
+            error = oom_error(spec.memory, procs.memory_limit())
     return job.report.ended(
         outcome, finished_at=time.time(),
         exit_code=code if code is not None and code >= 0 else None,
@@ -93,6 +97,15 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
         error=error, stdout_bytes=out.total, stderr_bytes=err.total,
         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
     )
+
+
+def oom_error(requested: int | None, cgroup_limit: int | None) -> str:
+    """The error of a program the kernel killed for memory, naming the limit it hit: the job's own (its
+    manifest's `memory:`; the cgroup's limit is then that plus the worker's share), else the worker's."""
+    said = "the program ran out of memory and was killed by the kernel"
+    if requested is not None:
+        return f"{said} (the job's memory limit is {procs.human_bytes(requested)})"
+    return said + (f" (the worker's memory limit is {procs.human_bytes(cgroup_limit)})" if cgroup_limit else "")
 
 
 def supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile,

@@ -9,6 +9,7 @@ from typing import Any
 
 from dropq.cli import env, prune, schema
 from dropq.queue.jobs import JobStatus
+from dropq.units import parse_size
 
 #: the configuration file when neither -c/--config nor $DROPQ_CONFIG names one
 DEFAULT_CONFIG = Path("config.yaml")
@@ -21,6 +22,7 @@ examples:
   dropq submit sleep --timeout 5 -- 30        arguments after -- go to the program
   dropq submit wordcount outbox:clean/output/clean.txt --after fetch
                                               run once jobs clean and fetch have succeeded, on clean's output
+  dropq submit train data.csv --memory 2g --cpus 1.5   a job with its own memory and CPU limits
   dropq status                                the queue and the workers at a glance
   dropq status --watch                        the same, live, with the backlog's progress
   dropq workers                               each worker, its state and its job
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, help="seconds before the program is stopped")
     submit.add_argument("--retries", type=int, help="further attempts when its worker is lost")
     submit.add_argument("--priority", type=int, help="higher runs first")
+    submit.add_argument("--memory", type=_size, metavar="SIZE",
+                        help="memory the job may use, e.g. 512m or 2g (its limit, and its share of workers.capacity)")
+    submit.add_argument("--cpus", type=_cpus, metavar="N", help="CPUs the job may use, e.g. 1.5")
     submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     submit.add_argument("--after", action="append", default=[], metavar="ID",
                         help="run after job ID has succeeded (cancelled if it does not); repeatable")
@@ -199,3 +204,22 @@ def _add_wait(parser: argparse.ArgumentParser) -> None:
                              "succeeded")
     parser.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
                         help="with --wait: give up after this long (exit 5)")
+
+
+def _size(text: str) -> str:
+    """--memory: kept as written (the manifest says it so), once it reads as a size."""
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _cpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs such as 1.5") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("the number of CPUs must be more than 0")
+    return value

@@ -13,7 +13,7 @@ from dropq.config import Config
 from dropq.errors import DropqError
 from dropq.publish.retention import Retention
 from dropq.queue.store import Store
-from dropq.units import parse_duration, size_text
+from dropq.units import human_size, parse_duration
 
 
 def add_parser(sub: Any) -> None:
@@ -57,7 +57,7 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         return int(Exit.OK)
     if done.jobs:
         for line in table(["JOB", "STATUS", "FOLDER", "SIZE"],
-                          [[j.id, j.status.value, j.folder, size_text(size)] for j, size in done.jobs], right=[3]):
+                          [[j.id, j.status.value, j.folder, human_size(size)] for j, size in done.jobs], right=[3]):
             say(line)
-    say(f"{verb} {len(done.jobs)} job folder(s), {size_text(done.freed)}")
+    say(f"{verb} {len(done.jobs)} job folder(s), {human_size(done.freed)}")
     return int(Exit.OK)

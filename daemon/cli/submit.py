@@ -53,7 +53,7 @@ def _manifest_from_args(config: Config, args: argparse.Namespace) -> dict[str, A
         manifest["inputs"] = inputs[1:]
     if args.program_args:
         manifest["args"] = args.program_args
-    for key in ("output", "timeout", "retries", "priority"):
+    for key in ("output", "timeout", "retries", "priority", "memory", "cpus"):
         if getattr(args, key) is not None:
             manifest[key] = getattr(args, key)
     if args.after:

@@ -50,6 +50,7 @@ from dropq.intake.upstream import CAUSE, AwaitedUpstreams
 from dropq.intake.watcher import Arrival, InboxView
 from dropq.publish.committer import Committer
 from dropq.publish.notify import check_notify
+from dropq.queue.capacity import Capacity
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
 
@@ -93,8 +94,10 @@ class IntakeHooks:
 
 class Intake:
     def __init__(self, *, config: Config, store: Store, committer: Committer, inbox: InboxView,
-                 hooks: IntakeHooks, now: Callable[[], float] = time.time) -> None:
+                 hooks: IntakeHooks, capacity: Capacity | None = None, now: Callable[[], float] = time.time) -> None:
         self.config = config
+        #: what all running jobs may ask for: a job asking more can never run, and is rejected at once
+        self.capacity = capacity if capacity is not None else Capacity.from_config(config)
         self.store = store
         self.committer = committer
         self.outbox = committer.outbox
@@ -434,6 +437,9 @@ class Intake:
                                     "(intake.max_inputs): split the work over several manifests")
             if manifest.notify is not None:
                 check_notify(manifest.notify, self.config.notify.allowed)
+            too_big = self.capacity.never_fits(manifest.memory, manifest.cpus)
+            if too_big:
+                raise ManifestError(too_big)
             deadline = job.deadline or self._now() + self.config.intake.input_grace
             self.store.set_manifest(job.id, manifest.to_json(), priority=manifest.priority,
                                     retries=manifest.retries, deadline=deadline)

@@ -9,10 +9,10 @@ expected.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -21,6 +21,7 @@ from dropq.config import JobDefaults
 from dropq.errors import ManifestError
 from dropq.intake.manifest_file import KEYS, ManifestFile, is_from_outbox, placed_input, refusal
 from dropq.paths import check_relative
+from dropq.units import human_size
 from dropq.validation import first_error
 
 __all__ = ["KEYS", "MANIFEST_SUFFIXES", "Manifest", "ManifestFile", "is_manifest_name", "program_file"]
@@ -65,6 +66,10 @@ class Manifest:
         """The input files taken from the inbox (not those read from an outbox folder)."""
         fetched = {placed_input(f"outbox:{item}") for item in self.from_outbox}
         return tuple(rel for rel in self.inputs if rel not in fetched)
+    #: bytes of memory the job asks for (its limit while it runs), or None
+    memory: int | None = None
+    #: CPUs the job asks for, or None
+    cpus: float | None = None
 
     @classmethod
     def parse(cls, raw: bytes, *, defaults: JobDefaults, max_bytes: int) -> Manifest:
@@ -99,6 +104,8 @@ class Manifest:
             after=doc.upstream(),
             from_outbox=tuple(item.split(":", 1)[1] for item in named if is_from_outbox(item)),
             notify=doc.notify,
+            memory=_within("memory", doc.memory_bytes(), defaults.max_memory_bytes, human_size),
+            cpus=_within("cpus", doc.cpus, defaults.max_cpus, lambda n: f"{n:g}"),
         )
 
     def to_json(self) -> str:
@@ -115,6 +122,17 @@ class Manifest:
                "after": tuple(data.get("after", ())), "from_outbox": tuple(data.get("from_outbox", ())),
                "notify": data.get("notify")}
         )
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _within(key: str, value: _N | None, maximum: _N | None, say: Callable[[_N], str]) -> _N | None:
+    """A manifest's resource request, refused when it is more than the config's maximum (jobs.max_<key>)."""
+    if value is not None and maximum is not None and value > maximum:
+        raise ManifestError(f"`{key}` asks for {say(value)}, more than a job may ask for: {say(maximum)} "
+                            f"(the config's jobs.max_{key})")
+    return value
 
 
 def program_file(value: object) -> str:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dropq.errors import ManifestError, UnsafePathError
 from dropq.intake.claims import MAX_ID_BYTES
 from dropq.paths import check_relative
+from dropq.units import SIZE, parse_size
 from dropq.validation import OWN, UNSAFE_PATH, Problem, own, unsafe_path
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -32,6 +33,9 @@ MAX_PRIORITY = 1_000_000
 OUTBOX_PREFIX = "outbox:"
 #: such an input is placed in the job's inputs/ under this folder: inputs/outbox/JOB/PATH
 OUTBOX_FOLDER = "outbox"
+#: the least `memory:` a job may ask for: the engine refuses a container limit below 6 MiB
+MIN_MEMORY = 6 * 1024 * 1024
+MAX_CPUS = 1024
 
 ExitCode = Annotated[int, Field(ge=1, le=255)]
 #: a scalar passed to the program as text; strict mode refuses true/false here
@@ -80,6 +84,12 @@ class ManifestFile(BaseModel):
     after: list[str] | None = None
     """ids of jobs this one runs after, e.g. [prep, fetch]: it waits until each has ended, and runs only if all
     of them succeeded (otherwise it is cancelled, naming the one that did not)"""
+    memory: Annotated[str, Field(pattern=SIZE, examples=["2g"])] | Annotated[int, Field(ge=MIN_MEMORY)] | None = None
+    """memory the job may use, in docker's syntax (512m, 2g) or bytes: its limit while it runs, and what it
+    counts as against workers.capacity (at most the config's jobs.max_memory)"""
+    cpus: Annotated[float, Field(gt=0, le=MAX_CPUS, allow_inf_nan=False)] | None = None
+    """CPUs the job may use, e.g. 1.5: its share while it runs (docker pool), and what it counts as against
+    workers.capacity (at most the config's jobs.max_cpus)"""
 
     @field_validator("program", "output")
     @classmethod
@@ -140,6 +150,16 @@ class ManifestFile(BaseModel):
             if isinstance(item, str) and "\x00" in item:
                 raise own(f"`env.{name}` contains a NUL byte")
         return value
+
+    @field_validator("memory")
+    @classmethod
+    def _enough_memory(cls, value: str | int | None) -> str | int | None:
+        if value is not None and parse_size(value) < MIN_MEMORY:
+            raise own("`memory` must be at least 6m (the least a container may be given)")
+        return value
+
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
 
     @model_validator(mode="after")
     def _each_input_once(self) -> ManifestFile:
@@ -227,11 +247,15 @@ _EXPECTED = {
     "retry_on_exit": "`retry_on_exit` must be an exit code from 1 to 255, or a list of them",
     "after": "`after` must be a list of job ids, e.g. after: [prep, fetch]",
     "notify": "`notify` must be an http:// or https:// URL, at most 2048 characters",
+    "memory": "`memory` must be a size such as 512m or 2g (docker's syntax), or a number of bytes",
+    "cpus": "`cpus` must be a positive number of CPUs, such as 1.5",
 }
 _RANGES = {
     "timeout": f"`timeout` may be at most {MAX_TIMEOUT} seconds (a week)",
     "retries": f"`retries` must be between 0 and {MAX_RETRIES}",
     "priority": f"`priority` must be between {-MAX_PRIORITY} and {MAX_PRIORITY}",
+    "memory": "`memory` must be at least 6m (the least a container may be given)",
+    "cpus": f"`cpus` may be at most {MAX_CPUS}",
 }
 
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dropq.units import size_text
+from dropq.units import human_size
 
 log = logging.getLogger("dropq.disk")
 
@@ -40,7 +40,7 @@ class DiskGuard:
                 continue  # not made yet: nothing is written there either
             free = st.f_bavail * st.f_frsize
             if free < self.min_free:
-                said = (f"{size_text(free)} free under {path}, less than disk.min_free ({size_text(self.min_free)}): "
+                said = (f"{human_size(free)} free under {path}, less than disk.min_free ({human_size(self.min_free)}): "
                         "new manifests wait in the inbox")
                 break
         if said != self._said:

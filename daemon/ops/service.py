@@ -106,7 +106,7 @@ class Daemon:
         hooks = IntakeHooks(notify=self.balancer.notify, cancel=self.balancer.cancel, heartbeat=self._heartbeat,
                             heartbeat_every=every, place=self.envs.place, disk_low=self.disk.low)
         self.intake = Intake(config=config, store=self.store, committer=self.committer, inbox=self.watcher,
-                             hooks=hooks)
+                             hooks=hooks, capacity=self.balancer.capacity)
         self._stop = threading.Event()
         self._next_status = 0.0
         self._trouble_logged = False

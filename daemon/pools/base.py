@@ -138,6 +138,22 @@ class Pool(ABC):
     def describe(self) -> str:
         return self.kind
 
+    #: what the pool enforces of a job's `memory:` and `cpus:` requests (README: Per-job resources); a request
+    #: not enforced still counts against workers.capacity
+    enforces: tuple[str, ...] = ()
+
+    def apply_limits(self, name: str, *, memory: int | None, cpus: float | None) -> int | None:
+        """Give worker `name`, idle, the limits of the job it is about to run (None: its standing ones). Returns
+        the RLIMIT_DATA its worker is to set in the program's process (JobSpec.memory_rlimit), for a pool whose
+        workers have no memory limit of their own to change; None otherwise. Raises PoolError when the limits
+        cannot be applied. By default nothing is applied (compose: its file sets its containers' limits)."""
+        return None
+
+    def lift_limits(self, name: str) -> None:
+        """Give worker `name` its standing limits back, once the job that had its own has ended: the worker is
+        idle then, as lowering a container's memory below what it uses would fail. Raises PoolError."""
+        return None
+
     def env_installer(self, index: IndexSettings) -> Installer | None:
         """What builds programs' environments for this pool's workers; None when its workers cannot run
         jobs in one (they do not mount the environments folder)."""

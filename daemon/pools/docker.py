@@ -31,8 +31,9 @@ from dropq.pools.base import (
     wait_answering,
     worker_token,
 )
-from dropq.pools.engine import engine_client
+from dropq.pools.engine import engine_client, update_resources
 from dropq.pools.transport import Transport
+from dropq.units import human_size
 from dropq_worker.isolation import PER_WORKER
 from dropq_worker.protocol import PROTOCOL, Health
 
@@ -153,6 +154,9 @@ class DockerPool(RestartingPool):
         self._names = [f"w{i + 1}" for i in range(config.workers.count)]
         self._handles = {name: self._handle(name) for name in self._names}
         self._ids: dict[str, str] = {}
+        #: the limits each container has now, by container id (known once made, or set, by this daemon; an
+        #: adopted container may still have its last job's, so it is set before its first job here)
+        self._limits: dict[str, tuple[int, int]] = {}
         self._ready = {name: threading.Event() for name in self._names}
         self._restarting = {name: threading.Lock() for name in self._names}
         self._events: Any = None
@@ -293,7 +297,42 @@ class DockerPool(RestartingPool):
         except docker.errors.DockerException as exc:
             raise PoolError(f"could not start worker container {name} from {s.image}: {exc}") from None
         self._ids[name] = container.id
+        self._limits[container.id] = self._standing()
         log.info("worker %s: started container %s", name, container.short_id)
+
+    # --- per-job limits (README: Per-job resources) --------------------------------------------
+
+    #: both, by the engine's update of the running container: no container is started per job
+    enforces = ("memory", "cpus")
+
+    def _standing(self) -> tuple[int, int]:
+        """The limits a worker container is made with: memory (swap none) and nano-CPUs."""
+        return self.settings.memory_bytes, int(self.settings.cpus * 1e9)
+
+    def apply_limits(self, name: str, *, memory: int | None, cpus: float | None) -> int | None:
+        standing_memory, standing_cpus = self._standing()
+        # the worker process shares the container's memory with its job: it keeps its own share on top
+        target = (standing_memory if memory is None else memory + self.settings.worker_memory_bytes,
+                  standing_cpus if cpus is None else int(cpus * 1e9))
+        self._set_limits(name, target)
+        return None
+
+    def lift_limits(self, name: str) -> None:
+        self._set_limits(name, self._standing())
+
+    def _set_limits(self, name: str, target: tuple[int, int]) -> None:
+        cid = self._ids.get(name)
+        if cid is None or self._limits.get(cid) == target:
+            return  # as it is already (a container is made with the standing limits): no request to the engine
+        import docker.errors
+
+        try:
+            update_resources(self.client, cid, memory=target[0], nano_cpus=target[1])
+        except (docker.errors.DockerException, OSError) as exc:  # OSError: requests' errors (the engine is gone)
+            raise PoolError(f"worker {name}: could not set its container's limits to {human_size(target[0])} of "
+                            f"memory and {target[1] / 1e9:g} CPUs: {exc}") from None
+        self._limits[cid] = target
+        log.debug("worker %s: limits %s of memory, %g CPUs", name, human_size(target[0]), target[1] / 1e9)
 
     def _wait_answering(self, name: str, deadline: float) -> None:
         transport = self._handles[name].transport

@@ -55,3 +55,14 @@ def engine_client(*, timeout: float | None = 60) -> Any:
         client.close()
         raise EngineUnavailable(f"no Docker engine answers: {exc}") from None
     return client
+
+
+def update_resources(client: Any, container_id: str, *, memory: int, nano_cpus: int) -> None:
+    """Change a running container's memory limit (swap none: memory+swap the same) and CPUs, in place (POST
+    /containers/{id}/update). docker-py's `Container.update` takes no NanoCpus (docker 7.1), and the engine
+    refuses a CPU quota for a container made with NanoCpus, as ours are: so the engine's own call, through
+    the SDK's client. Raises docker.errors.APIError (e.g. a memory limit below what the container uses)."""
+    api = client.api
+    answer = api._post_json(api._url("/containers/{0}/update", container_id),
+                            data={"Memory": memory, "MemorySwap": memory, "NanoCpus": nano_cpus})
+    api._result(answer, True)

@@ -120,6 +120,13 @@ class LocalPool(RestartingPool):
             return None
         return base
 
+    #: memory only: a job's `memory:` becomes its program's RLIMIT_DATA, so an allocation past it fails (Python
+    #: raises MemoryError). `cpus:` is not enforced: the worker processes share the host's CPUs
+    enforces = ("memory",)
+
+    def apply_limits(self, name: str, *, memory: int | None, cpus: float | None) -> int | None:
+        return memory
+
     def describe(self) -> str:
         # which interpreter programs run with, so that `pool: auto` never changes it unseen
         return f"local (Python {self._version}, {self._python})"

@@ -23,7 +23,7 @@ from dropq.config import Config
 from dropq.paths import remove_tree
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
-from dropq.units import size_text
+from dropq.units import human_size
 from dropq_worker.trees import walk
 
 log = logging.getLogger("dropq.retention")
@@ -134,4 +134,4 @@ class Retention:
                 log.exception("retention: a sweep failed; the next one tries again")
                 continue
             if done.jobs:
-                log.info("retention: removed %d job folder(s), %s freed", len(done.jobs), size_text(done.freed))
+                log.info("retention: removed %d job folder(s), %s freed", len(done.jobs), human_size(done.freed))

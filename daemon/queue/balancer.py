@@ -21,12 +21,22 @@ from collections.abc import Callable
 from typing import Any
 
 from dropq.config import Config
-from dropq.errors import DropqError, JobRefused, ProtocolMismatch, StoreError, TransportError, UnknownJob, WorkerBusy
+from dropq.errors import (
+    DropqError,
+    JobRefused,
+    PoolError,
+    ProtocolMismatch,
+    StoreError,
+    TransportError,
+    UnknownJob,
+    WorkerBusy,
+)
 from dropq.intake.manifest import Manifest
 from dropq.paths import remove_tree
 from dropq.pools import Incarnation, Pool, WorkerHandle
 from dropq.publish.committer import Committer
 from dropq.publish.streams import last_line
+from dropq.queue.capacity import BACKFILL_WINDOW, Capacity
 from dropq.queue.jobs import JobStatus
 from dropq.queue.repair import Repairs
 from dropq.queue.store import JobRecord, Store
@@ -42,7 +52,7 @@ SETTLE_WAIT = 30.0
 
 class Balancer:
     def __init__(self, *, config: Config, store: Store, pool: Pool, committer: Committer,
-                 now: Callable[[], float] = time.time) -> None:
+                 capacity: Capacity | None = None, now: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
         self.pool = pool
@@ -56,6 +66,9 @@ class Balancer:
         self.repairs = Repairs(max_failures=config.workers.repair_max_failures)
         self._started = False
         self._cancel_requested: set[str] = set()
+        #: the room running jobs take of workers.capacity; counted under self._cond, with the pick
+        self.capacity = capacity if capacity is not None else Capacity.from_config(config)
+        self._unenforced_said: set[str] = set()
         pool.on_change(self._pool_changed)
 
     def trouble(self) -> str | None:
@@ -77,11 +90,39 @@ class Balancer:
         for job in self.store.with_status(JobStatus.RUNNING):
             if job.worker not in names:
                 self._retry_or_fail(job, f"its worker {job.worker} no longer exists")
+            else:  # re-attached by its slot: its room is taken before any slot picks a job
+                self._reserve(job)
+        self._reject_misfits()
         with self._cond:
             self._started = True
             for handle in handles:
                 if handle.name not in self._threads:
                     self._add_slot(handle)
+
+    def _reserve(self, job: JobRecord) -> None:
+        """Count `job`'s request against the capacity (under self._cond, with the pick that chose it)."""
+        manifest = Manifest.from_json(job.manifest) if job.manifest else None
+        self.capacity.reserve(job.id, manifest and manifest.memory, manifest and manifest.cpus)
+
+    def _release(self, job_id: str) -> None:
+        """The job left its worker: its room is free, and the idle slots look at the queue again."""
+        with self._cond:
+            if self.capacity.release(job_id):
+                self._cond.notify_all()
+
+    def _reject_misfits(self) -> None:
+        """Jobs queued (under an earlier configuration) that ask for more than the capacity now: they could
+        never start, and the first of them would stop the queue behind it. They end failed, saying why."""
+        for job in self.store.with_status(JobStatus.QUEUED):
+            manifest = Manifest.from_json(job.manifest) if job.manifest else None
+            reason = manifest and self.capacity.never_fits(manifest.memory, manifest.cpus)
+            if reason:
+                try:
+                    self.committer.finish(job.id, {"status": JobStatus.FAILED.value, "error": reason,
+                                                   "exit_code": None, "finished_at": self._now()})
+                except StoreError:
+                    continue  # cancelled a moment ago: it ends anyway
+                log.warning("job %s: %s", job.id, reason)
 
     def _add_slot(self, handle: WorkerHandle) -> None:
         thread = threading.Thread(target=self._slot, args=(handle,), name=f"slot-{handle.name}", daemon=True)
@@ -161,7 +202,10 @@ class Balancer:
                 if health is None:
                     break
                 log.info("job %s: re-attaching to worker %s", job.id, worker.name)
-                self._follow(worker, job, health)
+                try:
+                    self._follow(worker, job, health)
+                finally:
+                    self._ended(worker, job)
         while True:
             self._serve(worker)
             if self._leave(worker):
@@ -237,8 +281,10 @@ class Balancer:
                 self._cancel_requested.discard(job.id)
                 self.committer.finish(job.id, {"status": JobStatus.CANCELLED.value, "error": "the job was cancelled",
                                                "exit_code": None, "finished_at": self._now()})
+                self._release(job.id)
                 continue
             self._retry_or_fail(job, f"the slot of worker {worker.name} failed: {reason}")
+            self._release(job.id)
 
     def _pause(self, seconds: float) -> bool:
         """Wait `seconds`, or less if the daemon stops (then False)."""
@@ -277,7 +323,11 @@ class Balancer:
             ready = self._next(worker, detail=self.pool.detail(worker.name, health))
             if ready is None:
                 return
-            if self._run(worker, ready, health):
+            try:
+                completed = self._run(worker, ready, health)
+            finally:
+                self._ended(worker, ready)
+            if completed:
                 self.repairs.completed(worker.name)
             else:
                 health = None
@@ -306,8 +356,11 @@ class Balancer:
         with self._cond:
             # woken by the pool's change notice when the worker left it: it must not take another job
             while not self._stopping and self._listed(worker):
-                job = self.store.take_next(worker.name, detail=detail)  # also marks the worker busy
+                # also marks the worker busy; the capacity's rule picks among the first ready jobs
+                job = self.store.take_next(worker.name, detail=detail, choose=self.capacity.choose,
+                                           window=BACKFILL_WINDOW + 1)
                 if job is not None:
+                    self._reserve(job)  # still under self._cond: no other slot counts this room
                     return job
                 if not idle:  # written only when the slot is about to sleep: one write less per job
                     self.store.set_worker(worker.name, WorkerState.IDLE, detail=detail)
@@ -325,11 +378,15 @@ class Balancer:
         try:
             if manifest.inputs:
                 self._stage_inputs(worker, job, manifest)
+            # the worker is idle: its limits are set for this job (or back to its standing ones)
+            rlimit = self.pool.apply_limits(worker.name, memory=manifest.memory, cpus=manifest.cpus)
+            self._say_unenforced(manifest)
             spec = JobSpec(
                 key=key, job_id=job.id, program=manifest.program, args=tuple(manifest.args),
                 inputs=tuple(f"{key}/{rel}" for rel in manifest.inputs), env=dict(manifest.env),
                 timeout=manifest.timeout, kill_grace=self.config.jobs.kill_grace,
                 max_output_bytes=self.config.jobs.max_output_bytes, environment=job.env,
+                memory=manifest.memory, memory_rlimit=rlimit,
             )
             # started and waited for in one request; a cancel that overtakes it is kept by the worker
             status: Report | None = worker.transport.start(spec, wait=POLL_WAIT)
@@ -341,7 +398,7 @@ class Balancer:
             self.store.transition(job.id, JobStatus.QUEUED, attempts=max(0, job.attempts - 1), worker=None)
             self.notify()
             return False
-        except (JobRefused, WorkerBusy) as exc:
+        except (JobRefused, WorkerBusy, PoolError) as exc:  # PoolError: its limits could not be set
             self._lost(worker, job, str(exc))
             return False
         except TransportError as exc:
@@ -351,6 +408,29 @@ class Balancer:
                 return False
             status = None
         return self._follow(worker, job, health, status)
+
+    def _say_unenforced(self, manifest: Manifest) -> None:
+        """Once per daemon and key: a job asks for what this pool does not enforce (it still counts against
+        workers.capacity), so that an operator is not left to believe it is a limit."""
+        for key, value in (("memory", manifest.memory), ("cpus", manifest.cpus)):
+            if value is not None and key not in self.pool.enforces and key not in self._unenforced_said:
+                self._unenforced_said.add(key)
+                log.warning("the %s pool does not enforce a job's `%s:`; it only counts against workers.capacity "
+                            "(README: Per-job resources)", self.pool.kind, key)
+
+    def _ended(self, worker: WorkerHandle, job: JobRecord) -> None:
+        """After a job left the slot's hands: its room is freed and its worker's own limits lifted, unless the
+        job still runs there (left running for the next start of the daemon)."""
+        now = self.store.find(job.id)
+        if now is not None and now.status is JobStatus.RUNNING and now.worker == worker.name:
+            return
+        manifest = Manifest.from_json(job.manifest) if job.manifest else None
+        if manifest is not None and (manifest.memory is not None or manifest.cpus is not None):
+            try:
+                self.pool.lift_limits(worker.name)
+            except PoolError as exc:  # the next job's apply_limits sets them again; until then the worker is idle
+                log.warning("%s", exc)
+        self._release(job.id)
 
     def _still_there(self, worker: WorkerHandle, job: JobRecord, health: Incarnation,
                      exc: TransportError) -> bool:

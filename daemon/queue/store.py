@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,6 +27,9 @@ from dropq.queue.jobs import JobStatus, sources_of
 from dropq_worker.protocol import WorkerState
 
 log = logging.getLogger("dropq.store")
+
+#: picks the job to start among ready ones, (id, memory bytes, cpus) in queue order; None: none now
+Chooser = Callable[[Iterable[tuple[str, int | None, float | None]]], str | None]
 
 
 @dataclass(frozen=True)
@@ -342,30 +345,40 @@ class Store:
                 raise StoreError(f"job {job_id!r} cannot go from {state} to {target.value}")
         return self.get(job_id)
 
-    def take_next(self, worker: str, *, detail: str | None = None) -> JobRecord | None:
+    def take_next(self, worker: str, *, detail: str | None = None, choose: Chooser | None = None,
+                  window: int = 1) -> JobRecord | None:
         """Give the highest-priority, oldest ready job to `worker`: it becomes running, one more attempt,
-        and the worker is recorded as busy with it, in the same transaction."""
+        and the worker is recorded as busy with it, in the same transaction. With `choose`, the first `window`
+        ready jobs are offered to it in that order, as (id, memory, cpus) from their manifests, and the one it
+        names is taken instead (None: none now). The rows are read as `choose` asks for them: where the first
+        will do, one row is read."""
         now = self._now()
         with self._tx() as db:
-            row = db.execute(
-                "SELECT id FROM jobs WHERE status = 'queued' AND held IS NULL AND not_before <= ? "
-                "ORDER BY priority DESC, seq LIMIT 1",
-                (now,),
-            ).fetchone()
-            if row is None:
+            rows = db.execute(
+                "SELECT id, json_extract(manifest, '$.memory'), json_extract(manifest, '$.cpus') FROM jobs "
+                "WHERE status = 'queued' AND held IS NULL AND not_before <= ? ORDER BY priority DESC, seq LIMIT ?",
+                (now, max(1, window) if choose is not None else 1),
+            )
+            if choose is None:
+                row = rows.fetchone()
+                job_id = None if row is None else row[0]
+            else:
+                job_id = choose((r[0], r[1], r[2]) for r in rows)
+            rows.close()
+            if job_id is None:
                 return None
             db.execute(
                 "UPDATE jobs SET status = 'running', worker = ?, attempts = attempts + 1, started_at = ?, "
                 "updated_at = ? WHERE id = ?",
-                (worker, now, now, row[0]),
+                (worker, now, now, job_id),
             )
             db.execute(
                 "INSERT INTO workers (name, state, job, detail, updated_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET state = excluded.state, job = excluded.job, "
                 "detail = excluded.detail, updated_at = excluded.updated_at",
-                (worker, WorkerState.BUSY.value, row[0], detail, now),
+                (worker, WorkerState.BUSY.value, job_id, detail, now),
             )
-        return self.get(row[0])
+        return self.get(job_id)
 
     # --- retention (dropq.publish.retention) ---------------------------------------------------------
 

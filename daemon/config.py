@@ -305,7 +305,8 @@ class NotifyConfig(_Section):
 
 
 class HttpConfig(_Section):
-    """The dashboard, the JSON API and /metrics, served by the daemon (read-only, no login)."""
+    """The dashboard, the JSON API and /metrics, served by the daemon (read-only; a login when
+    token_file is set)."""
 
     enabled: bool = True
     """serve the dashboard, the JSON API and /metrics"""
@@ -315,6 +316,31 @@ class HttpConfig(_Section):
     """the TCP port; 0 picks a free one (the address in use is shown by `dropq status`)"""
     threads: int = Field(default=4, ge=1, le=64)
     """requests served at once"""
+    token_file: Path | None = None
+    """a file holding a token (16 characters or more; e.g. `openssl rand -hex 32`): every request but
+    /healthz and /login then needs `Authorization: Bearer <token>`, or the session cookie the page's login
+    form gives; null: no login (anyone who can connect reads every job's output)"""
+    socket: Path | None = None
+    """serve on this Unix socket (mode 0660) instead of host:port, so that only the daemon's user and the
+    members of socket_group can connect; null: TCP on host:port"""
+    socket_group: str | int | None = None
+    """the group (a name or a gid) the socket belongs to; null: the daemon's own group"""
+
+    @field_validator("token_file", "socket", mode="before")
+    @classmethod
+    def _relative_to_the_file(cls, value: Any, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if not isinstance(value, str | Path) or not str(value):
+            raise own(f"config key http.{info.field_name} must be a path (a string), not {kind_of(value)}")
+        base: Path = (info.context or {}).get("base", Path.cwd())
+        return (base / value).resolve()
+
+    @model_validator(mode="after")
+    def _group_needs_socket(self) -> HttpConfig:
+        if self.socket_group is not None and self.socket is None:
+            raise own("config key http.socket_group needs http.socket: the group is that of the Unix socket")
+        return self
 
 
 class EnvironmentsConfig(_Section):

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
@@ -23,10 +24,12 @@ from flask import Flask, Response, abort, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from dropq.config import Config
+from dropq.config import Config, HttpConfig
 from dropq.errors import ConfigError, StoreError
+from dropq.ops.access import Gate, guard, read_token, token_readable_by_others
 from dropq.ops.metrics import Metrics
-from dropq.publish.outbox import iso
+from dropq.ops.unix_socket import listen_unix, remove_socket
+from dropq.publish.outbox import iso, key_secret
 from dropq.publish.streams import head_and_tail, stream_path
 from dropq.queue.jobs import FINAL, JobStatus
 from dropq.queue.store import JobRecord, Store
@@ -62,18 +65,23 @@ def job_summary(job: JobRecord, now: float | None = None) -> dict[str, Any]:
     return doc
 
 
-def create_app(config: Config, store: Store, metrics: Metrics | None = None) -> Flask:
+def create_app(config: Config, store: Store, metrics: Metrics | None = None, *, gate: Gate | None = None) -> Flask:
+    """The app; with a `gate` (http.token_file), every request but /healthz and /login needs the token."""
     app = Flask("dropq", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     api = _Api(config, store, metrics)
-    allowed_hosts = _allowed_hosts(config.http.host)
+    allowed_hosts = _allowed_hosts(config.http)
 
     @app.before_request
     def _check_host() -> None:
         # A page on another site can make a browser send requests to 127.0.0.1 through a DNS name of
         # its own (DNS rebinding); such requests carry that name in Host, so they are refused here.
+        # Registered before the token's check: a rebinding page never even reaches the login form.
         if allowed_hosts is not None and _hostname(request.host) not in allowed_hosts:
             abort(403, description="this address is not one dropq serves; use 127.0.0.1 or localhost")
+
+    if gate is not None:
+        guard(app, gate)
 
     routes: list[tuple[str, Callable[..., Response]]] = [
         ("/", api.dashboard), ("/healthz", api.healthz), ("/api/summary", api.summary),
@@ -89,6 +97,7 @@ def create_app(config: Config, store: Store, metrics: Metrics | None = None) -> 
     @app.errorhandler(400)
     @app.errorhandler(403)
     @app.errorhandler(404)
+    @app.errorhandler(413)
     def _http_error(exc: Any) -> tuple[Response, int]:
         return jsonify(error=exc.description), exc.code
 
@@ -205,8 +214,14 @@ def _hostname(host_header: str) -> str:
     return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
 
 
-def _allowed_hosts(bind: str) -> set[str] | None:
+def _allowed_hosts(http: HttpConfig) -> set[str] | None:
     """Host names the API answers to, or None for any (bound to every address: the operator chose)."""
+    if http.socket is not None:
+        # no browser connects to a Unix socket, so no rebinding reaches it directly; but a proxy on
+        # loopback in front of it could pass a rebinding page's Host along: answer loopback names only
+        # (curl --unix-socket and nginx's unix: upstreams send "localhost")
+        return set(LOOPBACK_NAMES)
+    bind = http.host
     try:
         if ipaddress.ip_address(bind).is_unspecified:
             return None
@@ -331,26 +346,56 @@ class WebServer:
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
+        http = config.http
+        # read before anything is bound: a missing token stops the daemon rather than serving without one
+        gate = self._gate(config)
+        #: the socket file this server made (removed by stop() if it is still this one)
+        self._socket_inode: int | None = None
         # a connection of its own: readers never wait for the daemon's writers in WAL mode
         self.store = Store(config.database, readonly=True)
-        self.app = create_app(config, self.store, metrics)
-        http = config.http
+        self.app = create_app(config, self.store, metrics, gate=gate)
         try:
-            listener = _listen(http.host, http.port)
-        except OSError as exc:
+            listener, host = self._listen(http)
+        except BaseException:
             self.store.close()
+            raise
+        with listener:  # the server works on its own duplicate of the descriptor
+            self.server = _Server(host, http.port, _at_most(http.threads, self.app), fd=listener.fileno(),
+                                  max_connections=MAX_CONNECTIONS)
+        if http.socket is not None:
+            self.url = f"unix:{http.socket}"
+        else:
+            host, port = self.server.socket.getsockname()[:2]  # the port picked when http.port is 0
+            self.url = f"http://{'[' + str(host) + ']' if ':' in str(host) else host}:{port}/"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    @staticmethod
+    def _gate(config: Config) -> Gate | None:
+        path = config.http.token_file
+        if path is None:
+            return None
+        token = read_token(path)
+        if token_readable_by_others(path):
+            log.warning("http.token_file %s can be read by every user of this host (chmod 600 it)", path)
+        # the state directory's secret (0600): a cookie cannot be made without it, and survives a restart
+        return Gate(token, secret=key_secret(config.state))
+
+    def _listen(self, http: HttpConfig) -> tuple[socket.socket, str]:
+        """The listening socket and the host werkzeug is told (unix://PATH for a Unix socket)."""
+        if http.socket is not None:
+            listener = listen_unix(http.socket, http.socket_group)
+            self._socket_inode = os.stat(http.socket).st_ino
+            return listener, f"unix://{http.socket}"
+        try:
+            return _listen(http.host, http.port), http.host
+        except OSError as exc:
             raise ConfigError(f"cannot serve the dashboard on {http.host}:{http.port}: {exc.strerror}; "
                               "set http.port to a free port (0 picks one) or http.enabled: false") from None
-        with listener:  # the server works on its own duplicate of the descriptor
-            self.server = _Server(http.host, http.port, _at_most(http.threads, self.app), fd=listener.fileno(),
-                                  max_connections=MAX_CONNECTIONS)
-        host, port = self.server.socket.getsockname()[:2]  # the port picked when http.port is 0
-        self.url = f"http://{'[' + str(host) + ']' if ':' in str(host) else host}:{port}/"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("dashboard and API on %s (metrics at %smetrics)", self.url, self.url)
+        login = "; login with the token in " + str(self.config.http.token_file) if self.config.http.token_file else ""
+        log.info("dashboard and API on %s (metrics at /metrics%s)", self.url, login)
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -362,3 +407,5 @@ class WebServer:
             log.warning("a dashboard request was still running after %.0f s; stopping anyway", STOP_WAIT)
         self._thread.join(timeout=5)
         self.store.close()
+        if self.config.http.socket is not None and self._socket_inode is not None:
+            remove_socket(self.config.http.socket, self._socket_inode)

@@ -181,7 +181,9 @@ def unit_text(config: Config, *, exe: Path, user: str | None = None, watchdog_se
     ]
     if paths.protected:
         lines.append("ReadOnlyPaths=" + " ".join("-" + _quote(p) for p in paths.protected))
-    if any(_is_under_tmp(p) for p in paths.everything()):
+    lines += _socket_lines(config, paths.workspace)
+    sock = [config.http.socket] if config.http.enabled and config.http.socket is not None else []
+    if any(_is_under_tmp(p) for p in [*paths.everything(), *sock]):
         # PrivateTmp=yes would mount a fresh /tmp over the workspace (226/NAMESPACE at start)
         lines.append("# PrivateTmp is off: the workspace is under a temporary folder")
     else:
@@ -318,6 +320,18 @@ def _install_root(exe: Path) -> Path:
 
 def _is_under_home(path: Path) -> bool:
     return any(path.is_relative_to(home) for home in HOME_LIKE)
+
+
+def _socket_lines(config: Config, ws: Path) -> list[str]:
+    """Where the dashboard's Unix socket (http.socket) may be made under ProtectSystem=strict: under /run,
+    a RuntimeDirectory (made for the daemon's user at start, removed at stop; 0755, since the socket's
+    own mode 0660 decides who connects); elsewhere outside the workspace, its folder writable."""
+    sock = config.http.socket
+    if not config.http.enabled or sock is None or sock.is_relative_to(ws):
+        return []
+    if sock.parent.is_relative_to("/run") and sock.parent != Path("/run"):
+        return [f"RuntimeDirectory={_quote(sock.parent.relative_to('/run'))}", "RuntimeDirectoryMode=0755"]
+    return ["ReadWritePaths=-" + _quote(sock.parent)]
 
 
 def _is_under_tmp(path: Path) -> bool:

@@ -130,6 +130,20 @@ def test_a_workspace_under_home_is_bound_into_an_empty_home(tmp_path: Path) -> N
     assert set(bound) == expected
 
 
+@pytest.mark.parametrize(("socket", "expected"), [
+    ("/run/dropq/http.sock", ["RuntimeDirectory=dropq", "RuntimeDirectoryMode=0755"]),
+    ("/srv/sockets/dq/http.sock", ["ReadWritePaths=-/srv/sockets/dq"]),
+    ("/srv/dq/state/http.sock", []),  # inside the workspace: writable already
+])
+def test_the_unit_lets_the_daemon_make_its_dashboard_socket(tmp_path: Path, socket: str, expected: list[str]) -> None:
+    config = Config.from_mapping({"inbox": "/srv/dq/inbox", "outbox": "/srv/dq/outbox", "state": "/srv/dq/state",
+                                  "programs": "/srv/dq/programs", "http": {"socket": socket}},
+                                 base=tmp_path, source=Path("/srv/dq/config.yaml"))
+    lines = unit_text(config, exe=Path("/srv/dq/.venv/bin/dropq")).splitlines()
+    assert [line for line in lines if line.startswith(("RuntimeDirectory", "ReadWritePaths"))] == [
+        "ReadWritePaths=/srv/dq", *expected]
+
+
 def test_inbox_outbox_and_state_with_no_folder_in_common_are_refused(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("")
     config = Config.from_mapping({"inbox": "/srv/in", "outbox": "/var/lib/out", "state": "/srv/state"},

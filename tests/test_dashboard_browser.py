@@ -160,6 +160,29 @@ def test_the_page_says_so_when_the_daemon_stops_answering(
     assert page.eval("document.querySelector('#live-dot').classList.contains('down')") is True
 
 
+def test_with_a_token_the_page_asks_for_it_and_then_works_on_its_cookie(
+        workspace: Workspace, daemon: DaemonProcess, browser_on: Any) -> None:
+    token = "b7d1c0ffee5e1f0bb7d1c0ffee5e1f0b"
+    (workspace.root / "http.token").write_text(token)
+    workspace.configure(http={"token_file": "http.token"})
+    daemon.start()
+    page = browser_on(daemon.url)
+    page.wait_for("location.pathname === '/login' && document.querySelector('#token') !== null")
+    submit = "document.querySelector('#token').value = {}; document.querySelector('form').submit()"
+    page.eval(submit.format(json.dumps("not the token, sorry")))
+    page.wait_for("document.querySelector('.wrong')?.textContent === 'That is not the token.'")
+    assert page.eval("location.pathname") == "/login"
+    page.eval(submit.format(json.dumps(token)))
+    # the dashboard's own fetches carry the cookie: it goes live, showing the daemon's pid
+    page.wait_for("location.pathname === '/' && document.querySelector('#updated').textContent.startsWith('live')")
+    assert page.eval("document.querySelector('#daemon').textContent").startswith("pid ")
+    assert page.eval("document.cookie") == ""  # HttpOnly: no script on the page can read the session
+    # a session gone (expired, or a new token): the page's next fetch is refused, and it goes to the form
+    page.call("Network.clearBrowserCookies")
+    page.wait_for("location.pathname === '/login'")
+    assert page.errors == []
+
+
 #: a manifest's file name that is HTML: shown as these characters, never made into an element
 HTML_NAME = '<img src=x onerror="window.pwned=1">'
 #: an unknown key that is HTML, which the rejection's error (shown in the jobs table) echoes

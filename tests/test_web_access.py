@@ -185,6 +185,13 @@ def test_a_unix_socket_with_a_token_needs_the_token_too(workspace: Workspace, da
     assert os.stat(sock).st_gid == os.getegid()  # no socket_group: the daemon's own group
     assert _over_socket(sock, "/api/jobs")[0] == 401
     assert _over_socket(sock, "/api/jobs", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert "can be read by every user" not in daemon.log_text()
+
+
+def test_a_token_file_every_user_can_read_is_warned_about(workspace: Workspace, daemon: DaemonProcess) -> None:
+    _with_token(workspace).chmod(0o644)
+    daemon.start()
+    assert "http.token_file" in daemon.log_text() and "can be read by every user of this host" in daemon.log_text()
 
 
 def test_a_socket_path_taken_by_a_file_or_a_live_server_stops_the_daemon(workspace: Workspace) -> None:

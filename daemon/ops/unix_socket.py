@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import socket
@@ -24,16 +25,21 @@ def listen_unix(path: Path, group: str | int | None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot serve the dashboard on the socket {path}: {exc.strerror or exc}") from None
+    try:
         os.chmod(path, SOCKET_MODE)
         if gid is not None:
             os.chown(path, -1, gid)
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        what = f"give it group {group}" if exc.errno == 1 and gid is not None else "serve the dashboard"
-        raise ConfigError(f"cannot {what} on the socket {path}: {exc.strerror or exc}"
-                          + ("; the daemon's user must be root or a member of that group" if exc.errno == 1 else "")
-                          ) from None
+        path.unlink(missing_ok=True)
+        if exc.errno == errno.EPERM:
+            raise ConfigError(f"cannot give the socket {path} the group {group}: the daemon's user must be root "
+                              "or a member of http.socket_group") from None
+        raise ConfigError(f"cannot serve the dashboard on the socket {path}: {exc.strerror or exc}") from None
     return sock
 
 

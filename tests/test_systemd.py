@@ -71,6 +71,8 @@ def test_the_installed_unit_passes_systemd_analyze_verify(workspace: Workspace, 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
+    # the dashboard on a socket in a RuntimeDirectory: its keys, too, must be ones systemd knows
+    workspace.configure(http={"socket": "/run/dropq-test/http.sock"})
     done = dropq(workspace.config, "service", "install", "--unit-dir", str(tmp_path), "--name", "dropq-test")
     assert done.returncode == 0, done.stderr
     unit = tmp_path / "dropq-test.service"
@@ -81,6 +83,7 @@ def test_the_installed_unit_passes_systemd_analyze_verify(workspace: Workspace, 
                  # one writable path: a bind mount each would make every rename between them fail (EXDEV)
                  f"ReadWritePaths={workspace.root}\n",
                  f"ReadOnlyPaths=-{workspace.programs} -{workspace.config}\n",
+                 "RuntimeDirectory=dropq-test\nRuntimeDirectoryMode=0755\n",
                  f"--config {workspace.config} run"):
         assert line in text, line
     # the workspace is under /tmp here: a private /tmp would hide it

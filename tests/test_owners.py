@@ -93,6 +93,13 @@ def as_user(uid: int, config: Path, *args: str) -> subprocess.CompletedProcess[s
 @as_root
 def test_each_users_job_folder_and_files_are_theirs_with_mode_0700(workspace: Workspace,
                                                                     daemon: DaemonProcess) -> None:
+    # jobs under uids of their own, as on a shared host: they need an interpreter outside root's home
+    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)), None)
+    if python is None:
+        pytest.skip("no interpreter outside root's home for jobs of other uids")
+    workspace.root.chmod(0o755)
+    workspace.configure(workers={"python": python})
+    (workspace.programs / "whoami.py").write_text("import os\nprint(os.getuid())\n")
     daemon.start()
     assert "is given to whoever dropped its manifest, mode 0700" in daemon.log_text()
     put_as(workspace, ALICE, "alice-data.txt", "one two two\n")
@@ -113,10 +120,12 @@ def test_each_users_job_folder_and_files_are_theirs_with_mode_0700(workspace: Wo
         owners_in(workspace.outbox / "a"))
     assert "inputs/alice-data.txt" in owners_in(workspace.outbox / "a2")
     assert "inputs/bob-data.txt" in owners_in(workspace.outbox / "b")
-    # the job itself ran under its sandbox uid, not as the user who dropped it
-    shown = dropq(workspace.config, "show", "a", "--json")
-    assert shown.returncode == 0, shown.stderr
     assert (workspace.outbox / "a" / "stdout.txt").read_text().startswith("wrote 2 files")
+    # the job itself runs under its sandbox uid (workers.job_uids), not as the user who dropped it
+    drop_as(workspace, ALICE, "who.yaml", {"program": "whoami"})
+    assert wait_for_status(workspace.config, "who", "succeeded") == "succeeded"
+    first = int(yaml.safe_load(workspace.config.read_text())["workers"].get("job_uids", 1_600_000_000))
+    assert first <= int((workspace.outbox / "who" / "stdout.txt").read_text()) < first + 8 * 2
 
 
 @as_root

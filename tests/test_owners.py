@@ -271,3 +271,17 @@ def test_a_results_mode_that_is_not_octal_bits_is_refused_naming_the_key(tmp_pat
     with pytest.raises(ConfigError, match="results.mode") as caught:
         Config.load(tmp_path / "config.yaml")
     assert says in str(caught.value)
+
+
+@as_root
+def test_a_job_may_not_take_another_users_file_from_the_inbox(workspace: Workspace, daemon: DaemonProcess) -> None:
+    daemon.start()
+    data = put_as(workspace, ALICE, "secret.txt", "alice's words\n")
+    drop_as(workspace, BOB, "grab.yaml", {"program": "wordcount", "input": "secret.txt"})
+    assert wait_for_status(workspace.config, "grab", "rejected", "succeeded") == "rejected"
+    assert f"the file belongs to uid {ALICE}, but the manifest was dropped by uid {BOB}" in workspace.result(
+        "grab")["error"]
+    assert os.path.lexists(data), "the refused input is left in the inbox for its owner"
+    drop_as(workspace, ALICE, "mine.yaml", {"program": "wordcount", "input": "secret.txt"})
+    assert wait_for_status(workspace.config, "mine", "succeeded", "rejected") == "succeeded"
+    assert "alice's" in (workspace.outbox / "mine" / "stdout.txt").read_text()

@@ -108,7 +108,8 @@ class Intake:
         self.completeness = Completeness(inbox=config.inbox, view=inbox, settle=config.intake.settle,
                                          input_grace=config.intake.input_grace, now=now)
         #: the claimed jobs waiting for their input files
-        self.inputs = AwaitedInputs(config=config, store=store, completeness=self.completeness, now=now)
+        self.inputs = AwaitedInputs(config=config, store=store, completeness=self.completeness, now=now,
+                                    ownership=self.outbox.ownership)
         #: the jobs with all their inputs, waiting for the jobs they run after
         self.upstreams = AwaitedUpstreams(config=config, store=store, now=now, ownership=self.outbox.ownership)
         self._queue: queue.SimpleQueue[_Offer | _Published | str | None] = queue.SimpleQueue()

@@ -7,8 +7,9 @@ recorded in the store, so a restart keeps it.
 When the daemon runs as root, the published folder and every file in it are given to that owner (before
 the publishing rename, so nobody ever sees the folder as anyone else's), the folder with `results.mode`
 (0700 by default): other users cannot read the job's results. A cancel file is obeyed only from the job's
-owner or root, and a job may read another job's outbox folder (`outbox:` inputs) only when both have the
-same owner (or it was dropped by root). The job itself still runs under its sandbox uid.
+owner or root; a job takes as inputs only its owner's files from the inbox, and reads another job's outbox
+folder (`outbox:` inputs) only when both have the same owner (a manifest dropped by root may take either).
+The job itself still runs under its sandbox uid.
 
 A daemon that does not run as root cannot give files away: then nothing here changes anything.
 """
@@ -100,6 +101,14 @@ class Ownership:
             return None
         return (f"the cancel file belongs to uid {requester_uid}, but the job was dropped by uid {owner.uid}: "
                 "only a job's owner or root may cancel it")
+
+    def input_refused(self, file_uid: int, owner: Owner | None) -> str | None:
+        """Why a job of `owner` must not take an inbox file owned by `file_uid` as its input: on a shared
+        inbox, naming another user's file would hand it to this job, and then its folder to this owner."""
+        if not self.active or owner is None or owner.uid in (ROOT_UID, file_uid):
+            return None
+        return (f"the file belongs to uid {file_uid}, but the manifest was dropped by uid {owner.uid}: a job takes "
+                "only its own owner's files from the inbox")
 
     def read_refused(self, reader: Owner | None, upstream: Owner | None, *, upstream_id: str) -> str | None:
         """Why a job of `reader` must not read job `upstream_id`'s outbox folder (`upstream` its owner)."""

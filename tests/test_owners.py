@@ -251,6 +251,8 @@ def test_a_daemon_not_running_as_root_changes_nothing(tmp_path: Path) -> None:
     after = os.lstat(tmp_path / "job")
     assert (after.st_uid, after.st_mode) == (before.st_uid, before.st_mode)
     assert ownership.cancel_refused(BOB, Owner(ALICE, ALICE)) is None
+    assert ownership.input_refused(BOB, Owner(ALICE, ALICE)) is None
+    assert ownership.read_refused(Owner(BOB, BOB), Owner(ALICE, ALICE), upstream_id="a") is None
     assert Ownership.from_config(config, euid=0).cancel_refused(BOB, Owner(ALICE, ALICE)) is not None
     assert Ownership.from_config(config, euid=0).cancel_refused(0, Owner(ALICE, ALICE)) is None
 

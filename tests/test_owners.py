@@ -8,6 +8,7 @@ as a user dropping into a shared inbox would have made them. A real daemon, real
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import stat
@@ -198,8 +199,10 @@ def test_show_logs_and_retry_work_for_the_owner_and_say_why_for_anyone_else(work
         assert refused.returncode == 7, (command, refused.stdout, refused.stderr)
         assert f"belong to uid {ALICE}; you are uid {BOB}" in refused.stderr, refused.stderr
         assert "Permission denied" not in refused.stderr
-    # the job's record is no secret: Bob may see that it exists and how it ended
-    assert as_user(BOB, workspace.config, "show", "moby", "--json").returncode == 0
+    # the job's record is no secret: Bob may see that it exists, how it ended and whose it is
+    record = as_user(BOB, workspace.config, "show", "moby", "--json")
+    assert record.returncode == 0, record.stderr
+    assert json.loads(record.stdout)["owner"] == {"uid": ALICE, "gid": ALICE}
 
     retried = as_user(ALICE, workspace.config, "retry", "moby", "--wait")
     assert retried.returncode == 0, retried.stderr

@@ -23,6 +23,8 @@ from dropq.queue.jobs import FINAL, JobStatus
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     doc = job.summary()
+    if job.owner_uid is not None:  # who dropped it: on a shared host, whose its results are
+        doc["owner"] = {"uid": job.owner_uid, "gid": job.owner_gid}
     store = open_store(config)
     try:
         if job.held is not None or job.status is JobStatus.WAITING:

@@ -7,6 +7,7 @@ as a user dropping into a shared inbox would have made them. A real daemon, real
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -290,3 +291,18 @@ def test_a_job_may_not_take_another_users_file_from_the_inbox(workspace: Workspa
     drop_as(workspace, ALICE, "mine.yaml", {"program": "wordcount", "input": "secret.txt"})
     assert wait_for_status(workspace.config, "mine", "succeeded", "rejected") == "succeeded"
     assert "alice's" in (workspace.outbox / "mine" / "stdout.txt").read_text()
+
+
+def test_a_filesystem_where_root_may_not_chown_leaves_the_folder_the_daemons_with_the_mode(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NFS with root_squash answers EPERM: played by an lchown that refuses, since no test filesystem does
+    def refuse(path: Any, uid: int, gid: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    folder = tmp_path / "job"
+    (folder / "output").mkdir(parents=True, mode=0o755)
+    folder.chmod(0o755)
+    monkeypatch.setattr(os, "lchown", refuse)
+    assert Ownership(active=True, mode=0o700).give(folder, Owner(ALICE, ALICE)) == ["."]
+    assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
+    assert os.lstat(folder).st_uid == os.geteuid()

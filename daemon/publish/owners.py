@@ -16,6 +16,7 @@ A daemon that does not run as root cannot give files away: then nothing here cha
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -76,6 +77,29 @@ class Ownership:
         outside the job (an input linked to someone's file), which must never change hands."""
         if not self.active or owner is None:
             return []
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise NotADirectoryError(f"{folder} is not a folder")
+        try:
+            kept = self._chown_tree(folder, owner)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            # a filesystem where root may not give files away (NFS with root_squash, some FUSE mounts): the
+            # folder stays the daemon's, still with the mode, so that no other user can read it; a commit
+            # that failed here instead would be retried for ever and publish nothing
+            os.chmod(folder, self.mode)
+            log.error("%s: could not be given to uid %d (%s); it stays the daemon's, mode %04o, readable by root "
+                      "only", folder.name, owner.uid, exc.strerror or exc, self.mode)
+            return ["."]
+        os.chmod(folder, self.mode)
+        if kept:
+            log.warning("%s: %d file(s) with several hard links kept their owner: %s", folder.name, len(kept),
+                        ", ".join(kept[:5]))
+        return kept
+
+    @staticmethod
+    def _chown_tree(folder: Path, owner: Owner) -> list[str]:
+        """lchown `folder` and what is in it to `owner`, but files with several links; returns those."""
         kept: list[str] = []
         for path, st, _depth in walk(folder):
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
@@ -85,14 +109,7 @@ class Ownership:
             if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                 # Linux clears these on chown already; said here so that no kernel's choice decides it
                 os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
-        top = os.lstat(folder)
-        if not stat.S_ISDIR(top.st_mode):
-            raise NotADirectoryError(f"{folder} is not a folder")
         os.lchown(folder, owner.uid, owner.gid)
-        os.chmod(folder, self.mode)
-        if kept:
-            log.warning("%s: %d file(s) with several hard links kept their owner: %s", folder.name, len(kept),
-                        ", ".join(kept[:5]))
         return kept
 
     def cancel_refused(self, requester_uid: int, owner: Owner | None) -> str | None:

@@ -88,8 +88,8 @@ class Ownership:
             # folder stays the daemon's, still with the mode, so that no other user can read it; a commit
             # that failed here instead would be retried for ever and publish nothing
             os.chmod(folder, self.mode)
-            log.error("%s: could not be given to uid %d (%s); it stays the daemon's, mode %04o, readable by root "
-                      "only", folder.name, owner.uid, exc.strerror or exc, self.mode)
+            log.error("%s: could not be given to uid %d (%s); it stays the daemon's, mode %04o, unreadable by other "
+                      "users", folder.name, owner.uid, exc.strerror or exc, self.mode)
             return ["."]
         os.chmod(folder, self.mode)
         if kept:

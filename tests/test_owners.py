@@ -135,9 +135,10 @@ def test_the_owner_survives_a_restart_and_the_mode_is_configurable(workspace: Wo
                                                                    daemon: DaemonProcess) -> None:
     workspace.configure(results={"mode": "0750"})
     daemon.start()
-    drop_as(workspace, ALICE, "slow.yaml", {"program": "sleep", "args": ["1.5"]})
+    drop_as(workspace, ALICE, "slow.yaml", {"program": "sleep", "args": ["3"]})
     wait_for_status(workspace.config, "slow", "running")
-    assert daemon.stop() == 0
+    daemon.kill()
+    assert not os.path.lexists(workspace.outbox / "slow"), "killed while the job ran, before its publishing"
     # the owner was recorded at the claim only: after the restart it comes from the store
     daemon.start()
     assert wait_for_status(workspace.config, "slow", "succeeded") == "succeeded"

@@ -244,6 +244,44 @@ class RetentionConfig(_Section):
         return parse_size(self.max_bytes) if self.max_bytes is not None else None
 
 
+class ResultsConfig(_Section):
+    """Who may read a published job folder. On a shared host (the daemon runs as root) each job's folder, and
+    every file in it, is given to the user who dropped its manifest, with this mode; a daemon that does not run
+    as root cannot give files away, and publishes as before. Not under `outbox:`, which is the outbox's path."""
+
+    mode: str | int = "0700"
+    """the mode of each job's outbox folder when the daemon runs as root, in octal: 0700 (its owner only),
+    0750 (its owner's group may read it too)"""
+
+    @field_validator("mode")
+    @classmethod
+    def _octal(cls, value: str | int) -> str | int:
+        cls.bits(value)
+        return value
+
+    @staticmethod
+    def bits(value: str | int) -> int:
+        """The permission bits `value` says: a string of octal digits ('0700'), or the number YAML makes of an
+        unquoted 0700 (it reads a leading 0 as octal)."""
+        if isinstance(value, str):
+            if not value.isascii() or not value.isdigit() or any(c in "89" for c in value) or len(value) > 4:
+                raise own(f"config key results.mode must be octal permission bits such as '0700', not {value!r}")
+            bits = int(value, 8)
+        else:
+            bits = value
+        if not 0 <= bits <= 0o777:
+            raise own(f"config key results.mode must be permission bits between 0000 and 0777, written in octal "
+                      f"with a leading 0 (0700, or quoted: '0700'); {value} is not")
+        if bits & 0o500 != 0o500:
+            raise own(f"config key results.mode must let the folder's owner read and enter it (0500 at least), "
+                      f"or they could not read their own results; {oct(bits).replace('0o', '0')} does not")
+        return bits
+
+    @property
+    def mode_bits(self) -> int:
+        return self.bits(self.mode)
+
+
 class DiskConfig(_Section):
     """Free space the daemon keeps: below it, new manifests wait in the inbox."""
 
@@ -404,6 +442,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     environments: EnvironmentsConfig = EnvironmentsConfig()
     retention: RetentionConfig = RetentionConfig()
+    results: ResultsConfig = ResultsConfig()
     disk: DiskConfig = DiskConfig()
     notify: NotifyConfig = NotifyConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

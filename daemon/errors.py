@@ -56,6 +56,11 @@ class UnknownJob(TransportError):
     """The worker does not know the job asked for (HTTP 404): it restarted, or never received it."""
 
 
+class NotYours(DropqError):
+    """On a shared host, a job belongs to another user: its results cannot be read, nor the job cancelled,
+    by whoever asked (the message names the owner's uid and the asker's)."""
+
+
 class DaemonRunning(DropqError):
     """Another daemon already holds this state directory."""
 

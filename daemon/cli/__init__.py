@@ -21,7 +21,7 @@ from dropq.cli.prune import cmd_prune
 from dropq.cli.status import cmd_status, cmd_workers
 from dropq.cli.submit import cmd_retry, cmd_submit
 from dropq.config import Config
-from dropq.errors import ConfigError, DaemonRunning, DropqError, NoDaemon, PoolError, SchemaError, StoreError
+from dropq.errors import ConfigError, DaemonRunning, DropqError, NoDaemon, NotYours, PoolError, SchemaError, StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(Exit.DAEMON, str(exc))
     except StoreError as exc:
         return _fail(Exit.NOT_FOUND, str(exc))
+    except NotYours as exc:  # the system's refusal, put in words: SYSTEM, as a permission is
+        return _fail(Exit.SYSTEM, str(exc))
     except DropqError as exc:
         return _fail(Exit.USAGE, str(exc))
     except OSError as exc:

@@ -13,7 +13,7 @@ import yaml
 from dropq.cli.console import as_json, say
 from dropq.cli.exits import Exit
 from dropq.cli.inbox import drop
-from dropq.cli.lookup import get_job, open_store
+from dropq.cli.lookup import check_may_cancel, get_job, job_folder, open_store
 from dropq.cli.wait import print_result
 from dropq.config import Config
 from dropq.publish.streams import Stream, stream_path
@@ -23,6 +23,8 @@ from dropq.queue.jobs import FINAL, JobStatus
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
     doc = job.summary()
+    if job.owner_uid is not None:  # who dropped it: on a shared host, whose its results are
+        doc["owner"] = {"uid": job.owner_uid, "gid": job.owner_gid}
     store = open_store(config)
     try:
         if job.held is not None or job.status is JobStatus.WAITING:
@@ -63,6 +65,7 @@ def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
     if job.status in FINAL:
         say(f"dropq: job {job.id} already finished ({job.status}); nothing to cancel", out=sys.stderr)
         return Exit.ALREADY_FINISHED
+    check_may_cancel(config, job)
     drop(config.inbox, f"{job.id}.cancel", b"")
     say(f"cancel requested for {job.id} ({job.status})")
     return Exit.OK
@@ -79,6 +82,8 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
     try:
         while True:
             job = store.get(args.id)
+            if job.status in FINAL:
+                job_folder(config, job)  # another user's results: said in words, not as "Permission denied"
             for name, out in streams:
                 offsets[name] = _copy_from(stream_path(config, job, name), offsets[name], out)
             if job.status in FINAL or not args.follow:

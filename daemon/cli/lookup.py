@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
 
 from dropq.config import Config
-from dropq.errors import StoreError
+from dropq.errors import NotYours, StoreError
 from dropq.queue.store import JobRecord, Store
 
 
@@ -54,3 +56,36 @@ def daemon_running(config: Config) -> bool:
         return daemon_alive(store.meta().get("pid", ""))
     finally:
         store.close()
+
+
+def job_folder(config: Config, job: JobRecord) -> Path:
+    """`job`'s outbox folder, once it is known to be readable here (or absent: the caller says so). On a
+    shared host it belongs to whoever dropped the manifest, mode 0700: anyone else gets NotYours, naming both
+    uids, rather than a bare "Permission denied"."""
+    folder = config.outbox / job.folder
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return folder
+    except PermissionError:
+        raise NotYours(f"the outbox {config.outbox} cannot be entered as uid {os.geteuid()}, so job {job.id}'s "
+                       "results cannot be read from here") from None
+    if os.access(folder, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return folder
+    raise NotYours(f"job {job.id}'s results ({folder}, mode {stat.S_IMODE(st.st_mode):04o}) belong to uid "
+                   f"{st.st_uid}; you are uid {os.geteuid()}: on this shared host only a job's owner or root may "
+                   "read them")
+
+
+def check_may_cancel(config: Config, job: JobRecord) -> None:
+    """NotYours when the daemon gives jobs to their owners (it runs as root) and `job` is not ours: the daemon
+    would refuse the cancel file, so say it now rather than let the cancel vanish."""
+    store = open_store(config)
+    try:
+        owned = store.meta().get("results_owned") == "1"
+    finally:
+        store.close()
+    uid = os.geteuid()
+    if owned and job.owner_uid is not None and uid not in (0, job.owner_uid):
+        raise NotYours(f"job {job.id} was dropped by uid {job.owner_uid}; you are uid {uid}: on this shared host "
+                       "only a job's owner or root may cancel it")

@@ -15,7 +15,7 @@ import yaml
 from dropq.cli.console import say
 from dropq.cli.exits import Exit
 from dropq.cli.inbox import drop, free_name, place_input
-from dropq.cli.lookup import get_job, last_seq
+from dropq.cli.lookup import get_job, job_folder, last_seq
 from dropq.cli.wait import require_daemon, wait
 from dropq.config import Config
 from dropq.errors import DropqError, ManifestError
@@ -72,7 +72,7 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         raise DropqError(f"{job.id} has not finished ({job.status}); only a finished job can be retried")
     if args.wait:
         require_daemon(config)
-    folder = config.outbox / job.folder
+    folder = job_folder(config, job)  # another user's results: a retry may not read them either
     manifest = folder / "manifest.yaml"
     if not manifest.is_file():
         raise DropqError(f"{job.id} cannot be retried: its manifest is not in {folder}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dropq.cli.console import Screen, duration, say
 from dropq.cli.exits import Exit
-from dropq.cli.lookup import daemon_alive, daemon_running
+from dropq.cli.lookup import daemon_alive, daemon_running, job_folder
 from dropq.config import Config
 from dropq.errors import NoDaemon
 from dropq.escape import printable
@@ -77,7 +77,7 @@ def _progress(store: Store, job: JobRecord) -> str:
 
 
 def _result_path(config: Config, job: JobRecord) -> Path:
-    return config.outbox / job.folder / "result.yaml"
+    return job_folder(config, job) / "result.yaml"
 
 
 def print_result(config: Config, job: JobRecord) -> None:

@@ -50,6 +50,7 @@ from dropq.intake.upstream import CAUSE, AwaitedUpstreams
 from dropq.intake.watcher import Arrival, InboxView
 from dropq.publish.committer import Committer
 from dropq.publish.notify import check_notify
+from dropq.publish.owners import Owner
 from dropq.queue.capacity import Capacity
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
@@ -107,9 +108,10 @@ class Intake:
         self.completeness = Completeness(inbox=config.inbox, view=inbox, settle=config.intake.settle,
                                          input_grace=config.intake.input_grace, now=now)
         #: the claimed jobs waiting for their input files
-        self.inputs = AwaitedInputs(config=config, store=store, completeness=self.completeness, now=now)
+        self.inputs = AwaitedInputs(config=config, store=store, completeness=self.completeness, now=now,
+                                    ownership=self.outbox.ownership)
         #: the jobs with all their inputs, waiting for the jobs they run after
-        self.upstreams = AwaitedUpstreams(config=config, store=store, now=now)
+        self.upstreams = AwaitedUpstreams(config=config, store=store, now=now, ownership=self.outbox.ownership)
         self._queue: queue.SimpleQueue[_Offer | _Published | str | None] = queue.SimpleQueue()
         #: names whose claim failed, retried with back-off (see trouble())
         self._failing = ClaimRetries()
@@ -338,11 +340,19 @@ class Intake:
         self._try_claim(name)
 
     def _cancel_file(self, name: str) -> None:
-        """`inbox/<id>.cancel` asks to cancel job <id> (how `dropq cancel` asks, too)."""
+        """`inbox/<id>.cancel` asks to cancel job <id> (how `dropq cancel` asks, too). On a shared host only
+        the job's owner or root may ask (the cancel file's own uid, by lstat); anyone else's is removed."""
         path = self.config.inbox / name
-        if not os.path.lexists(path):
+        try:
+            requester = os.lstat(path).st_uid
+        except FileNotFoundError:
             return
         job_id = safe_id(name[: -len(CANCEL_SUFFIX)])
+        refused = self.outbox.ownership.cancel_refused(requester, Owner.of_job(self.store.find(job_id)))
+        if refused is not None:
+            log.warning("job %s: cancel refused (%s): %s", job_id, printable(name), refused)
+            os.unlink(path)
+            return
         what = self._hooks.cancel(job_id)
         log.info("job %s: cancel requested (%s): %s", job_id, printable(name), what)
         os.unlink(path)
@@ -422,7 +432,9 @@ class Intake:
                 return False  # someone removed or claimed it first
             raise
         self.claimed += 1
-        job = self.store.add(job_id, source=printable(name))
+        # the owner of the file claimed, now in the spool where nobody else can swap it: never its name's say
+        owner = Owner.of(folder / "manifest.yaml")
+        job = self.store.add(job_id, source=printable(name), owner=owner.pair())
         log.info("job %s: claimed %s", job_id, printable(name))
         self.admit(job)
         return True
@@ -551,7 +563,8 @@ class Intake:
                 os.rmdir(entry.path)  # a crash between mkdir and the claim's rename
             return
         log.warning("job %s: found in the spool but not in the store; resuming it", entry.name)
-        self.store.add(entry.name, source=f"{entry.name}.yaml")
+        owner = Owner.of(Path(entry.path, "manifest.yaml"))  # the file claimed, as at the claim
+        self.store.add(entry.name, source=f"{entry.name}.yaml", owner=owner.pair())
 
 
 def _remove_empty(folder: Path) -> None:

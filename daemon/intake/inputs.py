@@ -28,6 +28,7 @@ from dropq.errors import ManifestError
 from dropq.intake.completeness import Completeness
 from dropq.intake.manifest import Manifest
 from dropq.paths import move, resolve_inside
+from dropq.publish.owners import Owner, Ownership
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import Store
 
@@ -54,9 +55,11 @@ class Settled:
 
 class AwaitedInputs:
     def __init__(self, *, config: Config, store: Store, completeness: Completeness,
-                 now: Callable[[], float]) -> None:
+                 now: Callable[[], float], ownership: Ownership | None = None) -> None:
         self.config = config
         self.store = store
+        #: on a shared host, a job takes only its own owner's files from the inbox
+        self.ownership = ownership if ownership is not None else Ownership(active=False)
         self.completeness = completeness
         self._now = now
         self._deadlines: dict[str, float] = {}  # job id -> deadline for its inputs
@@ -151,6 +154,9 @@ class AwaitedInputs:
         if not stat.S_ISREG(st.st_mode):
             kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
             raise ManifestError(f"input {rel!r} is {kind}; inputs must be regular files")
+        refused = self.ownership.input_refused(st.st_uid, Owner.of_job(self.store.find(job_id)))
+        if refused is not None:  # left where it is, for its owner's own manifest
+            raise ManifestError(f"input {rel!r} may not be taken: {refused}")
         if not self.completeness.input_complete(rel, st):
             return False
         try:

@@ -34,6 +34,7 @@ from dropq.errors import ManifestError
 from dropq.intake.inputs import FILE_KINDS, Settled
 from dropq.intake.manifest import Manifest
 from dropq.paths import resolve_inside
+from dropq.publish.owners import Owner, Ownership
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
 
@@ -54,9 +55,12 @@ class _Waiting:
 
 
 class AwaitedUpstreams:
-    def __init__(self, *, config: Config, store: Store, now: Callable[[], float]) -> None:
+    def __init__(self, *, config: Config, store: Store, now: Callable[[], float],
+                 ownership: Ownership | None = None) -> None:
         self.config = config
         self.store = store
+        #: on a shared host, a job reads only its own owner's outbox folders
+        self.ownership = ownership if ownership is not None else Ownership(active=False)
         self._now = now
         self._waiting: dict[str, _Waiting] = {}  # job id -> what it waits for
         self._dependents: dict[str, set[str]] = {}  # upstream id -> ids of the waiting jobs that name it
@@ -172,6 +176,7 @@ class AwaitedUpstreams:
         """Copy each `outbox:JOB/PATH` input from JOB's outbox folder into inputs/outbox/JOB/PATH. Checked as
         every untrusted path is (no symlink on the way, a regular file), and copied from the file that was
         checked (opened without following a link, compared with what lstat saw)."""
+        reader = Owner.of_job(self.store.find(job_id))
         for item in manifest.from_outbox:
             dst = self.config.spool / job_id / "inputs" / "outbox" / item
             if os.path.lexists(dst):
@@ -179,6 +184,9 @@ class AwaitedUpstreams:
             up, *rest = PurePosixPath(item).parts
             record = self.store.get(up)
             written = f"outbox:{item}"
+            refused = self.ownership.read_refused(reader, Owner.of_job(record), upstream_id=up)
+            if refused is not None:
+                raise ManifestError(f"input {written!r} may not be read: {refused}")
             src = resolve_inside(self.config.outbox, PurePosixPath(record.folder, *rest), what=f"input {written!r}:")
             try:
                 st = os.lstat(src)

@@ -33,6 +33,7 @@ from dropq.pools import Pool, find_staging
 from dropq.publish.committer import Committer
 from dropq.publish.notify import Notifications
 from dropq.publish.outbox import Outbox, key_secret
+from dropq.publish.owners import Ownership
 from dropq.publish.retention import Retention
 from dropq.queue.balancer import Balancer
 from dropq.queue.jobs import JobStatus
@@ -88,7 +89,7 @@ class Daemon:
         self.web = WebServer(config, self.metrics) if config.http.enabled else None
         self.outbox = Outbox(root=config.outbox, spool=config.spool, store=self.store,
                              secret=key_secret(config.state),
-                             on_published=self._published)
+                             on_published=self._published, ownership=Ownership.from_config(config))
         # every finished job reaches the outbox through this one committer: results, rejections, cancels
         self.committer = Committer(outbox=self.outbox)
         #: removes published folders past retention.max_age / max_bytes (a thread only when one is set)
@@ -176,6 +177,11 @@ class Daemon:
         self.store.set_meta("pool", self.pool.describe())
         self.store.set_meta("watcher", self.watcher.kind)
         self.store.set_meta("pid", str(os.getpid()))
+        # for the CLI: on a shared host it tells a user at once that another's job is not theirs to cancel
+        self.store.set_meta("results_owned", "1" if self.outbox.ownership.active else "")
+        if self.outbox.ownership.active:
+            log.info("running as root: each job's outbox folder is given to whoever dropped its manifest, mode %04o "
+                     "(results.mode)", self.outbox.ownership.mode)
         self.store.set_meta("started_at", f"{time.time():.3f}")
         if self.web is not None:
             self.web.start()

@@ -95,11 +95,13 @@ class Committer:
     def _publish(self, item: _Commit) -> None:
         job = item.job
         try:
-            self.outbox.finish(job, staging=item.staging)
             if item.inputs is not None:
                 # no DELETE to make the worker forget the job: keys are per attempt, and the worker keeps
-                # only its last 64 results anyway; one request less per job
+                # only its last 64 results anyway; one request less per job. Removed before publishing: the
+                # job has ended, and its staged hard links would otherwise make each input look shared with
+                # a file elsewhere, which the outbox never gives to the job's owner (owners.Ownership.give)
                 remove_tree(item.inputs)
+            self.outbox.finish(job, staging=item.staging)
         except Exception as exc:  # the job stays committing; the next start publishes it
             log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
             self._failed = f"publishing job {job.id} failed ({exc}); a restart retries it"

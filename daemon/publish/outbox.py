@@ -24,6 +24,7 @@ import yaml
 
 from dropq.escape import printable
 from dropq.paths import collect_tree, move, remove_tree
+from dropq.publish.owners import Owner, Ownership
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import Staging
@@ -78,13 +79,16 @@ def key_secret(state: Path) -> bytes:
 
 class Outbox:
     def __init__(self, *, root: Path, spool: Path, store: Store, secret: bytes | None = None,
-                 on_published: Callable[[JobRecord], None] | None = None) -> None:
+                 on_published: Callable[[JobRecord], None] | None = None,
+                 ownership: Ownership | None = None) -> None:
         self.root = root
         self.spool = spool
         self.store = store
         #: for attempt keys (key_secret(state) in the daemon; a random one lasts as long as this object)
         self.secret = secrets.token_bytes(32) if secret is None else secret
         self._on_published = on_published
+        #: whose each published folder is (Ownership.from_config in the daemon; by default, the daemon's)
+        self.ownership = ownership if ownership is not None else Ownership(active=False)
         #: status and error a commit had to change (see commit: a full disk), for finish to record
         self._changed: dict[str, dict[str, Any]] = {}
 
@@ -173,6 +177,8 @@ class Outbox:
             self._changed[job.id] = {"status": outcome["status"], "error": outcome["error"]}
             document = result_document(job, outcome, name, key=self.key(job))
             _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
+        # given to the manifest's owner before the rename: nobody ever sees the published folder as another's
+        self.ownership.give(tmp, Owner.of_job(job))
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(self.root)

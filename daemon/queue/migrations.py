@@ -137,6 +137,12 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
 """),
+    Migration(5, "owners: jobs.owner_uid and jobs.owner_gid, who dropped the manifest (lstat at its claim), so that "
+                 "a daemon running as root publishes the job's folder as theirs and obeys cancels from them only, "
+                 "after a restart too", """
+ALTER TABLE jobs ADD COLUMN owner_uid INTEGER;
+ALTER TABLE jobs ADD COLUMN owner_gid INTEGER;
+"""),
 )
 
 #: the schema version this dropq writes

@@ -59,6 +59,10 @@ class JobRecord:
     pruned_at: float | None = None
     #: its outbox folder's size, once retention measured it
     folder_bytes: int | None = None
+    #: who dropped the manifest (its uid and gid as the claim found them); None for jobs claimed before
+    #: dropq recorded it
+    owner_uid: int | None = None
+    owner_gid: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -306,12 +310,16 @@ class Store:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def add(self, job_id: str, *, source: str, submitted_at: float | None = None) -> JobRecord:
+    def add(self, job_id: str, *, source: str, submitted_at: float | None = None,
+            owner: tuple[int, int] | None = None) -> JobRecord:
+        """Record a claimed job; `owner`: the (uid, gid) of the manifest as it was claimed."""
         now = self._now()
+        uid, gid = owner if owner is not None else (None, None)
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (id, source, status, submitted_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (job_id, source, JobStatus.WAITING.value, submitted_at or now, now),
+                "INSERT INTO jobs (id, source, status, submitted_at, updated_at, owner_uid, owner_gid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, source, JobStatus.WAITING.value, submitted_at or now, now, uid, gid),
             )
         return self.get(job_id)
 

@@ -45,6 +45,7 @@ from dropq.errors import ManifestError, StoreError
 from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from dropq.intake.completeness import Completeness
 from dropq.intake.inputs import FILE_KINDS, AwaitedInputs, Settled
+from dropq.intake import arrays
 from dropq.intake.manifest import Manifest, is_manifest_name
 from dropq.intake.upstream import CAUSE, AwaitedUpstreams
 from dropq.intake.watcher import Arrival, InboxView
@@ -476,6 +477,8 @@ class Intake:
         manifest = Manifest.parse(raw, defaults=self.config.jobs, max_bytes=limit)
         # a folder program's entry point, and what it declares (a bad requirements.txt rejects the job here)
         program = find_program(self.config.programs, manifest.program)
+        # an array: its globs matched now, so that the files are claimed with the manifest, as inputs
+        manifest = arrays.resolve(manifest, inbox=self.config.inbox, max_tasks=self.config.jobs.max_tasks)
         return dataclasses.replace(manifest, program=program.entry)
 
     def _settled(self, jobs: Iterable[Settled]) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 import yaml
 
 from conftest import DaemonProcess, Workspace
-from helpers import dropq, dropq_json, wait_until
 
 
 def _array_result(ws: Workspace, job_id: str, timeout: float = 60.0) -> dict[str, Any]:

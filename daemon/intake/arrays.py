@@ -16,7 +16,7 @@ import itertools
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
@@ -149,13 +149,3 @@ def tasks(array: Manifest) -> list[Manifest]:
 def _said(params: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
-
-def parse_matrix_option(items: Sequence[str]) -> dict[str, list[str]]:
-    """`dropq submit --matrix size=64,128 --matrix mode=a,b` as the manifest's matrix."""
-    found: dict[str, list[str]] = {}
-    for item in items:
-        name, sep, values = item.partition("=")
-        if not sep or not name:
-            raise ManifestError(f"--matrix {item!r} must be NAME=VALUE,VALUE,...")
-        found[name] = [v for v in values.split(",")]
-    return found

@@ -42,10 +42,10 @@ from pathlib import Path
 from dropq.config import Config
 from dropq.envs.spec import find_program
 from dropq.errors import ManifestError, StoreError
+from dropq.intake import arrays
 from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from dropq.intake.completeness import Completeness
 from dropq.intake.inputs import FILE_KINDS, AwaitedInputs, Settled
-from dropq.intake import arrays
 from dropq.intake.manifest import Manifest, is_manifest_name
 from dropq.intake.upstream import CAUSE, AwaitedUpstreams
 from dropq.intake.watcher import Arrival, InboxView

@@ -180,14 +180,7 @@ class Outbox:
         final = self.root / name
         spool = self.spool / job.id
         if self.committed_here(job, name):
-            # published before a crash: only the clean-up after the rename may be missing; the status is
-            # the one result.yaml says (publishing may have changed it)
-            published = yaml.safe_load((self.root / name / "result.yaml").read_text())
-            if published.get("status") != (job.outcome or {}).get("status"):
-                self._changed[job.id] = {"status": published["status"], "error": published.get("error")}
-            remove_tree(spool)
-            if staging is not None:
-                staging.remove()
+            self._published_before(job, final, spool, staging)
             return final
         tmp = self.root / f".{name}.tmp"
         outcome = dict(job.outcome or {})
@@ -231,6 +224,16 @@ class Outbox:
         if staging is not None:
             staging.remove()
         return final
+
+    def _published_before(self, job: JobRecord, final: Path, spool: Path, staging: Staging | None) -> None:
+        """Published before a crash: only the clean-up after the rename may be missing; the status is the one
+        result.yaml says (publishing may have changed it)."""
+        published = yaml.safe_load((final / "result.yaml").read_text())
+        if published.get("status") != (job.outcome or {}).get("status"):
+            self._changed[job.id] = {"status": published["status"], "error": published.get("error")}
+        remove_tree(spool)
+        if staging is not None:
+            staging.remove()
 
     def _commit_array(self, job: JobRecord, outcome: dict[str, Any], tmp: Path, name: str) -> Path:
         """An array's folder: its tasks/ (each put there as it ended), its inputs once, and a result.yaml that

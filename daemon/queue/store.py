@@ -418,6 +418,21 @@ class Store:
                                     (parent,)).fetchall()
         return {status: n for status, n in rows}
 
+    def progress(self, job: JobRecord) -> dict[str, Any] | None:
+        """An array's progress, as `dropq status`, `dropq show` and the dashboard show it ("37/100 tasks done,
+        2 failed"); None for a job that is not an array."""
+        if job.tasks is None:
+            return None
+        counts = self.task_counts(job.id)
+        done = sum(n for status, n in counts.items() if JobStatus(status).is_final)
+        failed = sum(counts.get(s.value, 0) for s in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED))
+        cancelled = counts.get(JobStatus.CANCELLED.value, 0)
+        text = f"{done}/{job.tasks} tasks done" + (f", {failed} failed" if failed else "") + (
+            f", {cancelled} cancelled" if cancelled else "")
+        return {"total": job.tasks, "done": done, "failed": failed, "cancelled": cancelled,
+                "running": counts.get(JobStatus.RUNNING.value, 0), "queued": counts.get(JobStatus.QUEUED.value, 0),
+                "counts": counts, "text": text}
+
     def open_tasks(self, parent: str) -> int:
         """How many of an array's tasks have not ended (committing ones count: not yet published)."""
         with self._lock:

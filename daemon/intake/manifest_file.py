@@ -301,6 +301,8 @@ def refusal(problem: Problem) -> ManifestError:
 def _sentence(problem: Problem) -> str:
     loc, kind = problem.loc, problem.kind
     key = str(loc[0]) if loc else ""
+    if kind in ("extra_forbidden", "invalid_key") and key == "matrix" and len(loc) > 1:
+        return f"`matrix.{short(problem.raw_loc[1])}` may have only `glob:` (a pattern of files in inbox/)"
     if kind in ("extra_forbidden", "invalid_key"):
         return f"unknown key `{short(loc[0] if loc else '')}`; a manifest may have: {', '.join(KEYS)}"
     if kind == "missing":

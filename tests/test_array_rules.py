@@ -197,7 +197,7 @@ def test_queueing_an_array_makes_its_tasks_queued_rows_and_the_pick_hands_them_o
 
 def test_every_task_committed_publishes_the_array_in_one_folder(committer: Committer) -> None:
     array(committer, "arr", "program: echo\nmatrix: {n: [a, b]}\n")
-    for i in range(2):
+    for _ in range(2):
         committer.store.take_next("w1")
     ran(committer, "arr/1", JobStatus.SUCCEEDED, 0)
     assert not (committer.outbox.root / "arr").exists(), "not published before every task has ended"
@@ -258,3 +258,22 @@ def test_settle_arrays_finishes_an_array_whose_last_task_ended_before_a_crash(co
     fresh.run_pending()
     assert committer.store.get("arr").status is JobStatus.SUCCEEDED
     assert yaml.safe_load((committer.outbox.root / "arr" / "result.yaml").read_text())["counts"] == {"succeeded": 1}
+
+
+def test_an_array_in_an_environment_being_built_holds_its_tasks_until_it_is_ready(committer: Committer) -> None:
+    store = committer.store
+    store.want_env("e1", spec={"dependencies": ["x"]}, target={"kind": "venv"})
+    text = "program: echo\nmatrix: {n: [a, b]}\n"
+    spool = committer.outbox.spool / "arr"
+    spool.mkdir(parents=True)
+    store.add("arr", source="arr.yaml")
+    store.set_manifest("arr", arrays.resolve(manifest(text), inbox=spool, max_tasks=10).to_json(), priority=0,
+                       retries=0, deadline=None)
+    parent = store.queue_job("arr", env="e1")
+    # held like a queued job, so that the builder requests the build; never picked, being running
+    assert (parent.status, parent.held) == (JobStatus.RUNNING, "e1")
+    assert [t.held for t in store.tasks_of("arr")] == ["e1", "e1"]
+    assert store.held_envs() == {"e1": 2}
+    assert store.take_next("w1") is None
+    assert store.env_ready("e1", packages=[], size_bytes=0) == 3
+    assert [t.id for t in (store.take_next("w1"), store.take_next("w2")) if t] == ["arr/0", "arr/1"]

@@ -110,7 +110,8 @@ class Outbox:
             log.info("job %s: %s, published as %s", job.id, final.status, name)
         else:  # one line per task would flood the log of a 10,000-task array
             log.debug("task %s: %s", job.id, final.status)
-        if self._on_published is not None:
+        # a task is not published on its own (its array is, once): no webhook, notify.command or pipeline for it
+        if self._on_published is not None and job.parent is None:
             self._on_published(final)
         return folder
 

@@ -550,18 +550,20 @@ class Store:
         allowed = [s.value for s in sources_of(JobStatus.QUEUED)]
         marks = ",".join("?" * len(allowed))
         made = tasks(Manifest.from_json(manifest_json))
-        cur = db.execute(f"UPDATE jobs SET status = 'running', env = ?, held = NULL, tasks = ?, started_at = ?, "
-                         f"updated_at = ? WHERE id = ? AND status IN ({marks}) AND tasks IS NULL",
-                         (env, len(made), now, now, job_id, *allowed))
-        if cur.rowcount != 1:
-            raise StoreError(f"job {job_id!r} cannot be queued now")
-        array = db.execute("SELECT source, priority, retries, submitted_at FROM jobs WHERE id = ?",
-                           (job_id,)).fetchone()
         held = None
         if env is not None:
             state = db.execute("SELECT state FROM environments WHERE id = ?", (env,)).fetchone()
             held = None if state is not None and state[0] == "ready" else env
             db.execute("UPDATE environments SET last_used = ? WHERE id = ?", (now, env))
+        # the array's own `held` says, as a queued job's does, that its environment is still to be built (the
+        # caller requests the build); it is never picked (running), and env_ready clears it with its tasks'
+        cur = db.execute(f"UPDATE jobs SET status = 'running', env = ?, held = ?, tasks = ?, started_at = ?, "
+                         f"updated_at = ? WHERE id = ? AND status IN ({marks}) AND tasks IS NULL",
+                         (env, held, len(made), now, now, job_id, *allowed))
+        if cur.rowcount != 1:
+            raise StoreError(f"job {job_id!r} cannot be queued now")
+        array = db.execute("SELECT source, priority, retries, submitted_at FROM jobs WHERE id = ?",
+                           (job_id,)).fetchone()
         db.executemany(
             "INSERT INTO jobs (id, source, status, priority, retries, manifest, submitted_at, updated_at, env, held, "
             "parent, task_index) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -49,6 +49,8 @@ class Committer:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failed: str | None = None
+        #: each running array's max_failures, by id (read from its manifest once)
+        self._max_failures: dict[str, int | None] = {}
 
     def finish(self, job_id: str, outcome: dict[str, Any], *, staging: Staging | None = None,
                inputs: Path | None = None) -> JobRecord:
@@ -76,7 +78,9 @@ class Committer:
             return
         counts = self.store.task_counts(array_id)
         failed = sum(counts.get(s.value, 0) for s in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED))
-        limit = Manifest.from_json(array.manifest).max_failures
+        if array_id not in self._max_failures:  # read once: an array over 10,000 files has a long manifest
+            self._max_failures[array_id] = Manifest.from_json(array.manifest).max_failures
+        limit = self._max_failures[array_id]
         if limit is not None and failed >= limit:
             reason = (f"the task was cancelled before it ran: {failed} task(s) of the array had failed "
                       f"(max_failures: {limit})")
@@ -88,6 +92,7 @@ class Committer:
                     continue  # a worker took it a moment ago: it runs to its end
         if self.store.open_tasks(array_id):
             return
+        self._max_failures.pop(array_id, None)
         self.finish(array_id, array_outcome(array, self.store.task_counts(array_id), limit=limit))
 
     def start(self) -> None:

@@ -161,3 +161,5 @@ def test_submit_matrix_then_show_and_logs_of_one_task(workspace: Workspace, daem
     assert logs.returncode == 0 and logs.stdout.splitlines()[0] == "b-2"
     missing = dropq(workspace.config, "logs", "cli", "--task", "6")
     assert missing.returncode == 2 and "tasks 0 to 5" in missing.stderr
+    one = dropq(workspace.config, "cancel", "cli/2")
+    assert one.returncode == 2 and "dropq cancel cli" in one.stderr

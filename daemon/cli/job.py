@@ -67,6 +67,10 @@ def _delivery_words(delivery: dict[str, Any], most: int) -> str:
 
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
+    if job.parent is not None:
+        say(f"dropq: {job.id} is task {job.task_index} of the array {job.parent}, whose tasks are cancelled together: "
+            f"dropq cancel {job.parent}", out=sys.stderr)
+        return Exit.USAGE
     if job.status in FINAL:
         say(f"dropq: job {job.id} already finished ({job.status}); nothing to cancel", out=sys.stderr)
         return Exit.ALREADY_FINISHED

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ class _Commit:
 
 
 class Committer:
-    def __init__(self, *, outbox: Outbox) -> None:
+    def __init__(self, *, outbox: Outbox, now: Callable[[], float] = time.time) -> None:
         self.outbox = outbox
+        self._now = now
         self.store = outbox.store
         self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -87,13 +89,13 @@ class Committer:
             for task in self.store.tasks_of(array_id, statuses=(JobStatus.QUEUED, JobStatus.WAITING)):
                 try:
                     self.finish(task.id, {"status": JobStatus.CANCELLED.value, "error": reason, "exit_code": None,
-                                          "finished_at": time.time()})
+                                          "finished_at": self._now()})
                 except StoreError:
                     continue  # a worker took it a moment ago: it runs to its end
         if self.store.open_tasks(array_id):
             return
         self._max_failures.pop(array_id, None)
-        self.finish(array_id, array_outcome(array, self.store.task_counts(array_id), limit=limit))
+        self.finish(array_id, array_outcome(array, self.store.task_counts(array_id), limit=limit, now=self._now()))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
@@ -144,7 +146,7 @@ class Committer:
             self._failed = f"publishing job {job.id} failed ({exc}); a restart retries it"
 
 
-def array_outcome(array: JobRecord, counts: dict[str, int], *, limit: int | None) -> dict[str, Any]:
+def array_outcome(array: JobRecord, counts: dict[str, int], *, limit: int | None, now: float) -> dict[str, Any]:
     """An array's outcome once every task has ended: succeeded when all did; failed when any failed (or timed
     out); else cancelled."""
     total = array.tasks or 0
@@ -161,4 +163,4 @@ def array_outcome(array: JobRecord, counts: dict[str, int], *, limit: int | None
     else:
         status, error = JobStatus.CANCELLED, f"the array was cancelled: {cancelled} of {total} task(s) did not finish"
     return {"status": status.value, "error": error, "exit_code": None, "started_at": array.started_at,
-            "finished_at": time.time(), "task_counts": counts}
+            "finished_at": now, "task_counts": counts}

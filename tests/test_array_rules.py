@@ -277,3 +277,9 @@ def test_an_array_in_an_environment_being_built_holds_its_tasks_until_it_is_read
     assert store.take_next("w1") is None
     assert store.env_ready("e1", packages=[], size_bytes=0) == 3
     assert [t.id for t in (store.take_next("w1"), store.take_next("w2")) if t] == ["arr/0", "arr/1"]
+
+
+def test_an_outbox_input_with_a_placeholder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="`outbox:` input cannot hold a placeholder"):
+        arrays.resolve(manifest("program: echo\ninput: 'outbox:{j}/stdout.txt'\nmatrix: {j: [a, b]}\n"),
+                       inbox=tmp_path, max_tasks=10)

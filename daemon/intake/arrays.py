@@ -75,6 +75,9 @@ def resolve(manifest: Manifest, *, inbox: Path, max_tasks: int) -> Manifest:
     kept in `task_inputs`. A manifest without `matrix` is returned as it is."""
     if not manifest.matrix:
         return manifest
+    if any("{" in item for item in manifest.from_outbox):
+        raise ManifestError("an `outbox:` input cannot hold a placeholder: the jobs an array runs after are known "
+                            "when it is claimed (name them in full)")
     values: list[tuple[str, tuple[str, ...], str | None]] = []
     for name, listed, pattern in manifest.matrix:
         if pattern is not None:

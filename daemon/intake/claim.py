@@ -432,10 +432,13 @@ class Intake:
         """Parse a claimed manifest and claim its inputs; or reject it with the reason."""
         try:
             manifest = self._read_manifest(job)
-            limit = self.config.intake.max_inputs
+            limit, key = self.config.intake.max_inputs, "intake.max_inputs"
+            if manifest.is_array and self.config.jobs.max_tasks > limit:
+                # an array over a glob has a file per task: jobs.max_tasks bounds it as it bounds the tasks
+                limit, key = self.config.jobs.max_tasks, "jobs.max_tasks"
             if len(manifest.inputs) > limit:
                 raise ManifestError(f"the manifest names {len(manifest.inputs)} input files; the limit is {limit} "
-                                    "(intake.max_inputs): split the work over several manifests")
+                                    f"({key}): split the work over several manifests")
             if manifest.notify is not None:
                 check_notify(manifest.notify, self.config.notify.allowed)
             too_big = self.capacity.never_fits(manifest.memory, manifest.cpus)

@@ -103,6 +103,13 @@ def test_cancelling_an_array_mid_way_cancels_its_running_and_queued_tasks(worksp
     daemon.start()
     workspace.drop("long.yaml", {"program": "sleep", "args": ["30"], "matrix": {"n": list(range(20))}})
     wait_until(lambda: _progress(workspace, "long").get("running") == 2, what="2 tasks running")
+    # progress while it runs: dropq status, dropq show, and the API the dashboard reads
+    assert "array    long: 0/20 tasks done" in dropq(workspace.config, "status").stdout
+    assert "tasks: 0/20 tasks done" in dropq(workspace.config, "show", "long").stdout
+    api = daemon.get("/api/jobs/long").json()
+    assert (api["status"], api["tasks"]["text"], api["tasks"]["running"]) == ("running", "0/20 tasks done", 2)
+    task = daemon.get("/api/jobs/long/1").json()
+    assert (task["array"], task["task"], task["status"]) == ("long", 1, "running")
     assert dropq(workspace.config, "cancel", "long").returncode == 0
     result = _array_result(workspace, "long", timeout=30)
     assert result["status"] == "cancelled"
@@ -110,6 +117,7 @@ def test_cancelling_an_array_mid_way_cancels_its_running_and_queued_tasks(worksp
     errors = [t["error"] for t in result["tasks"]]
     assert errors.count("the job was cancelled") == 2, errors
     assert errors.count("the job was cancelled before it ran") == 18
+    assert daemon.get("/api/jobs/long").json()["tasks"]["text"] == "20/20 tasks done, 20 cancelled"
 
 
 def test_kill_9_of_the_daemon_during_a_200_task_array_commits_every_task_exactly_once(

@@ -161,7 +161,10 @@ class Balancer:
             return f"already {job.status.value}"
         if job.tasks is not None:
             # an array: its tasks are cancelled together; it is published once the last of them has ended
+            # those not started first: a slot that a cancelled running task frees must find none to take
             said = [self.cancel(task.id) for task in self.store.tasks_of(job_id, statuses=(
+                JobStatus.WAITING, JobStatus.QUEUED))]
+            said += [self.cancel(task.id) for task in self.store.tasks_of(job_id, statuses=(
                 JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING))]
             running = sum(1 for words in said if words.startswith("cancelling"))
             return f"cancelled {len(said) - running} task(s) before they ran; cancelling {running} running"

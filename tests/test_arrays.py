@@ -171,3 +171,23 @@ def test_submit_matrix_then_show_and_logs_of_one_task(workspace: Workspace, daem
     assert missing.returncode == 2 and "tasks 0 to 5" in missing.stderr
     one = dropq(workspace.config, "cancel", "cli/2")
     assert one.returncode == 2 and "dropq cancel cli" in one.stderr
+
+
+def test_a_glob_array_on_docker_workers_and_a_job_after_it_reading_one_task_s_output(
+        workspace: Workspace, daemon: DaemonProcess, docker_image: str) -> None:
+    workspace.configure(workers={"pool": "docker", "count": 2, "docker": {"image": docker_image}})
+    daemon.start()
+    assert "worker pool: docker" in daemon.log_text()
+    for name in ("a", "b", "c"):
+        workspace.put(f"texts/{name}.txt", f"{name}{name} {name}{name}\n")
+    # the job after the array is dropped first: it waits for the array's one folder
+    workspace.drop("after.yaml", {"program": "concat", "input": "outbox:texts/tasks/1/output/counts.txt"})
+    workspace.drop("texts.yaml", {"program": "wordcount", "input": "{t}", "output": "counts.txt",
+                                  "matrix": {"t": {"glob": "texts/*.txt"}}})
+    results = workspace.wait_results(2, timeout=120)
+    assert results["texts"]["status"] == "succeeded", results["texts"]
+    for i, name in enumerate("abc"):
+        assert (workspace.outbox / "texts" / "tasks" / str(i) / "output" / "counts.txt").read_text() == (
+            f"2 {name}{name}\n")
+    assert results["after"]["status"] == "succeeded", results["after"]
+    assert (workspace.outbox / "after" / "stdout.txt").read_text() == "2 bb\n"

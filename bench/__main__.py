@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import math
 import os
 import select
 import shutil
@@ -425,14 +426,55 @@ def fig_envs(reps: int, scale: float) -> Figure:
     return fig
 
 
-FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle, "6": fig_envs}
+def fig_arrays(reps: int, scale: float) -> Figure:
+    fig = Figure("7. Arrays: one manifest with a 10,000-task matrix | 10,000 separate manifests of the same program "
+                 "(local pool, 2 warm workers, drop -> committed outbox folder(s))")
+    # a square matrix keeps the manifest small (100 x 100 values, not a list of 10,000)
+    side = max(2, int(math.sqrt(10_000 * scale)))
+    n = side * side
+    array = yaml.safe_dump({"program": "pass.py", "matrix": {"i": list(range(side)), "j": list(range(side))}})
+    # one repetition at full size: each arm is 10,000 jobs, and three of each would take the suite past its
+    # 10 minutes on 2 cores
+    reps = reps if scale < 1 else 1
+    a_times, s_times, a_cpu, s_cpu = [], [], [], []
+    with bench() as b:
+        b.start()
+        run_batch(b, "pass.py", [], 1)  # warm
+        for rep in range(reps):
+            daemon_cpu = _cpu(b.proc.pid) if b.proc else 0.0
+            a_times.append(timed(_run_array, b, f"arr{rep}", array))
+            a_cpu.append((_cpu(b.proc.pid) if b.proc else 0.0) - daemon_cpu)
+            daemon_cpu = _cpu(b.proc.pid) if b.proc else 0.0
+            s_times.append(timed(run_batch, b, "pass.py", [], n))
+            s_cpu.append((_cpu(b.proc.pid) if b.proc else 0.0) - daemon_cpu)
+    a, m = statistics.median(a_times), statistics.median(s_times)
+    fig.rows.append((f"{n} trivial tasks: one array | {n} manifests", fmt(a), fmt(m), f"{m / a:.2f}"))
+    fig.rows.append(("  daemon CPU for them", f"{statistics.median(a_cpu):.2f} s", f"{statistics.median(s_cpu):.2f} s",
+                     f"{statistics.median(s_cpu) / max(statistics.median(a_cpu), 1e-9):.2f}"))
+    return fig
+
+
+def _run_array(b: Bench, name: str, text: str) -> None:
+    """Drop one array manifest and wait until its one folder is committed (every task has ended)."""
+    base = b.committed()
+    tmp = b.inbox / f".{name}.tmp"
+    tmp.write_text(text)
+    os.rename(tmp, b.inbox / f"{name}.yaml")
+    b.wait_committed(base + 1)
+    result = yaml.safe_load((b.outbox / name / "result.yaml").read_text())
+    if result["status"] != "succeeded":
+        raise RuntimeError(f"the array {name} ended {result['status']}: {result['error']}")
+
+
+FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle, "6": fig_envs,
+           "7": fig_arrays}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few jobs per figure: checks that it runs")
-    p.add_argument("--only", default="1,2,3,4,5,6", help="figures to run, e.g. 1,2")
+    p.add_argument("--only", default="1,2,3,4,5,6,7", help="figures to run, e.g. 1,2")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     scale, reps = (0.02, 1) if args.smoke else (1.0, args.reps)

@@ -151,6 +151,8 @@ class JobDefaults(_Section):
     max_cpus: float | None = Field(default=None, gt=0)
     """the most `cpus:` a manifest may ask for; a manifest asking more is rejected. null: no maximum but
     workers.capacity.cpus"""
+    max_tasks: int = Field(default=10_000, ge=1)
+    """the most tasks one manifest's `matrix:` may make (an array job); a manifest making more is rejected"""
 
     @property
     def max_memory_bytes(self) -> int | None:

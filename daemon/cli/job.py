@@ -29,6 +29,11 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
     try:
         if job.held is not None or job.status is JobStatus.WAITING:
             doc["waiting"] = store.waiting_reason(job)
+        progress = store.progress(job)
+        if progress is not None:
+            doc["tasks"] = progress["text"]
+            if args.json:
+                doc["tasks"] = progress
         delivery = store.delivery(job.id)
     finally:
         store.close()
@@ -39,6 +44,8 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
         return Exit.OK
     if job.status in FINAL:
         print_result(config, job)
+        if progress is not None:
+            say(f"# {progress['text']}")
     else:
         say(yaml.safe_dump({k: v for k, v in doc.items() if k != "notify"}, sort_keys=False), end="")
     if delivery is not None:
@@ -62,6 +69,10 @@ def _delivery_words(delivery: dict[str, Any], most: int) -> str:
 
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
     job = get_job(config, args.id)
+    if job.parent is not None:
+        say(f"dropq: {job.id} is task {job.task_index} of the array {job.parent}, whose tasks are cancelled together: "
+            f"dropq cancel {job.parent}", out=sys.stderr)
+        return Exit.USAGE
     if job.status in FINAL:
         say(f"dropq: job {job.id} already finished ({job.status}); nothing to cancel", out=sys.stderr)
         return Exit.ALREADY_FINISHED
@@ -79,13 +90,26 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
         streams.append(("stderr", sys.stderr.buffer))
     store = open_store(config)
     offsets = {name: 0 for name, _ in streams}
+    job_id = args.id
     try:
+        if getattr(args, "task", None) is not None:
+            array = store.get(args.id)
+            if array.tasks is None:
+                say(f"dropq: job {array.id} is not an array (it has no `matrix:`), so it has no tasks",
+                    out=sys.stderr)
+                return Exit.USAGE
+            if not 0 <= args.task < array.tasks:
+                say(f"dropq: job {array.id} has tasks 0 to {array.tasks - 1}; there is no task {args.task}",
+                    out=sys.stderr)
+                return Exit.USAGE
+            job_id = f"{array.id}/{args.task}"
         while True:
-            job = store.get(args.id)
+            job = store.get(job_id)
+            array_job = store.find(job.parent) if job.parent is not None else None
             if job.status in FINAL:
-                job_folder(config, job)  # another user's results: said in words, not as "Permission denied"
+                job_folder(config, array_job or job)  # another user's results: said in words, not "Permission denied"
             for name, out in streams:
-                offsets[name] = _copy_from(stream_path(config, job, name), offsets[name], out)
+                offsets[name] = _copy_from(stream_path(config, job, name, array=array_job), offsets[name], out)
             if job.status in FINAL or not args.follow:
                 if args.follow:
                     return Exit.OK if job.status is JobStatus.SUCCEEDED else Exit.JOB_FAILED

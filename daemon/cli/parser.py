@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     submit.add_argument("--after", action="append", default=[], metavar="ID",
                         help="run after job ID has succeeded (cancelled if it does not); repeatable")
+    submit.add_argument("--matrix", action="append", default=[], metavar="NAME=V1,V2",
+                        help="an array job: run once per value (repeat for a cartesian product); {NAME} in the "
+                             "arguments, --env values and --output is the task's value")
+    submit.add_argument("--glob", action="append", default=[], metavar="NAME=PATTERN",
+                        help="an array job over the files in inbox/ that PATTERN matches (e.g. 'photo=photos/*.jpg'); "
+                             "without INPUT arguments, each task's input is its file ({NAME})")
+    submit.add_argument("--max-failures", type=int, metavar="N",
+                        help="of an array: cancel the tasks not yet started once N have failed")
     submit.add_argument("--name", help="the manifest's file name in the inbox (and so the job's id)")
     _add_wait(submit)
 
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = logs.add_mutually_exclusive_group()
     which.add_argument("--stdout", action="store_true", help="only stdout")
     which.add_argument("--stderr", action="store_true", help="only stderr")
+    logs.add_argument("--task", type=int, metavar="N", help="of an array job: task N's output (from 0)")
 
     retry = sub.add_parser("retry", help="run a finished job again, as a new job on the same inputs",
                            description="Drop the job's manifest into the inbox again, with copies of its inputs "

@@ -27,6 +27,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         print(as_json({"daemon": {"running": snap.running, **snap.meta}, "jobs": snap.counts,
                        "waiting_for_environments": snap.waiting,
                        "waiting": [{"id": i, "reason": r} for i, r in snap.after], "workers": snap.workers,
+                       "arrays": [{"id": i, **p} for i, p in snap.arrays],
                        "recent": [j.summary() for j in snap.recent]}))
         return Exit.OK
     say("\n".join(_status_lines(snap)))
@@ -54,6 +55,9 @@ class _Snapshot:
         self.after = [(j.id, store.waiting_reason(j))
                       for j in store.with_status(JobStatus.WAITING, limit=WAITING_SHOWN)]
         self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
+        #: arrays whose tasks run, each with its progress ("37/100 tasks done, 2 failed")
+        self.arrays = [(j.id, progress) for j in store.arrays_running()[:WAITING_SHOWN]
+                       if (progress := store.progress(j)) is not None]
         self.running = daemon_alive(self.meta.get("pid", ""))
 
 
@@ -72,6 +76,7 @@ def _status_lines(snap: _Snapshot) -> list[str]:
     lines.append("jobs     " + ("   ".join(f"{s}: {snap.counts[s]}" for s in order if snap.counts.get(s)) or "none"))
     lines += [f"env      {w['reason']}: {w['jobs']} queued job(s) wait for it" for w in snap.waiting]
     lines += [f"waiting  {job_id}: {reason}" for job_id, reason in snap.after if reason]
+    lines += [f"array    {job_id}: {progress['text']}" for job_id, progress in snap.arrays]
     lines += ["", *_worker_lines(snap)]
     if snap.recent:
         lines.append("")

@@ -30,9 +30,9 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
         require_daemon(config)
     target = Path(args.target)
     if is_manifest_name(target.name) and target.is_file():
-        if args.inputs or args.program_args or args.after:
-            raise DropqError("give either a manifest file, or a program with inputs, arguments and --after, not both "
-                             "(a manifest says `after:` itself)")
+        if args.inputs or args.program_args or args.after or args.matrix or args.glob:
+            raise DropqError("give either a manifest file, or a program with inputs, arguments, --after, --matrix "
+                             "and --glob, not both (a manifest says `after:` and `matrix:` itself)")
         text = target.read_text(encoding="utf-8")
         name = args.name or target.name
     else:
@@ -63,7 +63,30 @@ def _manifest_from_args(config: Config, args: argparse.Namespace) -> dict[str, A
         if any(not sep for _, sep, _ in pairs):
             raise DropqError("--env takes NAME=VALUE")
         manifest["env"] = {k: v for k, _, v in pairs}
+    matrix = _matrix_from_args(args)
+    if matrix:
+        manifest["matrix"] = matrix
+        globs = [name for name, values in matrix.items() if isinstance(values, dict)]
+        if len(globs) == 1 and not inputs:
+            manifest["input"] = f"{{{globs[0]}}}"  # each task reads its own file
+    if args.max_failures is not None:
+        manifest["max_failures"] = args.max_failures
     return manifest
+
+
+def _matrix_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--matrix NAME=V1,V2 and --glob NAME=PATTERN, in the order given, as a manifest's `matrix:`."""
+    matrix: dict[str, Any] = {}
+    for option, items in (("--matrix", args.matrix), ("--glob", args.glob)):
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                raise DropqError(f"{option} takes NAME=" + ("V1,V2,..." if option == "--matrix" else "PATTERN") +
+                                 f", not {item!r}")
+            if name in matrix:
+                raise DropqError(f"{option} {name}: the name is given twice")
+            matrix[name] = value.split(",") if option == "--matrix" else {"glob": value}
+    return matrix
 
 
 def cmd_retry(config: Config, args: argparse.Namespace) -> int:

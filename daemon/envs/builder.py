@@ -177,7 +177,7 @@ class Environments:
         if env is not None:
             built_log = self.log_path(env.id)
             if built_log.is_file():
-                spool = self.config.spool / job.id
+                spool = self.config.spool / job.spool_id  # a task's log goes into its array's folder
                 spool.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(built_log, spool / BUILD_LOG)
         log.warning("job %s: failed: %s", job.id, error)

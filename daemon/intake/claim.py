@@ -42,6 +42,7 @@ from pathlib import Path
 from dropq.config import Config
 from dropq.envs.spec import find_program
 from dropq.errors import ManifestError, StoreError
+from dropq.intake import arrays
 from dropq.intake.claims import ClaimRetries, ClaimTrouble, printable, safe_id
 from dropq.intake.completeness import Completeness
 from dropq.intake.inputs import FILE_KINDS, AwaitedInputs, Settled
@@ -443,10 +444,13 @@ class Intake:
         """Parse a claimed manifest and claim its inputs; or reject it with the reason."""
         try:
             manifest = self._read_manifest(job)
-            limit = self.config.intake.max_inputs
+            limit, key = self.config.intake.max_inputs, "intake.max_inputs"
+            if manifest.is_array and self.config.jobs.max_tasks > limit:
+                # an array over a glob has a file per task: jobs.max_tasks bounds it as it bounds the tasks
+                limit, key = self.config.jobs.max_tasks, "jobs.max_tasks"
             if len(manifest.inputs) > limit:
                 raise ManifestError(f"the manifest names {len(manifest.inputs)} input files; the limit is {limit} "
-                                    "(intake.max_inputs): split the work over several manifests")
+                                    f"({key}): split the work over several manifests")
             if manifest.notify is not None:
                 check_notify(manifest.notify, self.config.notify.allowed)
             too_big = self.capacity.never_fits(manifest.memory, manifest.cpus)
@@ -488,6 +492,8 @@ class Intake:
         manifest = Manifest.parse(raw, defaults=self.config.jobs, max_bytes=limit)
         # a folder program's entry point, and what it declares (a bad requirements.txt rejects the job here)
         program = find_program(self.config.programs, manifest.program)
+        # an array: its globs matched now, so that the files are claimed with the manifest, as inputs
+        manifest = arrays.resolve(manifest, inbox=self.config.inbox, max_tasks=self.config.jobs.max_tasks)
         return dataclasses.replace(manifest, program=program.entry)
 
     def _settled(self, jobs: Iterable[Settled]) -> None:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from dropq.config import JobDefaults
 from dropq.errors import ManifestError
-from dropq.intake.manifest_file import KEYS, ManifestFile, is_from_outbox, placed_input, refusal
+from dropq.intake.manifest_file import KEYS, GlobValues, ManifestFile, is_from_outbox, placed_input, refusal
 from dropq.paths import check_relative
 from dropq.units import human_size
 from dropq.validation import first_error
@@ -70,6 +70,19 @@ class Manifest:
     memory: int | None = None
     #: CPUs the job asks for, or None
     cpus: float | None = None
+    #: an array's parameters in manifest order: (name, values, glob pattern or None); a glob's values are
+    #: filled in when the manifest is claimed (dropq.intake.arrays.resolve). Empty: not an array
+    matrix: tuple[tuple[str, tuple[str, ...], str | None], ...] = ()
+    #: an array's input files as written, with placeholders (its `inputs` are then every task's files)
+    task_inputs: tuple[str, ...] = ()
+    #: an array's tasks not yet started are cancelled once this many have failed
+    max_failures: int | None = None
+    #: a task's parameter values, in the matrix's order
+    parameters: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_array(self) -> bool:
+        return bool(self.matrix)
 
     @classmethod
     def parse(cls, raw: bytes, *, defaults: JobDefaults, max_bytes: int) -> Manifest:
@@ -106,6 +119,9 @@ class Manifest:
             notify=doc.notify,
             memory=_within("memory", doc.memory_bytes(), defaults.max_memory_bytes, human_size),
             cpus=_within("cpus", doc.cpus, defaults.max_cpus, lambda n: f"{n:g}"),
+            matrix=tuple((name, (), values.glob) if isinstance(values, GlobValues) else
+                         (name, tuple(str(v) for v in values), None) for name, values in (doc.matrix or {}).items()),
+            max_failures=doc.max_failures,
         )
 
     def to_json(self) -> str:
@@ -120,7 +136,11 @@ class Manifest:
                "env": MappingProxyType(data["env"]), "retry_on_exit": tuple(data.get("retry_on_exit", ())),
                # absent from a manifest stored before pipelines
                "after": tuple(data.get("after", ())), "from_outbox": tuple(data.get("from_outbox", ())),
-               "notify": data.get("notify")}
+               "notify": data.get("notify"),
+               # absent from a manifest stored before arrays
+               "matrix": tuple((name, tuple(values), pattern) for name, values, pattern in data.get("matrix", ())),
+               "task_inputs": tuple(data.get("task_inputs", ())),
+               "parameters": tuple((name, value) for name, value in data.get("parameters", ()))}
         )
 
 

@@ -25,7 +25,7 @@ from dropq.validation import OWN, UNSAFE_PATH, Problem, own, unsafe_path
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 #: the daemon sets these itself; a manifest may not override them
-RESERVED_ENV = ("DROPQ_OUTPUT", "DROPQ_JOB_ID", "DROPQ_INPUTS")
+RESERVED_ENV = ("DROPQ_OUTPUT", "DROPQ_JOB_ID", "DROPQ_INPUTS", "DROPQ_TASK_INDEX", "DROPQ_TASK_COUNT")
 MAX_TIMEOUT = 7 * 24 * 3600
 MAX_RETRIES = 100
 MAX_PRIORITY = 1_000_000
@@ -40,6 +40,15 @@ MAX_CPUS = 1024
 ExitCode = Annotated[int, Field(ge=1, le=255)]
 #: a scalar passed to the program as text; strict mode refuses true/false here
 Scalar = str | int | float
+#: a matrix parameter's name, as `{name}` placeholders use it
+PARAM_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class GlobValues(BaseModel):
+    """`{glob: "photos/*.jpg"}`: the files in inbox/ the pattern matches, sorted, each claimed as an input"""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    glob: str = Field(min_length=1, max_length=1024)
 
 
 def _schema_extra(schema: dict[str, Any]) -> None:
@@ -91,6 +100,14 @@ class ManifestFile(BaseModel):
     """CPUs the job may use, e.g. 1.5: its share while it runs (docker pool), and what it counts as against
     workers.capacity (at most the config's jobs.max_cpus)"""
 
+    matrix: dict[Annotated[str, Field(pattern=PARAM_NAME)], list[Scalar] | GlobValues] | None = None
+    """makes the job an array: it runs once per combination of these values (the cartesian product, keys in
+    the order written), e.g. {size: [64, 128], photo: {glob: "photos/*.jpg"}}; `{size}` in args, input, inputs,
+    output and env values is replaced by the task's value (`{{` is a brace)"""
+    max_failures: Annotated[int, Field(ge=1)] | None = None
+    """for an array: once this many tasks have failed, the tasks not yet started are cancelled (default: no
+    limit)"""
+
     @field_validator("program", "output")
     @classmethod
     def _a_relative_path(cls, value: str | None, info: Any) -> str | None:
@@ -122,6 +139,18 @@ class ManifestFile(BaseModel):
             return None
         if not value.startswith(("https://", "http://")) or any(c.isspace() or ord(c) < 32 for c in value):
             raise own("`notify` must be an http:// or https:// URL without spaces")
+        return value
+
+    @field_validator("matrix")
+    @classmethod
+    def _some_values(cls, value: dict[str, list[Scalar] | GlobValues] | None) -> Any:
+        for name, values in (value or {}).items():
+            if isinstance(values, list) and not values:
+                raise own(f"`matrix.{name}` has no values")
+            if isinstance(values, GlobValues):
+                _relative(values.glob, what=f"matrix.{name}.glob")
+        if value is not None and not value:
+            raise own("`matrix` names no parameter")
         return value
 
     @field_validator("output")
@@ -249,6 +278,9 @@ _EXPECTED = {
     "notify": "`notify` must be an http:// or https:// URL, at most 2048 characters",
     "memory": "`memory` must be a size such as 512m or 2g (docker's syntax), or a number of bytes",
     "cpus": "`cpus` must be a positive number of CPUs, such as 1.5",
+    "matrix": "`matrix` must map parameter names to lists of values or to {glob: PATTERN}, e.g. "
+              "matrix: {size: [64, 128]}",
+    "max_failures": "`max_failures` must be a whole number of at least 1",
 }
 _RANGES = {
     "timeout": f"`timeout` may be at most {MAX_TIMEOUT} seconds (a week)",
@@ -269,6 +301,8 @@ def refusal(problem: Problem) -> ManifestError:
 def _sentence(problem: Problem) -> str:
     loc, kind = problem.loc, problem.kind
     key = str(loc[0]) if loc else ""
+    if kind in ("extra_forbidden", "invalid_key") and key == "matrix" and len(loc) > 1:
+        return f"`matrix.{short(problem.raw_loc[1])}` may have only `glob:` (a pattern of files in inbox/)"
     if kind in ("extra_forbidden", "invalid_key"):
         return f"unknown key `{short(loc[0] if loc else '')}`; a manifest may have: {', '.join(KEYS)}"
     if kind == "missing":

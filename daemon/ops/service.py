@@ -156,6 +156,8 @@ class Daemon:
             staging = find_staging(self.config, job.worker, self.outbox.key(job)) if job.worker else None
             log.info("job %s: finishing the commit an earlier run began", job.id)
             self.outbox.finish(job, staging=staging)
+        # arrays whose last task ended (or whose max_failures was reached) just before the crash go on
+        self.committer.settle_arrays()
         pending = {j.id for j in self.store.with_status(JobStatus.COMMITTING)}
         for name in self.outbox.clean_stale(keep=pending):
             log.info("removed the stale temporary folder %s from the outbox", name)

@@ -53,8 +53,12 @@ def content_security_policy(page: str) -> str:
             "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def job_summary(job: JobRecord, now: float | None = None) -> dict[str, Any]:
+def job_summary(job: JobRecord, now: float | None = None, *, store: Store | None = None) -> dict[str, Any]:
     doc = job.summary()
+    if job.tasks is not None and store is not None:
+        doc["tasks"] = store.progress(job)  # an array: "37/100 tasks done, 2 failed"
+    if job.parent is not None:
+        doc["array"], doc["task"] = job.parent, job.task_index
     doc["exit_code"] = (job.outcome or {}).get("exit_code")
     if job.status in FINAL:
         doc["folder"] = job.folder
@@ -85,7 +89,7 @@ def create_app(config: Config, store: Store, metrics: Metrics | None = None, *, 
 
     routes: list[tuple[str, Callable[..., Response]]] = [
         ("/", api.dashboard), ("/healthz", api.healthz), ("/api/summary", api.summary),
-        ("/api/jobs", api.jobs), ("/api/jobs/<job_id>", api.job), ("/api/workers", api.workers),
+        ("/api/jobs", api.jobs), ("/api/jobs/<path:job_id>", api.job), ("/api/workers", api.workers),
         ("/api/throughput", api.throughput), ("/metrics", api.prometheus)]
     for rule, view in routes:
         app.add_url_rule(rule, view.__name__, view, methods=["GET"])
@@ -130,7 +134,7 @@ class _Api:
             daemon={"pid": meta.get("pid") or None, "pool": meta.get("pool"), "started_at": _float(meta, "started_at")},
             counts={s.value: counts.get(s.value, 0) for s in JobStatus},
             queue_depth=counts.get(JobStatus.QUEUED.value, 0),
-            running=[job_summary(j, now) for j in running],
+            running=[job_summary(j, now, store=self.store) for j in running],
             waiting_for_environments=self.store.waiting_for(),
             disk_low=meta.get("disk_low") or None,
             workers=self.store.workers(),
@@ -145,18 +149,20 @@ class _Api:
         offset = _int_arg("offset", 0, 0, 10**12)
         now = time.time()
         page, total = self.store.page(statuses, limit=limit, offset=offset)
-        return jsonify(jobs=[job_summary(j, now) for j in page], total=total, limit=limit, offset=offset)
+        return jsonify(jobs=[job_summary(j, now, store=self.store) for j in page], total=total, limit=limit,
+                       offset=offset)
 
     def job(self, job_id: str) -> Response:
         found = self.store.find(job_id)
         if found is None:
             abort(404, description=f"no job with id {job_id!r}")
         limit = _int_arg("bytes", STREAM_BYTES, 0, 1024 * 1024)
-        doc = job_summary(found, time.time())
+        doc = job_summary(found, time.time(), store=self.store)
         doc["waiting"] = self.store.waiting_reason(found)
         doc["result"] = found.outcome if found.status in FINAL else None
-        doc["stdout"] = head_and_tail(stream_path(self.config, found, "stdout"), limit)
-        doc["stderr"] = head_and_tail(stream_path(self.config, found, "stderr"), limit)
+        array = self.store.find(found.parent) if found.parent is not None else None
+        for stream in ("stdout", "stderr"):
+            doc[stream] = head_and_tail(stream_path(self.config, found, stream, array=array), limit)  # type: ignore[arg-type]
         return jsonify(doc)
 
     def workers(self) -> Response:

@@ -16,10 +16,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dropq.errors import StoreError
+from dropq.intake.manifest import Manifest
 from dropq.paths import remove_tree
 from dropq.publish.outbox import Outbox
 from dropq.queue.jobs import JobStatus
@@ -39,13 +43,16 @@ class _Commit:
 
 
 class Committer:
-    def __init__(self, *, outbox: Outbox) -> None:
+    def __init__(self, *, outbox: Outbox, now: Callable[[], float] = time.time) -> None:
         self.outbox = outbox
+        self._now = now
         self.store = outbox.store
         self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failed: str | None = None
+        #: each running array's max_failures, by id (read from its manifest once)
+        self._max_failures: dict[str, int | None] = {}
 
     def finish(self, job_id: str, outcome: dict[str, Any], *, staging: Staging | None = None,
                inputs: Path | None = None) -> JobRecord:
@@ -57,6 +64,38 @@ class Committer:
                                     finished_at=outcome.get("finished_at"))
         self._queue.put(_Commit(job, staging, inputs))
         return job
+
+    def settle_arrays(self) -> None:
+        """At start: arrays whose last tasks ended before a crash, or whose max_failures was reached, are taken
+        on from where they were (their publish queued for the committer's thread)."""
+        for array in self.store.arrays_running():
+            self.array_step(array.id)
+
+    def array_step(self, array_id: str) -> None:
+        """After one of its tasks was committed: cancel the array's tasks not yet started once max_failures
+        have failed, and, when every task has ended, finish the array itself (published by one rename). Runs
+        on the committer's thread (or at start, before it), so two tasks ending together finish it once."""
+        array = self.store.find(array_id)
+        if array is None or array.status is not JobStatus.RUNNING or array.tasks is None or not array.manifest:
+            return
+        counts = self.store.task_counts(array_id)
+        failed = sum(counts.get(s.value, 0) for s in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED))
+        if array_id not in self._max_failures:  # read once: an array over 10,000 files has a long manifest
+            self._max_failures[array_id] = Manifest.from_json(array.manifest).max_failures
+        limit = self._max_failures[array_id]
+        if limit is not None and failed >= limit:
+            reason = (f"the task was cancelled before it ran: {failed} task(s) of the array had failed "
+                      f"(max_failures: {limit})")
+            for task in self.store.tasks_of(array_id, statuses=(JobStatus.QUEUED, JobStatus.WAITING)):
+                try:
+                    self.finish(task.id, {"status": JobStatus.CANCELLED.value, "error": reason, "exit_code": None,
+                                          "finished_at": self._now()})
+                except StoreError:
+                    continue  # a worker took it a moment ago: it runs to its end
+        if self.store.open_tasks(array_id):
+            return
+        self._max_failures.pop(array_id, None)
+        self.finish(array_id, array_outcome(array, self.store.task_counts(array_id), limit=limit, now=self._now()))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
@@ -102,6 +141,28 @@ class Committer:
                 # a file elsewhere, which the outbox never gives to the job's owner (owners.Ownership.give)
                 remove_tree(item.inputs)
             self.outbox.finish(job, staging=item.staging)
+            if job.parent is not None:
+                self.array_step(job.parent)
         except Exception as exc:  # the job stays committing; the next start publishes it
             log.exception("job %s: publishing failed; it will be retried at the next start", job.id)
             self._failed = f"publishing job {job.id} failed ({exc}); a restart retries it"
+
+
+def array_outcome(array: JobRecord, counts: dict[str, int], *, limit: int | None, now: float) -> dict[str, Any]:
+    """An array's outcome once every task has ended: succeeded when all did; failed when any failed (or timed
+    out); else cancelled."""
+    total = array.tasks or 0
+    succeeded = counts.get(JobStatus.SUCCEEDED.value, 0)
+    failed = sum(counts.get(s.value, 0) for s in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED))
+    cancelled = counts.get(JobStatus.CANCELLED.value, 0)
+    if succeeded == total:
+        status, error = JobStatus.SUCCEEDED, None
+    elif failed:
+        status = JobStatus.FAILED
+        error = f"{failed} of {total} task(s) failed"
+        if cancelled:
+            error += f"; {cancelled} cancelled" + (f" (max_failures: {limit})" if limit is not None else "")
+    else:
+        status, error = JobStatus.CANCELLED, f"the array was cancelled: {cancelled} of {total} task(s) did not finish"
+    return {"status": status.value, "error": error, "exit_code": None, "started_at": array.started_at,
+            "finished_at": now, "task_counts": counts}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -97,15 +98,24 @@ class Outbox:
         return job_key(job, self.secret)
 
     def finish(self, job: JobRecord, *, staging: Staging | None = None) -> Path:
-        """Publish a job in COMMITTING state and record its final status; safe to run again."""
-        name = self._folder_name(job)
-        folder = self.commit(job, staging=staging, name=name)
+        """Publish a job in COMMITTING state and record its final status; safe to run again. A task of an
+        array goes into the array's folder being assembled (not yet published)."""
+        if job.parent is not None:
+            name = f"{job.parent}/tasks/{job.task_index}"
+            folder = self.commit_task(job, staging=staging)
+        else:
+            name = self._folder_name(job)
+            folder = self.commit(job, staging=staging, name=name)
         # what publishing changed (a full disk fails a job whose output had to go), as result.yaml says it
         outcome = dict(job.outcome or {}, folder=name, **self._changed.pop(job.id, {}))
         final = self.store.transition(job.id, JobStatus(outcome["status"]), outcome=outcome,
                                       error=outcome.get("error"), finished_at=outcome.get("finished_at"))
-        log.info("job %s: %s, published as %s", job.id, final.status, name)
-        if self._on_published is not None:
+        if job.parent is None:
+            log.info("job %s: %s, published as %s", job.id, final.status, name)
+        else:  # one line per task would flood the log of a 10,000-task array
+            log.debug("task %s: %s", job.id, final.status)
+        # a task is not published on its own (its array is, once): no webhook, notify.command or pipeline for it
+        if self._on_published is not None and job.parent is None:
             self._on_published(final)
         return folder
 
@@ -130,25 +140,60 @@ class Outbox:
             return False
         return isinstance(data, dict) and data.get("key") == self.key(job)
 
+    def commit_task(self, job: JobRecord, *, staging: Staging | None) -> Path:
+        """Put task `job` (its outcome recorded) into its array's folder being assembled, spool/<array>/tasks/
+        <index>/, by one rename of a folder assembled beside it. Keyed like a commit: run again after a crash
+        (the rename done, the store not yet told), it finds the task's folder and makes no second one."""
+        assert job.parent is not None and job.task_index is not None
+        tasks = self.spool / job.parent / "tasks"
+        final = tasks / str(job.task_index)
+        if _key_of(final) == self.key(job):
+            if staging is not None:
+                staging.remove()
+            return final
+        tmp = tasks / f".{job.task_index}.tmp"
+        remove_tree(tmp)  # what a crash left half-assembled is made again
+        tmp.mkdir(parents=True)
+        outcome = dict(job.outcome or {})
+        if staging is not None and os.path.lexists(staging.output):
+            dropped = collect_tree(staging.output, tmp / "output")
+            if dropped:
+                outcome["dropped"] = dropped
+        if not os.path.lexists(tmp / "output"):
+            (tmp / "output").mkdir()
+        stdout_name = outcome.get("stdout_as")
+        self._place(staging.stdout if staging else None, tmp / ("output/" + stdout_name if stdout_name else
+                                                                "stdout.txt"))
+        self._place(staging.stderr if staging else None, tmp / "stderr.txt")
+        if stdout_name:
+            (tmp / "stdout.txt").touch()
+        document = result_document(job, outcome, job.id, key=self.key(job))
+        document["task"] = job.task_index
+        document["parameters"] = _printable(dict(_parameters(job)))
+        _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
+        _fsync_dir(tmp)
+        if os.path.lexists(final):
+            remove_tree(final)  # not this attempt's (its key differs): no commit the store knows of
+        os.rename(tmp, final)
+        _fsync_dir(tasks)
+        if staging is not None:
+            staging.remove()
+        return final
+
     def commit(self, job: JobRecord, *, staging: Staging | None, name: str) -> Path:
         """Publish `job` (its outcome already recorded) as outbox/<name>; returns the folder."""
         final = self.root / name
         spool = self.spool / job.id
         if self.committed_here(job, name):
-            # published before a crash: only the clean-up after the rename may be missing; the status is
-            # the one result.yaml says (publishing may have changed it)
-            published = yaml.safe_load((self.root / name / "result.yaml").read_text())
-            if published.get("status") != (job.outcome or {}).get("status"):
-                self._changed[job.id] = {"status": published["status"], "error": published.get("error")}
-            remove_tree(spool)
-            if staging is not None:
-                staging.remove()
+            self._published_before(job, final, spool, staging)
             return final
         tmp = self.root / f".{name}.tmp"
         outcome = dict(job.outcome or {})
         dropped_entry = self._gather(spool, tmp)
         if dropped_entry:
             outcome["dropped"] = [*outcome.get("dropped", []), dropped_entry]
+        if job.tasks is not None:
+            return self._commit_array(job, outcome, tmp, name)
         if staging is not None and os.path.lexists(staging.output):
             outcome["dropped"] = [*outcome.get("dropped", []), *collect_tree(staging.output, tmp / "output")]
         if not os.path.lexists(tmp / "output"):
@@ -187,6 +232,34 @@ class Outbox:
             staging.remove()
         return final
 
+    def _published_before(self, job: JobRecord, final: Path, spool: Path, staging: Staging | None) -> None:
+        """Published before a crash: only the clean-up after the rename may be missing; the status is the one
+        result.yaml says (publishing may have changed it)."""
+        published = yaml.safe_load((final / "result.yaml").read_text())
+        if published.get("status") != (job.outcome or {}).get("status"):
+            self._changed[job.id] = {"status": published["status"], "error": published.get("error")}
+        remove_tree(spool)
+        if staging is not None:
+            staging.remove()
+
+    def _commit_array(self, job: JobRecord, outcome: dict[str, Any], tmp: Path, name: str) -> Path:
+        """An array's folder: its tasks/ (each put there as it ended), its inputs once, and a result.yaml that
+        sums the tasks up; published by one rename."""
+        if not os.path.lexists(tmp / "tasks"):
+            (tmp / "tasks").mkdir()
+        for leftover in os.scandir(tmp / "tasks"):
+            if leftover.name.startswith("."):  # a task's assembly a crash cut short; the task committed since
+                remove_tree(Path(leftover.path))
+        document = result_document(job, outcome, name, key=self.key(job))
+        document.update(_printable(array_document(self.store.tasks_of(job.id), total=job.tasks or 0)))
+        _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
+        _fsync_dir(tmp)
+        final = self.root / name
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        remove_tree(self.spool / job.id)
+        return final
+
     @classmethod
     def _gather(cls, spool: Path, tmp: Path) -> str | None:
         """Make `tmp` hold the job's manifest and inputs/; returns what of the manifest was not kept."""
@@ -200,7 +273,7 @@ class Outbox:
                     raise
                 tmp.mkdir(parents=True)
         # what is still in the spool: it is on another filesystem, or a commit stopped half-way
-        for piece in ("manifest.yaml", "inputs", "env-build.log"):
+        for piece in ("manifest.yaml", "inputs", "env-build.log", "tasks"):
             if os.path.lexists(spool / piece) and not os.path.lexists(tmp / piece):
                 move(spool / piece, tmp / piece)
         dropped = cls._keep_manifest(tmp)
@@ -276,6 +349,34 @@ def result_document(job: JobRecord, outcome: dict[str, Any], name: str, *, key: 
         doc["environment"] = outcome["environment"]
     doc["key"] = key
     return {field: _printable(value) for field, value in doc.items()}
+
+
+def array_document(tasks: list[JobRecord], *, total: int) -> dict[str, Any]:
+    """What an array's result.yaml says of its tasks: counts by status, and one line per task."""
+    counts: dict[str, int] = {}
+    lines = []
+    for task in tasks:
+        counts[task.status.value] = counts.get(task.status.value, 0) + 1
+        outcome = task.outcome or {}
+        lines.append({"index": task.task_index, "parameters": dict(_parameters(task)), "status": task.status.value,
+                      "exit_code": outcome.get("exit_code"), "error": task.error})
+    return {"task_count": total, "counts": counts, "tasks": lines}
+
+
+def _parameters(job: JobRecord) -> list[tuple[str, str]]:
+    """A task's parameter values, from its stored manifest."""
+    if not job.manifest:
+        return []
+    return [(str(k), str(v)) for k, v in json.loads(job.manifest).get("parameters", ())]
+
+
+def _key_of(folder: Path) -> str | None:
+    """The key in a folder's result.yaml, or None."""
+    try:
+        data = yaml.safe_load((folder / "result.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("key") if isinstance(data, dict) else None
 
 
 def _free_job_output(tmp: Path) -> int:

@@ -21,10 +21,18 @@ Stream = Literal["stdout", "stderr"]
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
 
 
-def stream_path(config: Config, job: JobRecord, stream: Stream) -> Path | None:
-    """The file holding `stream` of `job` now, or None while there is none (queued, or gone)."""
+def stream_path(config: Config, job: JobRecord, stream: Stream, *, array: JobRecord | None = None) -> Path | None:
+    """The file holding `stream` of `job` now, or None while there is none (queued, or gone). A task that
+    ended is in its array's folder: being assembled in the spool, or published (`array`: its record)."""
     outcome = job.outcome or {}
-    if job.status in FINAL:
+    if job.status in FINAL and job.parent is not None:
+        within = Path("tasks", str(job.task_index))
+        folder = config.spool / job.parent / within
+        if array is not None and array.status in FINAL:
+            folder = config.outbox / array.folder / within
+        saved_as = outcome.get("stdout_as")
+        path = folder / "output" / saved_as if stream == "stdout" and saved_as else folder / f"{stream}.txt"
+    elif job.status in FINAL:
         folder = config.outbox / job.folder
         saved_as = outcome.get("stdout_as")
         path = folder / "output" / saved_as if stream == "stdout" and saved_as else folder / f"{stream}.txt"

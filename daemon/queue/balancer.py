@@ -88,6 +88,8 @@ class Balancer:
         names = {h.name for h in handles}
         self.store.forget_workers(names)
         for job in self.store.with_status(JobStatus.RUNNING):
+            if job.tasks is not None:
+                continue  # an array: its tasks run, not it
             if job.worker not in names:
                 self._retry_or_fail(job, f"its worker {job.worker} no longer exists")
             else:  # re-attached by its slot: its room is taken before any slot picks a job
@@ -157,6 +159,15 @@ class Balancer:
             return "no such job"
         if job.status.is_final or job.status is JobStatus.COMMITTING:
             return f"already {job.status.value}"
+        if job.tasks is not None:
+            # an array: its tasks are cancelled together; it is published once the last of them has ended
+            # those not started first: a slot that a cancelled running task frees must find none to take
+            said = [self.cancel(task.id) for task in self.store.tasks_of(job_id, statuses=(
+                JobStatus.WAITING, JobStatus.QUEUED))]
+            said += [self.cancel(task.id) for task in self.store.tasks_of(job_id, statuses=(
+                JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING))]
+            running = sum(1 for words in said if words.startswith("cancelling"))
+            return f"cancelled {len(said) - running} task(s) before they ran; cancelling {running} running"
         self._cancel_requested.add(job_id)
         if job.status in (JobStatus.WAITING, JobStatus.QUEUED):
             try:
@@ -556,7 +567,7 @@ class Balancer:
         remove_tree(target)
         target.mkdir(parents=True, exist_ok=True)
         for rel in manifest.inputs:
-            src = self.config.spool / job.id / "inputs" / rel
+            src = self.config.spool / job.spool_id / "inputs" / rel  # a task reads its array's inputs
             dst = target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             # a hard link costs nothing, but shares the file's mode: a container user must be able to

@@ -143,6 +143,14 @@ CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
 ALTER TABLE jobs ADD COLUMN owner_uid INTEGER;
 ALTER TABLE jobs ADD COLUMN owner_gid INTEGER;
 """),
+    Migration(6, "arrays: a task of an array job is a row of jobs with jobs.parent (the array's id) and "
+                 "jobs.task_index, so that the balancer's pick, retries and the capacity rule serve tasks as they "
+                 "serve jobs; jobs.tasks is an array's number of tasks (NULL: not an array)", """
+ALTER TABLE jobs ADD COLUMN parent TEXT;
+ALTER TABLE jobs ADD COLUMN task_index INTEGER;
+ALTER TABLE jobs ADD COLUMN tasks INTEGER;
+CREATE INDEX jobs_tasks ON jobs (parent, status) WHERE parent IS NOT NULL;
+"""),
 )
 
 #: the schema version this dropq writes

@@ -63,6 +63,12 @@ class JobRecord:
     #: dropq recorded it
     owner_uid: int | None = None
     owner_gid: int | None = None
+    #: a task: the id of the array job it belongs to (its own id is "<parent>/<task_index>")
+    parent: str | None = None
+    #: a task: its index in the array, from 0
+    task_index: int | None = None
+    #: an array job: how many tasks it has (None: not an array, or not yet expanded)
+    tasks: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -84,6 +90,11 @@ class JobRecord:
         if isinstance(started, int | float) and isinstance(finished, int | float):
             return max(0.0, finished - started)
         return None
+
+    @property
+    def spool_id(self) -> str:
+        """The folder in the spool that holds its manifest and inputs: an array's, for a task."""
+        return self.parent if self.parent is not None else self.id
 
     def summary(self) -> dict[str, Any]:
         """The job as `dropq show --json`, `dropq status --json` and the API give it."""
@@ -223,16 +234,22 @@ class Store:
             ).fetchall()
         return [JobRecord.from_row(r) for r in rows]
 
+    @property
+    def _not_tasks(self) -> str:
+        """The condition that leaves an array's tasks out of job lists (they are shown through their array)."""
+        return "parent IS NULL" if self.schema >= 6 else "1"
+
     def recent(self, limit: int = 20) -> list[JobRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE {self._not_tasks} ORDER BY seq DESC LIMIT ?",
+                                    (limit,)).fetchall()
         return [JobRecord.from_row(r) for r in rows]
 
     def page(self, statuses: Sequence[JobStatus] = (), *, limit: int, offset: int = 0,
              since: float | None = None) -> tuple[list[JobRecord], int]:
         """Jobs newest first, optionally only those in `statuses` and those submitted at or after `since`,
         and how many there are in all."""
-        conditions: list[str] = []
+        conditions: list[str] = [self._not_tasks]
         params: list[str | float] = [s.value for s in statuses]
         if statuses:
             conditions.append(f"status IN ({','.join('?' * len(statuses))})")
@@ -388,6 +405,58 @@ class Store:
             )
         return self.get(job_id)
 
+    # --- arrays (dropq.intake.arrays) ---------------------------------------------------------------
+
+    def tasks_of(self, parent: str, *, statuses: Sequence[JobStatus] = ()) -> list[JobRecord]:
+        """An array's tasks in index order, optionally only those in `statuses`."""
+        where, params = "parent = ?", [parent]
+        if statuses:
+            where += f" AND status IN ({','.join('?' * len(statuses))})"
+            params += [s.value for s in statuses]
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY task_index", params).fetchall()
+        return [JobRecord.from_row(row) for row in rows]
+
+    def task_counts(self, parent: str) -> dict[str, int]:
+        """An array's tasks by status."""
+        if self.schema < 6:
+            return {}
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs WHERE parent = ? GROUP BY status",
+                                    (parent,)).fetchall()
+        return {status: n for status, n in rows}
+
+    def progress(self, job: JobRecord) -> dict[str, Any] | None:
+        """An array's progress, as `dropq status`, `dropq show` and the dashboard show it ("37/100 tasks done,
+        2 failed"); None for a job that is not an array."""
+        if job.tasks is None:
+            return None
+        counts = self.task_counts(job.id)
+        done = sum(n for status, n in counts.items() if JobStatus(status).is_final)
+        failed = sum(counts.get(s.value, 0) for s in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED))
+        cancelled = counts.get(JobStatus.CANCELLED.value, 0)
+        text = f"{done}/{job.tasks} tasks done" + (f", {failed} failed" if failed else "") + (
+            f", {cancelled} cancelled" if cancelled else "")
+        return {"total": job.tasks, "done": done, "failed": failed, "cancelled": cancelled,
+                "running": counts.get(JobStatus.RUNNING.value, 0), "queued": counts.get(JobStatus.QUEUED.value, 0),
+                "counts": counts, "text": text}
+
+    def open_tasks(self, parent: str) -> int:
+        """How many of an array's tasks have not ended (committing ones count: not yet published)."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM jobs WHERE parent = ? AND status IN "
+                                   "('waiting', 'queued', 'running', 'committing')", (parent,)).fetchone()
+        return int(row[0])
+
+    def arrays_running(self) -> list[JobRecord]:
+        """Array jobs whose tasks were made and which are not yet published."""
+        if self.schema < 6:
+            return []
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status = 'running' AND tasks IS NOT NULL "
+                                    "ORDER BY seq").fetchall()
+        return [JobRecord.from_row(row) for row in rows]
+
     # --- retention (dropq.publish.retention) ---------------------------------------------------------
 
     def retained(self, *, statuses: Sequence[JobStatus] = (), finished_before: float | None = None,
@@ -397,6 +466,8 @@ class Store:
         final = statuses or [s for s in JobStatus if s.is_final]
         marks = ",".join("?" * len(final))
         where = "finished_at IS NOT NULL AND pruned_at IS NULL AND (finished_at > ? OR (finished_at = ? AND seq > ?))"
+        if self.schema >= 6:
+            where += " AND parent IS NULL"  # a task's folder is inside its array's, which retention removes whole
         params: list[Any] = [after[0], after[0], after[1]]
         if finished_before is not None:
             where += " AND finished_at < ?"
@@ -462,6 +533,10 @@ class Store:
         allowed = [s.value for s in sources_of(JobStatus.QUEUED)]
         marks = ",".join("?" * len(allowed))
         with self._tx() as db:
+            row = db.execute("SELECT manifest FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row[0] and json.loads(row[0]).get("matrix"):
+                self._expand(db, job_id, row[0], env=env, now=now)
+                return self.get(job_id)
             cur = db.execute(
                 "UPDATE jobs SET status = 'queued', env = ?, updated_at = ?, held = CASE WHEN ? IS NULL THEN NULL "
                 "WHEN (SELECT state FROM environments WHERE id = ?) = 'ready' THEN NULL ELSE ? END "
@@ -472,6 +547,36 @@ class Store:
             if env is not None:
                 db.execute("UPDATE environments SET last_used = ? WHERE id = ?", (now, env))
         return self.get(job_id)
+
+    def _expand(self, db: sqlite3.Connection, job_id: str, manifest_json: str, *, env: str | None,
+                now: float) -> None:
+        """An array that may run: its tasks become queued rows (in its environment, held as a job would be)
+        and the array itself running, in the caller's transaction: a crash leaves either no task or all."""
+        from dropq.intake.arrays import tasks  # the store knows rows; the manifest's rules are the intake's
+        from dropq.intake.manifest import Manifest
+
+        allowed = [s.value for s in sources_of(JobStatus.QUEUED)]
+        marks = ",".join("?" * len(allowed))
+        made = tasks(Manifest.from_json(manifest_json))
+        held = None
+        if env is not None:
+            state = db.execute("SELECT state FROM environments WHERE id = ?", (env,)).fetchone()
+            held = None if state is not None and state[0] == "ready" else env
+            db.execute("UPDATE environments SET last_used = ? WHERE id = ?", (now, env))
+        # the array's own `held` says, as a queued job's does, that its environment is still to be built (the
+        # caller requests the build); it is never picked (running), and env_ready clears it with its tasks'
+        cur = db.execute(f"UPDATE jobs SET status = 'running', env = ?, held = ?, tasks = ?, started_at = ?, "
+                         f"updated_at = ? WHERE id = ? AND status IN ({marks}) AND tasks IS NULL",
+                         (env, held, len(made), now, now, job_id, *allowed))
+        if cur.rowcount != 1:
+            raise StoreError(f"job {job_id!r} cannot be queued now")
+        array = db.execute("SELECT source, priority, retries, submitted_at FROM jobs WHERE id = ?",
+                           (job_id,)).fetchone()
+        db.executemany(
+            "INSERT INTO jobs (id, source, status, priority, retries, manifest, submitted_at, updated_at, env, held, "
+            "parent, task_index) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ((f"{job_id}/{index}", array[0], array[1], array[2], task.to_json(), array[3], now, env, held, job_id,
+              index) for index, task in enumerate(made)))
 
     def env(self, env_id: str) -> EnvRecord | None:
         with self._lock:

@@ -5,6 +5,7 @@ Outbox, real files; no daemon)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from dropq.publish.committer import Committer
 from dropq.publish.outbox import Outbox
 from dropq.queue.jobs import JobStatus
 from dropq.queue.store import Store
+from dropq_worker.protocol import Staging
 
 DEFAULTS = JobDefaults()
 
@@ -229,6 +231,53 @@ def test_a_task_committed_again_after_a_crash_is_not_committed_twice(committer: 
     committer.run_pending()  # the restart's commit of the same job and attempt
     assert (first / "stdout.txt").read_text() == "the first commit's" and (first / "result.yaml").read_text() == text
     assert committer.store.get(task.id).status is JobStatus.SUCCEEDED
+
+
+def test_a_task_commit_cut_off_mid_assembly_keeps_what_it_had_moved_out_of_staging(
+        committer: Committer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the kill -9 test once found: a crash after stdout.txt had moved from staging into the task's folder
+    # being assembled, and the restart made that folder again from a staging folder with no stdout left
+    array(committer, "arr", "program: echo\nmatrix: {n: [a, b]}\n")
+    task = committer.store.take_next("w1")
+    assert task is not None
+    committing = committer.finish(task.id, {"status": "succeeded", "error": None, "exit_code": 0,
+                                            "finished_at": 1.0})
+    staging = Staging(tmp_path / "jobs", "k-1")
+    staging.output.mkdir(parents=True)
+    (staging.output / "made.txt").write_text("made\n")
+    staging.stdout.write_text("task a\n")
+    staging.stderr.write_text("warned\n")
+    place = Outbox._place
+
+    def crash_at_stderr(source: Path | None, target: Path) -> None:
+        if target.name == "stderr.txt":
+            raise KeyboardInterrupt("the kill, between two moves")
+        place(source, target)
+
+    monkeypatch.setattr(Outbox, "_place", staticmethod(crash_at_stderr))
+    with pytest.raises(KeyboardInterrupt):
+        committer.outbox.commit_task(committing, staging=staging)
+    assert not staging.stdout.exists(), "stdout had moved before the crash"
+    monkeypatch.setattr(Outbox, "_place", staticmethod(place))
+    folder = committer.outbox.commit_task(committing, staging=staging)  # the restart's commit
+    assert (folder / "stdout.txt").read_text() == "task a\n"
+    assert (folder / "stderr.txt").read_text() == "warned\n"
+    assert (folder / "output" / "made.txt").read_text() == "made\n"
+    assert sorted(os.listdir(folder)) == ["output", "result.yaml", "stderr.txt", "stdout.txt"], "no mark left"
+
+
+def test_a_half_assembled_task_folder_of_another_attempt_is_made_again(committer: Committer) -> None:
+    array(committer, "arr", "program: echo\nmatrix: {n: [a, b]}\n")
+    task = committer.store.take_next("w1")
+    assert task is not None
+    committing = committer.finish(task.id, {"status": "succeeded", "error": None, "exit_code": 0,
+                                            "finished_at": 1.0})
+    stale = committer.outbox.spool / "arr" / "tasks" / f".{task.task_index}.tmp"
+    stale.mkdir(parents=True)
+    (stale / ".attempt").write_text("another attempt's key")
+    (stale / "stdout.txt").write_text("another attempt's output")
+    folder = committer.outbox.commit_task(committing, staging=None)
+    assert (folder / "stdout.txt").read_text() == "" and not stale.exists()
 
 
 def test_max_failures_cancels_the_queued_tasks_and_the_array_fails(committer: Committer) -> None:

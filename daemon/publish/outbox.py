@@ -44,6 +44,8 @@ def iso(ts: float | None) -> str | None:
 
 #: the file in the state directory holding the secret that makes attempt keys unguessable
 KEY_SECRET = "attempt-keys.secret"
+#: in a task's folder being assembled: the key of the attempt it holds, until result.yaml (with the key) is there
+ATTEMPT_MARK = ".attempt"
 
 
 def job_key(job: JobRecord, secret: bytes) -> str:
@@ -152,8 +154,16 @@ class Outbox:
                 staging.remove()
             return final
         tmp = tasks / f".{job.task_index}.tmp"
-        remove_tree(tmp)  # what a crash left half-assembled is made again
-        tmp.mkdir(parents=True)
+        attempt = tmp / ATTEMPT_MARK
+        # A crash mid-assembly leaves stdout, stderr and output/ already moved out of staging into tmp: this
+        # attempt's half-assembled folder is carried on, never made again (that would publish empty files).
+        # Only a folder another attempt left (its mark differs, or it has none) is removed.
+        marked = attempt.is_file() and not attempt.is_symlink() and attempt.read_text() == self.key(job)
+        if not (marked or _key_of(tmp) == self.key(job)):
+            remove_tree(tmp)
+            tmp.mkdir(parents=True)
+            _write_atomic(attempt, self.key(job))
+            _fsync_dir(tmp)
         outcome = dict(job.outcome or {})
         if staging is not None and os.path.lexists(staging.output):
             dropped = collect_tree(staging.output, tmp / "output")
@@ -171,6 +181,8 @@ class Outbox:
         document["task"] = job.task_index
         document["parameters"] = _printable(dict(_parameters(job)))
         _write_atomic(tmp / "result.yaml", yaml.dump(document, Dumper=_SafeDumper, sort_keys=False))
+        if os.path.lexists(attempt):
+            os.unlink(attempt)  # result.yaml, written with the key, marks the folder from here on
         _fsync_dir(tmp)
         if os.path.lexists(final):
             remove_tree(final)  # not this attempt's (its key differs): no commit the store knows of

@@ -143,6 +143,18 @@ CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
 ALTER TABLE jobs ADD COLUMN owner_uid INTEGER;
 ALTER TABLE jobs ADD COLUMN owner_gid INTEGER;
 """),
+    Migration(6, "agents: the hosts that lease jobs from this daemon (`dropq agent`), so that their workers are "
+                 "known again at the next start (their running jobs are collected, not run again) and `dropq "
+                 "workers` groups workers by agent with each one's last contact", """
+CREATE TABLE agents (
+    name          TEXT PRIMARY KEY,
+    host          TEXT NOT NULL,
+    workers       INTEGER NOT NULL,
+    pool          TEXT NOT NULL,
+    first_seen    REAL NOT NULL,
+    last_contact  REAL NOT NULL
+);
+"""),
 )
 
 #: the schema version this dropq writes

@@ -14,6 +14,7 @@ left running on its workers is stopped, and their staging folders emptied.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from dropq.config import Config
 from dropq.errors import AgentError, BadArchive, ConfigError, ProtocolMismatch, TransportError
 from dropq.ops.access import read_token
 from dropq.paths import remove_tree
-from dropq.pools.agents import SESSION, SHA256, WORKER
+from dropq.pools.agents import REPORT, SESSION, SHA256, WORKER
 from dropq.pools.base import Pool, WorkerHandle
 from dropq.pools.tarball import pack, receive, unpack
 from dropq_worker.protocol import PROTOCOL, JobSpec, JobState, Outcome, ProtocolError, Report
@@ -43,6 +44,8 @@ log = logging.getLogger("dropq.agent")
 
 #: the agent's own settings, optional, in its work folder: the `workers:` and `jobs:` sections of a config.yaml
 SETTINGS = "agent.yaml"
+#: a report longer than this (a long error) is sent in a request of its own rather than in a header
+MAX_REPORT_HEADER = 8192
 #: the largest inputs (or programs folder) the agent accepts from its daemon
 MAX_DOWNLOAD = 64 * 1024**3
 
@@ -381,12 +384,15 @@ class Agent:
             if left_out:
                 log.warning("job %s: left out of its result, not regular files: %s", lease.key, ", ".join(left_out))
             size = spool.tell()
+            headers = {SHA256: digest, "Content-Length": str(size)}
+            said = json.dumps(report.to_json())
+            if len(said) <= MAX_REPORT_HEADER:  # one request for both (a long error goes on its own)
+                headers[REPORT] = said
             for attempt in range(1, 4):
                 spool.seek(0)
                 try:
                     answer = self.client.call("PUT", f"/v1/jobs/{lease.key}/result", worker=lease.worker,
-                                              data=spool, timeout=max(60.0, self.lease),
-                                              headers={SHA256: digest, "Content-Length": str(size)})
+                                              data=spool, timeout=max(60.0, self.lease), headers=headers)
                     break
                 except SessionGone:
                     self.register(self._generation)
@@ -401,6 +407,8 @@ class Agent:
             return
         if answer.status_code != 200:
             raise AgentError(f"job {lease.key}: the daemon refused its files ({answer.status_code}): {_error(answer)}")
+        if REPORT in headers:
+            return
         answer = self.client.call("POST", f"/v1/jobs/{lease.key}/done", worker=lease.worker,
                                   json={"report": report.to_json()}, timeout=30)
         if answer.status_code != 200:

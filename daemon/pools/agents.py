@@ -66,6 +66,8 @@ POLL_MAX = 20.0
 SESSION = "X-Dropq-Session"
 WORKER = "X-Dropq-Worker"
 SHA256 = "X-Dropq-Sha256"
+#: the job's final report, sent along with its files (PUT .../result) when it is small enough for a header
+REPORT = "X-Dropq-Report"
 #: the three pieces of a job's staging folder, as named in the result's tar
 RESULT_TOPS = frozenset({"output", "stdout", "stderr"})
 
@@ -485,6 +487,13 @@ class AgentPool(Pool):
                     staging.output.mkdir()
                 slot.uploads += 1
                 self._touch(agent)
+            if request.headers.get(REPORT):
+                # the final report with the files, in one request: one round trip less on every job
+                try:
+                    report = json.loads(request.headers[REPORT])
+                except ValueError:
+                    return 400, {"error": f"{REPORT}: not JSON"}
+                return self._done(agent, worker, key, {"report": report})
             return 200, {}
         except BadArchive as exc:
             log.warning("agent %s sent a bad result for job %s: %s", agent.name, key, exc)

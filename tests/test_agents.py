@@ -423,3 +423,40 @@ def test_agents_init_makes_a_certificate_the_agent_checks_the_daemon_by(workspac
     workspace.drop("secure.yaml", {"program": "echo", "args": ["over tls"]})
     assert workspace.wait_results(1, timeout=60)["secure"]["status"] == "succeeded"
     assert (workspace.outbox / "secure" / "stdout.txt").read_text().startswith("over tls")
+
+
+def test_an_agent_back_from_kill_9_stops_what_its_workers_still_ran(workspace: Workspace, daemon: DaemonProcess,
+                                                                    agents: Agents) -> None:
+    from helpers import processes_mentioning
+
+    daemon.start()
+    agents.start("a1")
+    agents.wait_registered("a1")
+    workspace.drop("orphan.yaml", {"program": "sleep", "args": ["300"], "retries": 0})
+    running_on(workspace, "orphan")
+    program = str(workspace.root / "a1" / "programs" / "sleep.py")
+    wait_until(lambda: processes_mentioning(program), timeout=30, what="the job's program to run")
+    agents.procs["a1"].kill()
+    agents.procs["a1"].wait(10)
+    assert processes_mentioning(program), "kill -9 of the agent leaves its worker, and the job, running"
+    agents.start("a1")
+    wait_until(lambda: "from an earlier agent: stopping it" in agents.log("a1"), timeout=30,
+               what="the agent to reconcile")
+    wait_until(lambda: not processes_mentioning(program), timeout=30, what="the orphaned job to be stopped")
+    result = workspace.wait_results(1, timeout=30)["orphan"]
+    assert result["status"] == "failed" and "lost" in result["error"], result
+
+
+def test_the_daemons_own_workers_and_an_agents_serve_one_queue(workspace: Workspace, daemon: DaemonProcess,
+                                                                agents: Agents) -> None:
+    workspace.configure(workers={"count": 1})
+    daemon.start()
+    agents.start("a1")
+    agents.wait_registered("a1")
+    for i in range(12):
+        workspace.drop(f"m{i}.yaml", {"program": "sleep", "args": ["0.3"]})
+    results = workspace.wait_results(12, timeout=60)
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in results.values()), results
+    assert {r["worker"] for r in results.values()} == {"w1", "a1-w1"}
+    listed = dropq_json(workspace.config, "workers")
+    assert [(w["name"], w["agent"]) for w in listed] == [("w1", None), ("a1-w1", "a1")]

@@ -32,7 +32,7 @@ import requests
 import yaml
 
 from dropq.config import Config
-from dropq.errors import AgentError, BadArchive, ConfigError, ProtocolMismatch, TransportError
+from dropq.errors import AgentError, BadArchive, ConfigError, JobRefused, ProtocolMismatch, TransportError
 from dropq.ops.access import read_token
 from dropq.paths import remove_tree
 from dropq.pools.agents import REPORT, SESSION, SHA256, WORKER
@@ -311,6 +311,11 @@ class Agent:
             report = handle.transport.start(spec, wait=5.0)
             while not report.done:
                 report = handle.transport.status(spec.key, wait=5.0)
+        except JobRefused as exc:
+            # the worker read the job and said no (a program missing here): running it again here would not help
+            log.warning("job %s: the local worker %s refused it: %s", spec.key, handle.name, exc)
+            return Report(key=spec.key, state=JobState.RUNNING, started_at=started).ended(
+                Outcome.ERROR, finished_at=time.time(), error=f"the agent {self.name} could not run it: {exc}")
         except (TransportError, ProtocolMismatch) as exc:
             # the local worker died or refused: not the job's fault, the daemon retries it
             log.warning("job %s: the local worker %s failed: %s", spec.key, handle.name, exc)
@@ -431,17 +436,40 @@ class Agent:
                 with receive(answer.raw, length=length if length >= 0 else None, sha256=answer.headers.get(SHA256),
                              limit=MAX_DOWNLOAD) as body:
                     unpack(body, fresh, limit=MAX_DOWNLOAD)
-                os.chmod(fresh, 0o755)
-                current = self.work_dir / "programs"
-                old = self.work_dir / f".programs-old-{os.getpid()}-{time.monotonic_ns()}"
-                os.rename(current, old)
-                os.rename(fresh, current)
-                shutil.rmtree(old, ignore_errors=True)
+                _replace_contents(self.work_dir / "programs", fresh)
             except BaseException:
                 shutil.rmtree(fresh, ignore_errors=True)
                 raise
             self._programs = answer.headers.get("X-Dropq-Programs", digest)
             log.info("programs updated from the daemon")
+
+
+def _replace_contents(folder: Path, fresh: Path) -> None:
+    """Make `folder` hold what `fresh` holds, entry by entry, keeping the folder itself: a docker worker has it
+    bind-mounted, and a mount holds the folder it was made on, not its path (a folder renamed into its place
+    would never be seen). Each entry is renamed in whole, so a program is never seen half-written."""
+    wanted = {e.name for e in os.scandir(fresh)}
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    for entry in os.scandir(folder):
+        if entry.name not in wanted and not entry.name.startswith(".dropq-"):
+            _remove(Path(entry.path))
+    for name in wanted:
+        target = folder / name
+        if os.path.lexists(target):
+            aside = folder / f".dropq-old-{stamp}-{name}"
+            os.rename(target, aside)
+            os.rename(fresh / name, target)
+            _remove(aside)
+        else:
+            os.rename(fresh / name, target)
+    shutil.rmtree(fresh, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _error(answer: requests.Response) -> str:

@@ -46,11 +46,12 @@ class Agents:
         assert row and row[0], "the daemon published no agents address"
         return str(row[0])
 
-    def start(self, name: str, *, workers: int = 1, token: Path | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *, workers: int = 1, token: Path | None = None,
+              pool: str = "local") -> subprocess.Popen[bytes]:
         log = open(self.log_path(name), "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dropq", "agent", "--server", self.url(), "--token-file", str(token or self.token),
-             "--pool", "local", "--workers", str(workers), "--name", name, "--work-dir", str(self.ws.root / name)],
+             "--pool", pool, "--workers", str(workers), "--name", name, "--work-dir", str(self.ws.root / name)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.ws.root)
         log.close()
         self.procs[name] = proc
@@ -460,3 +461,46 @@ def test_the_daemons_own_workers_and_an_agents_serve_one_queue(workspace: Worksp
     assert {r["worker"] for r in results.values()} == {"w1", "a1-w1"}
     listed = dropq_json(workspace.config, "workers")
     assert [(w["name"], w["agent"]) for w in listed] == [("w1", None), ("a1-w1", "a1")]
+
+
+def test_a_program_changed_on_the_daemon_reaches_a_running_agent(workspace: Workspace, daemon: DaemonProcess,
+                                                                  agents: Agents) -> None:
+    daemon.start()
+    agents.start("a1")
+    agents.wait_registered("a1")
+    workspace.drop("first.yaml", {"program": "echo", "args": ["one"]})
+    assert workspace.wait_results(1, timeout=30)["first"]["status"] == "succeeded"
+    (workspace.programs / "shout.py").write_text("import sys\nprint(' '.join(sys.argv[1:]).upper())\n")
+    workspace.drop("second.yaml", {"program": "shout", "args": ["two"]})
+    assert workspace.wait_results(2, timeout=30)["second"]["status"] == "succeeded"
+    assert (workspace.outbox / "second" / "stdout.txt").read_text() == "TWO\n"
+
+
+@pytest.mark.docker
+def test_an_agent_runs_jobs_on_its_own_docker_workers(workspace: Workspace, daemon: DaemonProcess, agents: Agents,
+                                                       docker_image: str) -> None:
+    from helpers import containers_of, remove_containers
+
+    (workspace.root / "d1").mkdir()
+    (workspace.root / "d1" / "agent.yaml").write_text(yaml.safe_dump({"workers": {"docker": {"image": docker_image}}}))
+    daemon.start()
+    try:
+        agents.start("d1", workers=2, pool="docker")
+        agents.wait_registered("d1")
+        assert set(containers_of(workspace.root / "d1" / "state")) == {"w1", "w2"}
+        for i in range(4):
+            workspace.put(f"t{i}.txt", "a b a\n")
+            workspace.drop(f"c{i}.yaml", {"program": "wordcount", "input": f"t{i}.txt"})
+        workspace.drop("files.yaml", {"program": "makefiles", "args": ["2"]})
+        results = workspace.wait_results(5, timeout=120)
+        assert all(r["status"] == "succeeded" and r["worker"].startswith("d1-w") for r in results.values()), results
+        assert (workspace.outbox / "c3" / "stdout.txt").read_text() == "2 a\n1 b\n"
+        index = workspace.outbox / "files" / "output" / "summary" / "index.txt"
+        assert index.read_text() == "part-1.txt\npart-2.txt\n"
+        # a program added on the daemon's host reaches the containers, whose programs folder is a bind mount
+        (workspace.programs / "shout.py").write_text("import sys\nprint(' '.join(sys.argv[1:]).upper())\n")
+        workspace.drop("late.yaml", {"program": "shout", "args": ["late"]})
+        assert workspace.wait_results(6, timeout=60)["late"]["status"] == "succeeded"
+    finally:
+        agents.stop_all()
+        remove_containers(workspace.root / "d1" / "state")

@@ -136,6 +136,7 @@ class AgentPool(Pool):
         self._sessions: dict[str, str] = {}
         self._grace_until = 0.0
         self._digest, self._digest_at = "", 0.0
+        self._digest_of: tuple[int, int] = (0, 0)
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -389,10 +390,17 @@ class AgentPool(Pool):
             return 204, None
 
     def _programs_digest(self) -> str:
-        """(under self._cond) The programs folder's digest, computed at most once a second."""
+        """(under self._cond) The programs folder's digest: computed again when a program was added, removed or
+        replaced (the folder's mtime changes), else at most once a second (a file edited in place)."""
         now = time.monotonic()
-        if now - self._digest_at > 1.0:
+        try:
+            info = os.stat(self.config.programs)
+            folder = (info.st_ino, info.st_mtime_ns)
+        except OSError:
+            folder = (0, 0)
+        if now - self._digest_at > 1.0 or folder != self._digest_of:
             self._digest, self._digest_at = programs_digest(self.config.programs), now
+            self._digest_of = folder
         return self._digest
 
     def _programs(self) -> Response:

@@ -268,12 +268,19 @@ def test_a_wrong_token_is_refused_and_learns_nothing(workspace: Workspace, daemo
 class Hostile:
     def __init__(self, url: str, name: str = "evil") -> None:
         self.url = url
+        self.name = name
         self.auth = {"Authorization": f"Bearer {TOKEN}"}
-        answer = requests.post(f"{url}/v1/register", headers=self.auth, timeout=10,
-                               json={"name": name, "host": "h", "workers": 1, "pool": "local", "protocol": _protocol()})
+        self.register([])
+
+    def register(self, running: list[dict[str, str]]) -> list[str]:
+        """Register (again), saying which leases it still runs; the keys the daemon took back."""
+        answer = requests.post(f"{self.url}/v1/register", headers=self.auth, timeout=10,
+                               json={"name": self.name, "host": "h", "workers": 1, "pool": "local",
+                                     "protocol": _protocol(), "running": running})
         assert answer.status_code == 200, answer.text
         self.session = answer.json()["session"]
         self.worker = answer.json()["workers"][0]
+        return list(answer.json()["accepted"])
 
     def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {**self.auth, "X-Dropq-Session": self.session, "X-Dropq-Worker": self.worker,
@@ -362,6 +369,13 @@ def test_a_hostile_agent_cannot_write_outside_the_staging_folder_nor_answer_for_
     assert list(staging.iterdir()) == [], "nothing of the refused tars is left in the slot's staging folder"
     record_attack("hostile agent: result tar and leases", tried, contained)
     assert contained == tried
+    # an impostor under the holder's name: the lease stays bound to the holder's session
+    impostor = Hostile(agents.url(), name="evil")
+    assert impostor.call("POST", f"/v1/jobs/{key}/renew").status_code == 409
+    assert impostor.register([{"worker": evil.worker, "key": "j9-9-000000000000"}]) == []
+    assert evil.call("POST", f"/v1/jobs/{key}/renew").status_code == 410, "its session was replaced: register again"
+    assert evil.register([{"worker": evil.worker, "key": key}]) == [key]
+    assert impostor.call("POST", f"/v1/jobs/{key}/renew").status_code == 410
     # the lease itself still works for its holder, and the job is committed once, from it
     assert _put(evil, key, good).status_code == 200
     done = evil.call("POST", f"/v1/jobs/{key}/done", json={"report": {

@@ -108,6 +108,9 @@ class _Slot:
     #: the grace ends to say it still runs it
     reattach: bool = False
     uploads: int = field(default=0)
+    #: the session of the agent that holds the lease: another process registered under the agent's name (a
+    #: copy started by mistake, or a hostile one) cannot renew it or answer for it
+    session: str | None = None
 
     def clear(self) -> None:
         self.key, self.offer, self.leased, self.report, self.cancel = None, None, False, None, False
@@ -218,7 +221,11 @@ class AgentPool(Pool):
         return None
 
     def keeps_running(self, name: str) -> bool:
-        return True
+        """A leased job runs on while the daemon restarts (its agent reports it); one only offered has not
+        started anywhere, and is queued again at once."""
+        with self._cond:
+            slot = self._slots.get(name)
+            return slot is not None and slot.leased
 
     def detail(self, name: str, health: Incarnation) -> str:
         with self._cond:
@@ -350,6 +357,7 @@ class AgentPool(Pool):
             return False
         if slot.key == key and slot.leased:
             slot.expires = time.monotonic() + self.lease
+            slot.session = agent.session
             return True
         if slot.key is not None or not slot.reattach:
             return False
@@ -357,7 +365,7 @@ class AgentPool(Pool):
         if job is None or self._key_of(job) != key:
             return False
         slot.key, slot.leased, slot.started_at = key, True, time.time()
-        slot.expires = time.monotonic() + self.lease
+        slot.expires, slot.session = time.monotonic() + self.lease, agent.session
         slot.reattach = False
         return True
 
@@ -380,6 +388,7 @@ class AgentPool(Pool):
                 if slot.offer is not None and not slot.leased:
                     spec, slot.offer = slot.offer, None
                     slot.leased, slot.expires = True, time.monotonic() + self.lease
+                    slot.session = agent.session
                     self._cond.notify_all()
                     return 200, {"spec": spec.to_json(), "lease_seconds": self.lease,
                                  "programs": self._programs_digest()}
@@ -429,6 +438,8 @@ class AgentPool(Pool):
         slot = self._slots.get(worker)
         if slot is None or slot.agent != agent.name or slot.key != key or not slot.leased:
             return None
+        if slot.session != agent.session:
+            return None  # leased by an earlier session of this name, which has not registered again with it
         if time.monotonic() > slot.expires:
             return None  # ended, even if the balancer has not looked yet
         return slot

@@ -475,6 +475,12 @@ def test_the_daemons_own_workers_and_an_agents_serve_one_queue(workspace: Worksp
     assert {r["worker"] for r in results.values()} == {"w1", "a1-w1"}
     listed = dropq_json(workspace.config, "workers")
     assert [(w["name"], w["agent"]) for w in listed] == [("w1", None), ("a1-w1", "a1")]
+    metrics = daemon.get("/metrics").text
+    assert f'dropq_agent_up{{agent="a1",host="{socket.gethostname()}"}} 1.0' in metrics, metrics
+    assert 'dropq_agent_workers{agent="a1"' in metrics and "dropq_agent_last_contact_seconds" in metrics
+    shown = daemon.get("/api/workers").json()
+    assert [(w["name"], w["agent"], w["agent_state"]) for w in shown["workers"]] == [
+        ("w1", None, None), ("a1-w1", "a1", "connected")]
 
 
 def test_a_program_changed_on_the_daemon_reaches_a_running_agent(workspace: Workspace, daemon: DaemonProcess,

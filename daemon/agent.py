@@ -191,7 +191,10 @@ class Agent:
                 pool.replace(handle.name)
             for folder in (handle.jobs_dir, handle.inputs_dir):
                 for entry in os.scandir(folder):
-                    remove_tree(Path(entry.path)) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        remove_tree(Path(entry.path))
+                    else:
+                        os.unlink(entry.path)
 
     def register(self, seen: int) -> None:
         """(Re)register with the daemon, listing the jobs running here; retried until it answers. `seen`: the

@@ -110,8 +110,8 @@ class WorkersConfig(_Section):
     pool: PoolKind = "auto"
     """where workers come from: local processes, docker containers, or auto (docker when an engine
     answers and the image exists, else local)"""
-    count: int = Field(default=2, ge=1, le=256)
-    """how many workers run jobs at once"""
+    count: int = Field(default=2, ge=0, le=256)
+    """how many workers run jobs at once on this host; 0: none here, only agents' workers (needs `agents:`)"""
     python: str = "python3"
     """interpreter for `.py` programs on the local pool (a name looked up on PATH, or a path)"""
     health_timeout: float = Field(default=10.0, gt=0)
@@ -422,6 +422,86 @@ class EnvironmentsConfig(_Section):
         return self
 
 
+class AgentTls(_Section):
+    """The certificate the agents API is served with (`dropq agents init` makes a self-signed one)."""
+
+    cert: Path
+    """the certificate (PEM); agents check it with `dropq agent --ca`"""
+    key: Path
+    """its private key (PEM), readable by the daemon only"""
+
+    @field_validator("cert", "key", mode="before")
+    @classmethod
+    def _relative_to_the_file(cls, value: Any, info: ValidationInfo) -> Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise own(f"config key agents.tls.{info.field_name} must be a path (a string), not {kind_of(value)}")
+        base: Path = (info.context or {}).get("base", Path.cwd())
+        return (base / value).resolve()
+
+
+class AgentsConfig(_Section):
+    """Agents on other hosts (`dropq agent`) that lease jobs from this daemon and run them on their own
+    pool (README: More than one host)."""
+
+    listen: str = "127.0.0.1:8788"
+    """host:port the agents API listens on; an address other than loopback needs `tls` (or `insecure`)"""
+    token_file: Path
+    """a file holding the token every agent presents (16 characters or more; `dropq agents init` writes one)"""
+    tls: AgentTls | None = None
+    """serve HTTPS with this certificate and key; null: plain HTTP (loopback only, unless insecure)"""
+    lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    """an agent renews the lease of the job it runs this often at the latest; a lease not renewed in time
+    ends the attempt as a lost worker (the job is retried elsewhere), and an agent cut off from the daemon
+    that long stops its job and drops its result"""
+    insecure: bool = False
+    """allow plain HTTP on an address other than loopback (the token and the jobs' files travel in clear)"""
+    max_upload: Size = "4g"
+    """the largest result (output/, stdout, stderr, as a tar) an agent may send back for one job"""
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _relative_to_the_file(cls, value: Any, info: ValidationInfo) -> Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise own(f"config key agents.{info.field_name} must be a path (a string), not {kind_of(value)}")
+        base: Path = (info.context or {}).get("base", Path.cwd())
+        return (base / value).resolve()
+
+    @model_validator(mode="after")
+    def _tls_off_loopback(self) -> AgentsConfig:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise own(f"config key agents.listen must be host:port (e.g. 0.0.0.0:8788), not {self.listen!r}")
+        if self.tls is None and not self.insecure and not _loopback(host):
+            raise own(f"config key agents.listen is {self.listen}, not a loopback address, and agents.tls is not "
+                      "set: the token and the jobs' files would cross the network in clear. Set agents.tls "
+                      "(`dropq agents init` makes a certificate) or, on a network you trust, agents.insecure: true")
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return parse_size(self.max_upload)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _folder(default: str, description: str) -> Any:
     # validate_default: the default name, too, is resolved against the config file's folder
     return Field(default=Path(default), validate_default=True, description=description)
@@ -447,6 +527,8 @@ class Config(_Section):
     results: ResultsConfig = ResultsConfig()
     disk: DiskConfig = DiskConfig()
     notify: NotifyConfig = NotifyConfig()
+    agents: AgentsConfig | None = None
+    """agents on other hosts that run this daemon's jobs (README: More than one host); null: none"""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """how much the daemon logs"""
     log_format: Literal["text", "json"] = "text"
@@ -461,6 +543,13 @@ class Config(_Section):
             raise own(f"config key {info.field_name} must be a path (a string), not {kind_of(value)}")
         base: Path = (info.context or {})["base"]
         return (base / value).resolve()
+
+    @model_validator(mode="after")
+    def _someone_runs_jobs(self) -> Config:
+        if self.workers.count == 0 and self.agents is None:
+            raise own("config key workers.count is 0 and no agents are configured: nothing would run a job; "
+                      "set workers.count to 1 or more, or configure `agents:`")
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> Config:

@@ -84,3 +84,11 @@ class EnvError(DropqError):
 
 class EnvBuildError(EnvError):
     """An environment could not be built: the installer's reason, in one sentence."""
+
+
+class AgentError(DropqError):
+    """An agent and its daemon could not agree (a refused token, an unknown lease, a daemon that is gone)."""
+
+
+class BadArchive(DropqError):
+    """A tar from an agent or the daemon that is not what it must be (checksum, size, a forbidden entry)."""

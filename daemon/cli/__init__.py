@@ -10,6 +10,7 @@ import os
 import sys
 
 from dropq.cli import schema
+from dropq.cli.agents import cmd_agent, cmd_agents_init
 from dropq.cli.console import say
 from dropq.cli.env import cmd_env
 from dropq.cli.exits import Exit
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":  # describes the files, so it needs no config.yaml to read
         return schema.run(args)
     try:
+        if args.command in ("agent", "agents"):  # an agent's host has no config.yaml; init writes what it names
+            return cmd_agent(args) if args.command == "agent" else cmd_agents_init(args)
         config = Config.load(config_path(args, os.environ))
         return int(COMMANDS[args.command](config, args))
     except (ConfigError, SchemaError) as exc:

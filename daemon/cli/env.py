@@ -74,9 +74,9 @@ def _list(config: Config, *, json_out: bool) -> int:
 
 
 def _environments(config: Config, store: Store) -> Environments:
-    from dropq.ops.service import make_pool
+    from dropq.ops.service import host_pool
 
-    pool = make_pool(config)
+    pool = host_pool(config)  # the installer of this host's pool; agents build no environments
     # no committer, fail_jobs=False: the daemon fails (and publishes) the jobs of a failed build, not this command
     envs = Environments(config=config, store=store, committer=None,
                         installer=pool.env_installer(index_settings(config)), notify=lambda: None, fail_jobs=False)

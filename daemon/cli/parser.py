@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dropq.cli import env, prune, schema
+from dropq.cli import agents, env, prune, schema
 from dropq.queue.jobs import JobStatus
 from dropq.units import parse_size
 
@@ -36,6 +36,8 @@ examples:
   dropq env build report                      build the environment of program report ahead of its jobs
   dropq env list                              programs' environments: packages, size, last use
   dropq prune --older-than 30d --dry-run      which published job folders a prune would remove
+  dropq agent --server https://HOST:8788 --token-file T --ca C   run a daemon's jobs on this host
+  dropq agents init                           a token and a certificate for the daemon's agents API
   sudo dropq service install                  run the daemon on this config under systemd
   dropq schema manifest > manifest.schema.json   a JSON Schema editors check manifests with
 
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     env.add_parser(sub)
     prune.add_parser(sub)
+    agents.add_parsers(sub)
     schema.add_parser(sub)
     return parser
 

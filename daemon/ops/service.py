@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -42,7 +43,21 @@ from dropq.queue.store import JobRecord, Store
 log = logging.getLogger("dropq.daemon")
 
 
-def make_pool(config: Config) -> Pool:
+def make_pool(config: Config, *, store: Store | None = None, key_of: Callable[[JobRecord], str] | None = None) -> Pool:
+    """This host's pool, and with `agents:` the agents' pool beside it (or alone, with workers.count 0)."""
+    own = host_pool(config) if config.workers.count > 0 else None
+    if config.agents is None:
+        assert own is not None  # the config refuses count 0 without agents
+        return own
+    assert store is not None and key_of is not None, "the agents' pool needs the store and the outbox's keys"
+    from dropq.pools.agents import AgentPool
+    from dropq.pools.combined import CombinedPool
+
+    agents = AgentPool(config, store=store, key_of=key_of)
+    return agents if own is None else CombinedPool(config, [own, agents])
+
+
+def host_pool(config: Config) -> Pool:
     kind = config.workers.pool
     if kind in ("docker", "auto"):
         try:
@@ -96,7 +111,7 @@ class Daemon:
         self.retention = Retention(config=config, store=self.store)
         #: webhooks manifests ask for, and notify.command (threads only when configured)
         self.notifications = Notifications(config=config, store=self.store)
-        self.pool = pool or make_pool(config)
+        self.pool = pool or make_pool(config, store=self.store, key_of=self.outbox.key)
         self.balancer = Balancer(config=config, store=self.store, pool=self.pool, committer=self.committer)
         self.envs = Environments(config=config, store=self.store, committer=self.committer,
                                  installer=self.pool.env_installer(index_settings(config)), notify=self.balancer.notify)

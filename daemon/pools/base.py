@@ -124,6 +124,11 @@ class Pool(ABC):
         if self.ensure(name, timeout=self.config.workers.health_timeout) is None:
             raise PoolError(f"worker {name} does not answer; it is restarted by {self.kind}, not by dropq")
 
+    def keeps_running(self, name: str) -> bool:
+        """Whether worker `name` goes on running its job when the daemon stops (keeps_jobs_running, for a pool
+        whose workers all do; a pool of several kinds answers per worker)."""
+        return self.keeps_jobs_running
+
     def left_on_purpose(self, name: str) -> bool:
         """Whether worker `name` was taken out of the pool on purpose (a compose scale-down, or its operator
         stopped it, as the engine reported) rather than failing. A job it was running is then not to blame,

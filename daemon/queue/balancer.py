@@ -279,7 +279,7 @@ class Balancer:
         for job in self.store.with_status(JobStatus.RUNNING):
             if job.worker != worker.name:
                 continue
-            if self._stopping and self.pool.keeps_jobs_running:
+            if self._stopping and self.pool.keeps_running(worker.name):
                 log.info("job %s: left running on worker %s for the next start", job.id, worker.name)
                 continue
             key = self.outbox.key(job)
@@ -526,7 +526,7 @@ class Balancer:
 
     def _lost(self, worker: WorkerHandle, job: JobRecord, reason: str) -> None:
         key = self.outbox.key(job)
-        if self._stopping and self.pool.keeps_jobs_running:
+        if self._stopping and self.pool.keeps_running(worker.name):
             # the worker goes on running it; the next start re-attaches and collects the result
             log.info("job %s: left running on worker %s for the next start", job.id, worker.name)
             return

@@ -151,6 +151,18 @@ ALTER TABLE jobs ADD COLUMN task_index INTEGER;
 ALTER TABLE jobs ADD COLUMN tasks INTEGER;
 CREATE INDEX jobs_tasks ON jobs (parent, status) WHERE parent IS NOT NULL;
 """),
+    Migration(7, "agents: the hosts that lease jobs from this daemon (`dropq agent`), so that their workers are "
+                 "known again at the next start (their running jobs are collected, not run again) and `dropq "
+                 "workers` groups workers by agent with each one's last contact", """
+CREATE TABLE agents (
+    name          TEXT PRIMARY KEY,
+    host          TEXT NOT NULL,
+    workers       INTEGER NOT NULL,
+    pool          TEXT NOT NULL,
+    first_seen    REAL NOT NULL,
+    last_contact  REAL NOT NULL
+);
+"""),
 )
 
 #: the schema version this dropq writes

@@ -703,6 +703,30 @@ class Store:
                 if name not in keep:
                     db.execute("DELETE FROM workers WHERE name = ?", (name,))
 
+    def set_agent(self, name: str, *, host: str, workers: int, pool: str) -> None:
+        """Record an agent as it registers (first seen now, or again)."""
+        now = self._now()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO agents (name, host, workers, pool, first_seen, last_contact) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET host = excluded.host, workers = excluded.workers, "
+                "pool = excluded.pool, last_contact = excluded.last_contact",
+                (name, host, workers, pool, now, now))
+
+    def agent_contact(self, name: str, at: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE agents SET last_contact = ? WHERE name = ?", (at, name))
+
+    def agents(self) -> list[dict[str, Any]]:
+        """The agents ever registered (name, host, workers, pool, first_seen, last_contact), by name."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM agents ORDER BY name").fetchall()
+        return [dict(r) for r in rows]
+
+    def forget_agent(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM agents WHERE name = ?", (name,))
+
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))

@@ -528,3 +528,21 @@ def test_an_agent_runs_jobs_on_its_own_docker_workers(workspace: Workspace, daem
     finally:
         agents.stop_all()
         remove_containers(workspace.root / "d1" / "state")
+
+
+def test_an_arrays_tasks_run_on_agents_and_publish_one_folder(workspace: Workspace, daemon: DaemonProcess,
+                                                              agents: Agents) -> None:
+    # arrays (issue 13) and agents (issue 14) meet: a task is a job to the balancer, so it may run anywhere
+    daemon.start()
+    for name in ("a1", "a2"):
+        agents.start(name, workers=1)
+    agents.wait_registered("a1", "a2")
+    workspace.drop("arr.yaml", {"program": "echo", "args": ["task {n}"], "matrix": {"n": list(range(12))}})
+    result = workspace.wait_results(1, timeout=120)["arr"]
+    assert result["counts"] == {"succeeded": 12}, result
+    folder = workspace.outbox / "arr" / "tasks"
+    workers = []
+    for i in range(12):
+        assert (folder / str(i) / "stdout.txt").read_text().startswith(f"task {i}\n")
+        workers.append(yaml.safe_load((folder / str(i) / "result.yaml").read_text())["worker"])
+    assert {w.split("-w")[0] for w in workers} == {"a1", "a2"}, workers

@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import engine, processes_mentioning, remove_containers  # noqa: E402
+from helpers import engine, exclusive, processes_mentioning, remove_containers  # noqa: E402
 
 #: the worker image docker tests use; another tag (DROPQ_TEST_IMAGE=dropq-worker:mybranch) lets a branch
 #: that changes worker/ test its own image without rebuilding the shared latest one
@@ -36,13 +36,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run the fault-injection suite at its heavier settings (more jobs, more faults)")
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+#: the tables' rows as this process's reports carried them in (with pytest-xdist, from every test process)
+_TABLES: dict[str, list[tuple[Any, ...]]] = {"fault": [], "security": []}
+#: how many of this process's rows have been sent along with a report
+_SENT: dict[str, int] = {"fault": 0, "security": 0}
+
+
+def _send_rows(report: pytest.TestReport) -> None:
+    """Put the table rows this test recorded on its last report: the report, not the process, reaches the
+    process that prints the summary when the suite runs in several (pytest-xdist)."""
     from helpers import FAULT_ROWS, SECURITY_ROWS
 
+    for kind, rows in (("fault", FAULT_ROWS), ("security", SECURITY_ROWS)):
+        new = rows[_SENT[kind]:]
+        _SENT[kind] = len(rows)
+        if new:
+            report.user_properties.append((f"dropq-{kind}-rows", [list(row) for row in new]))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        kind = name.removeprefix("dropq-").removesuffix("-rows")
+        if kind in _TABLES and name == f"dropq-{kind}-rows" and isinstance(value, list):
+            _TABLES[kind].extend(tuple(row) for row in value)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
     tables: list[tuple[str, Sequence[tuple[Any, ...]], tuple[str, ...]]] = [
-        ("fault injection: every job must be committed exactly once", FAULT_ROWS,
+        ("fault injection: every job must be committed exactly once", _TABLES["fault"],
          ("fault", "submitted", "faults", "committed", "lost", "duplicated", "stuck")),
-        ("security: every attack must be contained", SECURITY_ROWS, ("attack", "tried", "contained", "escaped")),
+        ("security: every attack must be contained", _TABLES["security"],
+         ("attack", "tried", "contained", "escaped")),
     ]
     for title, rows, head in tables:
         if not rows:
@@ -61,6 +85,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     test silently stopped testing anything."""
     outcome: Any = yield
     report = outcome.get_result()
+    if report.when == "teardown":
+        _send_rows(report)
     if report.skipped and not hasattr(report, "wasxfail") and os.environ.get("DROPQ_REQUIRE_ALL") == "1":
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
@@ -85,11 +111,12 @@ def docker_image() -> str:
     from dropq.pools.image import build, image_is_current
 
     try:
-        if not image_is_current(client, WORKER_IMAGE):
-            try:
-                build(WORKER_IMAGE, from_debian=True)
-            except DropqError as exc:
-                _skip_or_fail(f"the worker image could not be built: {exc}")
+        with exclusive("worker-image"):
+            if not image_is_current(client, WORKER_IMAGE):
+                try:
+                    build(WORKER_IMAGE, from_debian=True)
+                except DropqError as exc:
+                    _skip_or_fail(f"the worker image could not be built: {exc}")
     finally:
         client.close()
     return WORKER_IMAGE

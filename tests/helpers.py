@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+@contextlib.contextmanager
+def exclusive(name: str) -> Iterator[None]:
+    """Hold a lock shared by every test process of this machine: the suite runs in two processes
+    (pytest-xdist), and what it builds once and keeps (an image, a wheelhouse) must not be built by both at
+    the same time. The second waits, then finds it made."""
+    with open(Path(tempfile.gettempdir()) / f"dropq-tests-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from helpers import exclusive
+
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps")
 MASKED = ("systemd-sysctl.service", "systemd-modules-load.service", "systemd-udevd.service",
           "systemd-udev-trigger.service", "systemd-remount-fs.service", "systemd-binfmt.service",
@@ -45,7 +47,12 @@ def image_tag() -> str:
 
 
 def ensure_image(client: Any) -> str:
-    """The image, built when missing (about a minute)."""
+    """The image, built when missing (about a minute), by one test process at a time."""
+    with exclusive("systemd-image"):
+        return _ensure_image(client)
+
+
+def _ensure_image(client: Any) -> str:
     import docker.errors
 
     tag = image_tag()
@@ -80,6 +87,11 @@ def ensure_image(client: Any) -> str:
 def wheelhouse(root: Path) -> Path:
     """dropq's dependencies (and the build backend an editable install needs) as wheels, cached by the
     project's metadata, so that the container installs offline."""
+    with exclusive("systemd-wheelhouse"):
+        return _wheelhouse(root)
+
+
+def _wheelhouse(root: Path) -> Path:
     pyproject = (root / "pyproject.toml").read_bytes()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dropq-tests"
     folder = cache / f"wheelhouse-{hashlib.sha256(pyproject).hexdigest()[:12]}"

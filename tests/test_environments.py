@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Workspace
-from helpers import dropq, dropq_json, processes_mentioning, wait_for_status, wait_until
+from helpers import dropq, dropq_json, exclusive, processes_mentioning, wait_for_status, wait_until
 
 TAB = '''# /// script
 # requires-python = ">=3.11"
@@ -151,10 +151,11 @@ def test_a_requirement_that_does_not_exist_fails_its_jobs_with_its_name(env_ws: 
 
 def wheelhouse() -> Path:
     """A folder holding tabulate's wheel, downloaded from the package index once and kept."""
-    if not list(CACHE.glob("tabulate-*.whl")):
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "--no-deps",
-                        "-d", str(CACHE), "tabulate==0.9.0"], check=True, timeout=300)
+    with exclusive("env-wheelhouse"):
+        if not list(CACHE.glob("tabulate-*.whl")):
+            CACHE.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "--no-deps",
+                            "-d", str(CACHE), "tabulate==0.9.0"], check=True, timeout=300)
     return CACHE
 
 

@@ -21,6 +21,10 @@ from . import isolation, procs
 from .capture import CappedFile
 from .job import Job, Settings
 from .protocol import Outcome, Report
+from .warm import ForkedProcess, WarmPool
+
+#: a job's process: started fresh, or forked from a warm interpreter
+Process = subprocess.Popen[bytes] | ForkedProcess
 
 #: seconds to drain a job's pipes after it ended, in case something unkillable still holds them
 _DRAIN = 2.0
@@ -33,8 +37,10 @@ DISK_CHECK = 0.2
 RUNNING = "running.pid"
 
 
-def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) -> Report:
-    """Run the job's program (`argv`, in `env`) to its end, and say how it ended."""
+def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings,
+            warm: WarmPool | None = None) -> Report:
+    """Run the job's program (`argv`, in `env`) to its end, and say how it ended: forked from a warm
+    interpreter when `warm` can, else started fresh."""
     spec = job.spec
     owner = (settings.uids.owner_uid, settings.uids.owner_gid) if settings.uids is not None else None
     out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes, owner=owner)
@@ -48,12 +54,23 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
         # bound by partial, so no Python code of ours runs in the forked child of this threaded process
         popen_extra["preexec_fn"] = functools.partial(
             resource.setrlimit, resource.RLIMIT_DATA, (spec.memory_rlimit, spec.memory_rlimit))
+    proc: Process | None = None
     try:
-        proc = subprocess.Popen(  # argv is built from checked paths, never a shell
-            argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-            **popen_extra,  # type: ignore[call-overload]
-        )
+        if warm is not None:
+            proc = warm.launch(argv, fresh=spec.fresh_interpreter, cwd=job.staging.output, env=env,
+                               memory_rlimit=spec.memory_rlimit, uid=job.uid)
+    except OSError as exc:  # the server forked it, but it could not be set up (as a Popen would fail)
+        out.close()
+        err.close()
+        return job.report.ended(Outcome.ERROR, finished_at=time.time(),
+                                error=f"the program could not be started: {exc}")
+    try:
+        if proc is None:
+            proc = subprocess.Popen(  # argv is built from checked paths, never a shell
+                argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                **popen_extra,  # type: ignore[call-overload]
+            )
     except OSError as exc:
         out.close()
         err.close()
@@ -91,7 +108,7 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
             outcome = Outcome.OOM
             error = oom_error(spec.memory, procs.memory_limit())
     return job.report.ended(
-        outcome, finished_at=time.time(),
+        outcome, finished_at=time.time(), warm=isinstance(proc, ForkedProcess),
         exit_code=code if code is not None and code >= 0 else None,
         signal=-code if code is not None and code < 0 else None,
         error=error, stdout_bytes=out.total, stderr_bytes=err.total,
@@ -108,7 +125,7 @@ def oom_error(requested: int | None, cgroup_limit: int | None) -> str:
     return said + (f" (the worker's memory limit is {procs.human_bytes(cgroup_limit)})" if cgroup_limit else "")
 
 
-def supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile,
+def supervise(job: Job, proc: Process, out: CappedFile, err: CappedFile,
               max_disk: int = 0) -> Outcome:
     """Pump output until the program exits; stop the group at the timeout, on request, or past its disk
     budget (counted every DISK_CHECK seconds or so while it runs). The outcome."""
@@ -126,7 +143,7 @@ class _Supervision:
     selector, and where it is in being stopped: "running" -> "terminating" (SIGTERM sent) -> "killed"
     (SIGKILL sent); "exited" once reaped. `deadline` is when the present phase runs out."""
 
-    def __init__(self, job: Job, proc: subprocess.Popen[bytes], sinks: dict[int, CappedFile], max_disk: int) -> None:
+    def __init__(self, job: Job, proc: Process, sinks: dict[int, CappedFile], max_disk: int) -> None:
         self.job, self.proc, self.sinks, self.max_disk = job, proc, sinks, max_disk
         self.sel = selectors.DefaultSelector()
         for fd in sinks:

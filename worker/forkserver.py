@@ -1,0 +1,296 @@
+"""A warm interpreter: forks each job's Python program from an interpreter that has already started.
+
+Run by the interpreter of the job's environment (the environment's `bin/python`, or the worker's
+`--python`), never imported by the worker: it uses the standard library only, and only modules that
+are built in or C extensions, so that a job finds in `sys.modules` nearly what a fresh interpreter has
+(plus `_socket`, `marshal`, and whatever was preloaded).
+
+    python forkserver.py FD UIDS [MODULE ...]
+
+UIDS is 1 when jobs take uids of their own (the server then runs as root), else 0. FD is one end of an AF_UNIX SOCK_SEQPACKET socketpair whose other end the worker (`dropq_worker.warm`)
+holds. The server imports the MODULEs (the preloads), says `ready`, then serves one job at a time,
+single-threaded, and never runs a job's code itself:
+
+    worker -> server   the request (marshal bytes, which the server does not read: see below), with
+                       three descriptors (SCM_RIGHTS): the job's stdout and stderr (pipes the worker
+                       reads) and `go`, the read end of a pipe the worker writes one byte into
+    server -> worker   ("pid", PID) once the child is set up (own session, descriptors, rlimits, uid,
+                       cwd), or ("error", TEXT) when that failed (like a failed exec of Popen);
+                       then ("exit", PID, CODE) when it ended (CODE as Popen's returncode)
+
+The child runs the program only after reading `go`: a worker that lost the server before it learnt the
+pid closes `go` instead, and the child leaves without running anything, so a job the worker then
+starts fresh never runs twice. The exit status is read with waitid(WNOWAIT) and sent before the child
+is reaped: should the server die in between, the zombie is re-parented to the worker (a child
+subreaper), which still reads it.
+
+The request is parsed only in the child, and the server zeroes its receive buffer after each fork: the
+server's memory, which every later job inherits, never holds an earlier job's arguments or
+environment variables.
+"""
+
+import marshal
+import os
+import sys
+
+import _signal
+import _socket
+
+#: the largest request the server takes (the worker starts larger ones fresh)
+MAX_REQUEST = 256 * 1024
+#: a child that failed to set up exits with this, after telling the server why
+SETUP_FAILED = 127
+
+_HERE = os.path.abspath(__file__)
+
+
+def _initial_signals():
+    """The signal handlers and mask as the interpreter set them at start, to restore in each child."""
+    handlers = {}
+    for signum in range(1, _signal.NSIG):
+        try:
+            handlers[signum] = _signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+    return handlers, _signal.pthread_sigmask(_signal.SIG_BLOCK, [])
+
+
+def _send(sock, *message):
+    sock.sendmsg([marshal.dumps(message, 4)])
+
+
+def _say(text):
+    # never through sys.stderr: its buffer would be copied into every child
+    os.write(2, ("dropq fork server: " + text + "\n").encode("utf-8", "backslashreplace"))
+
+
+def _preload(names):
+    failed = []
+    for name in names:
+        try:
+            __import__(name)
+        except BaseException as exc:  # noqa: BLE001 - a preload that fails is skipped; the job imports it itself
+            failed.append(name)
+            _say("could not preload %s: %s: %s" % (name, type(exc).__name__, exc))
+    return failed
+
+
+def serve(fd, switch_uids, preloads):
+    """Serve requests until the worker closes its end. Returns only in a forked child: its request."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
+    initial = _initial_signals()
+    # the worker's package folder is not the job's: nothing may be imported from it (a preload named
+    # like one of its modules), and each child puts its program's folder first instead
+    if sys.path and os.path.dirname(_HERE) == os.path.abspath(sys.path[0]):
+        del sys.path[0]
+    os.chdir("/")
+    failed = _preload(preloads)
+    if switch_uids:
+        # a child that takes a job's uid must make itself dumpable again (see _become), which needs prctl
+        import ctypes  # noqa: F401 - imported before forking, once, rather than in every child
+    _send(sock, "ready", os.getpid(), failed)
+    buf = bytearray(MAX_REQUEST)
+    view = memoryview(buf)
+    zeros = bytes(MAX_REQUEST)
+    fdsize = len((0).to_bytes(4, sys.byteorder))
+    while True:
+        try:
+            n, ancillary, flags, _ = sock.recvmsg_into([buf], _socket.CMSG_SPACE(3 * fdsize))
+        except ConnectionResetError:
+            return None
+        if n == 0 and not ancillary:
+            return None  # the worker closed its end: it is gone or done with this server
+        fds = []
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % fdsize
+                fds.extend(int.from_bytes(data[i:i + fdsize], sys.byteorder) for i in range(0, usable, fdsize))
+        if len(fds) != 3 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
+            for extra in fds:
+                os.close(extra)
+            view[:n] = zeros[:n]
+            _send(sock, "error", "the request to the fork server was malformed or too large")
+            continue
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            request = bytes(view[:n])
+            sock.detach()  # its descriptor is closed below; the object must never close a reused number
+            return _become(request, fds, ready_w, initial)
+        view[:n] = zeros[:n]
+        os.close(ready_w)
+        for each in fds:
+            os.close(each)
+        _report(sock, pid, ready_r)
+
+
+def _report(sock, pid, ready_r):
+    """Tell the worker the child's pid once it is set up (or why it could not be), then its end."""
+    chunks = []
+    while True:
+        chunk = os.read(ready_r, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(ready_r)
+    said = b"".join(chunks)
+    if said == b"ok":
+        _send(sock, "pid", pid)
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+    if said != b"ok":
+        _send(sock, "error", said[1:].decode("utf-8", "replace") or "the job's process ended while being set up")
+    else:
+        _send(sock, "exit", pid, code)
+    os.waitpid(pid, 0)
+
+
+def _become(request, fds, ready_w, initial):
+    """In the child: become the job's process (what Popen and exec would have made), wait for `go`."""
+    stdout_w, stderr_w, go_r = fds
+    try:
+        os.setsid()
+        job = marshal.loads(request)
+        handlers, mask = initial
+        for signum, handler in handlers.items():
+            if _signal.getsignal(signum) is not handler:
+                _signal.signal(signum, handler)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+        null = os.open("/dev/null", os.O_RDONLY)
+        for source, target in ((null, 0), (stdout_w, 1), (stderr_w, 2)):
+            os.dup2(source, target)
+        # only the standard three survive, and the two the handshake still needs, moved above them
+        keep = sorted({go_r, ready_w})
+        low = 3
+        for fd in keep:
+            if fd > low:
+                os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 30)
+        if job["rlimits"]:
+            import resource  # a C module; imported only for a job with limits of its own (memory:)
+            for resource_id, soft, hard in job["rlimits"]:
+                resource.setrlimit(resource_id, (soft, hard))
+        try:
+            with open("/proc/self/oom_score_adj", "w") as fh:  # the job dies first, never the worker
+                fh.write("1000")
+        except OSError:
+            pass  # no /proc: nothing to adjust
+        if job["uid"] is not None:
+            _become_uid(job["uid"])
+        os.chdir(job["cwd"])
+    except BaseException as exc:  # noqa: BLE001 - whatever failed, the worker must hear it, and the child go
+        os.write(ready_w, ("E%s" % (exc,)).encode("utf-8", "replace"))
+        os._exit(SETUP_FAILED)
+    os.write(ready_w, b"ok")
+    os.close(ready_w)
+    go = os.read(go_r, 1)
+    os.close(go_r)
+    if go != b"g":
+        os._exit(SETUP_FAILED)  # the worker gave up on this start: the job is started fresh instead
+    return job
+
+
+def _become_uid(uid):
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    # setuid() from root made the process undumpable: its /proc/self would then be root's and closed to
+    # it (no /proc/self/fd), which exec() would have undone for a fresh program
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+
+
+def _prepare(job):
+    """The interpreter's state as a fresh `python PROGRAM ARGS` would have it: environ, argv, path[0],
+    seeds, caches that depend on the environment, and a new `__main__` module."""
+    os.environ.clear()
+    os.environ.update(job["env"])
+    time = sys.modules.get("time")
+    if time is not None and hasattr(time, "tzset"):
+        time.tzset()  # TZ may differ from the server's
+    site = sys.modules.get("site")
+    if site is not None and getattr(site, "USER_SITE", None) is not None:
+        site.USER_BASE = None
+        site.USER_SITE = None
+        site.getusersitepackages()  # computed from the job's HOME, as a fresh start does
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile.tempdir = None  # found again from the job's TMPDIR
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()  # `random` reseeds itself after fork; numpy's global state does not
+    script = job["script"]
+    sys.argv[:] = job["argv"][1:]
+    sys.orig_argv[:] = job["argv"]
+    old_first = sys.path[0] if sys.path else None
+    sys.path.insert(0, job["path0"])
+    sys.path_importer_cache.pop(os.path.dirname(_HERE), None)
+    if old_first is not None and old_first == os.path.dirname(_HERE):
+        sys.path.remove(old_first)
+    for finder in sys.meta_path:
+        invalidate = getattr(finder, "invalidate_caches", None)
+        if invalidate is not None:
+            invalidate()
+    main = type(sys)("__main__")
+    main.__loader__ = type(__loader__)("__main__", script)  # noqa: F821 - a script's loader, as for ours
+    main.__annotations__ = {}
+    main.__builtins__ = sys.modules["builtins"]
+    main.__file__ = script
+    main.__cached__ = None
+    sys.modules["__main__"] = main
+    return main
+
+
+def _ours(tb):
+    """The traceback without the frames of this file, which a fresh interpreter would not have."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == _HERE:
+        tb = tb.tb_next
+    return tb
+
+
+def run(job):
+    """Run the program as the interpreter runs a script; returning means exit status 0."""
+    main = _prepare(job)
+    try:
+        with open(job["script"], "rb") as fh:
+            source = fh.read()
+        code = compile(source, job["script"], "exec", dont_inherit=True)
+        del source
+        exec(code, main.__dict__)
+    except SystemExit:
+        raise  # the interpreter prints its message (a string) and exits with its code, as for a script
+    except BaseException as exc:  # noqa: BLE001 - what an uncaught exception does in a fresh interpreter
+        tb = _ours(exc.__traceback__)
+        exc.__traceback__ = tb
+        sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+        sys.excepthook(type(exc), exc, tb)
+        if isinstance(exc, KeyboardInterrupt):
+            _die_of_sigint()
+        raise SystemExit(1) from None
+
+
+def _die_of_sigint():
+    """An uncaught KeyboardInterrupt: the interpreter finalizes, then kills itself with SIGINT."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        threading._shutdown()
+    import atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            continue
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    os.kill(os.getpid(), _signal.SIGINT)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    _job = serve(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3:])
+    if _job is None:
+        os._exit(0)  # the server's own end: nothing to finalize
+    del _job["rlimits"]
+    run(_job)

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_bytes, args.max_file_bytes))
     try:
         uids = _job_uids(args)
-    except isolation.IsolationError as exc:
+        preload = warm.check_preloads([name for name in args.preload.split(",") if name])
+    except (isolation.IsolationError, ValueError) as exc:
         print(f"dropq-worker: {exc}", file=sys.stderr)
         return 2
     if not procs.become_subreaper():
@@ -110,11 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("killed the leftover processes of job %s from a previous worker process", job_id)
     if uids is not None:
         _reclaim(args.jobs, uids)
-    try:
-        preload = warm.check_preloads([name for name in args.preload.split(",") if name])
-    except ValueError as exc:
-        print(f"dropq-worker: {exc}", file=sys.stderr)
-        return 2
     runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python,
                              envs=args.envs, uids=uids, max_disk_bytes=args.max_disk_bytes,
                              warm=args.warm, preload=preload))

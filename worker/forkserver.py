@@ -5,18 +5,21 @@ Run by the interpreter of the job's environment (the environment's `bin/python`,
 are built in or C extensions, so that a job finds in `sys.modules` nearly what a fresh interpreter has
 (plus `_socket`, `marshal`, and whatever was preloaded).
 
-    python forkserver.py FD UIDS [MODULE ...]
+    python forkserver.py FD [MODULE ...]
 
-UIDS is 1 when jobs take uids of their own (the server then runs as root), else 0. FD is one end of an AF_UNIX SOCK_SEQPACKET socketpair whose other end the worker (`dropq_worker.warm`)
-holds. The server imports the MODULEs (the preloads), says `ready`, then serves one job at a time,
-single-threaded, and never runs a job's code itself:
+The server runs as the worker's uid and its children stay that uid: a worker that runs each job under
+a uid of its own (--job-uids) starts its jobs fresh (see warm.py). FD is one end of an AF_UNIX
+SOCK_SEQPACKET socketpair whose other end the worker (`dropq_worker.warm`) holds. The server imports
+the MODULEs (the preloads), says `ready`, then serves one job at a time, single-threaded, and never
+runs a job's code itself:
 
     worker -> server   the request (marshal bytes, which the server does not read: see below), with
                        three descriptors (SCM_RIGHTS): the job's stdout and stderr (pipes the worker
                        reads) and `go`, the read end of a pipe the worker writes one byte into
-    server -> worker   ("pid", PID) once the child is set up (own session, descriptors, rlimits, uid,
-                       cwd), or ("error", TEXT) when that failed (like a failed exec of Popen);
+    server -> worker   ("pid", PID) once the child is set up (own session, descriptors, rlimits,
+                       cwd), or ("error", TEXT) when that failed (as a Popen whose exec failed);
                        then ("exit", PID, CODE) when it ended (CODE as Popen's returncode)
+    worker -> server   b"reap" once it is done with the pid: the server reaps the child only then
 
 The child runs the program only after reading `go`: a worker that lost the server before it learnt the
 pid closes `go` instead, and the child leaves without running anything, so a job the worker then
@@ -29,12 +32,17 @@ server's memory, which every later job inherits, never holds an earlier job's ar
 environment variables.
 """
 
+import _signal
+import _socket
 import marshal
 import os
 import sys
 
-import _signal
-import _socket
+#: no `typing` at run time (the jobs would find it imported): annotations are strings, read by mypy only
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Any
 
 #: the largest request the server takes (the worker starts larger ones fresh)
 MAX_REQUEST = 256 * 1024
@@ -44,7 +52,7 @@ SETUP_FAILED = 127
 _HERE = os.path.abspath(__file__)
 
 
-def _initial_signals():
+def _initial_signals() -> "tuple[dict[int, Any], set[Any]]":
     """The signal handlers and mask as the interpreter set them at start, to restore in each child."""
     handlers = {}
     for signum in range(1, _signal.NSIG):
@@ -55,27 +63,27 @@ def _initial_signals():
     return handlers, _signal.pthread_sigmask(_signal.SIG_BLOCK, [])
 
 
-def _send(sock, *message):
+def _send(sock: "_socket.socket", *message: "Any") -> None:
     sock.sendmsg([marshal.dumps(message, 4)])
 
 
-def _say(text):
+def _say(text: str) -> None:
     # never through sys.stderr: its buffer would be copied into every child
     os.write(2, ("dropq fork server: " + text + "\n").encode("utf-8", "backslashreplace"))
 
 
-def _preload(names):
+def _preload(names: "list[str]") -> "list[str]":
     failed = []
     for name in names:
         try:
             __import__(name)
         except BaseException as exc:  # noqa: BLE001 - a preload that fails is skipped; the job imports it itself
             failed.append(name)
-            _say("could not preload %s: %s: %s" % (name, type(exc).__name__, exc))
+            _say(f"could not preload {name}: {type(exc).__name__}: {exc}")
     return failed
 
 
-def serve(fd, switch_uids, preloads):
+def serve(fd: int, preloads: "list[str]") -> "dict[str, Any] | None":
     """Serve requests until the worker closes its end. Returns only in a forked child: its request."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
     initial = _initial_signals()
@@ -85,9 +93,6 @@ def serve(fd, switch_uids, preloads):
         del sys.path[0]
     os.chdir("/")
     failed = _preload(preloads)
-    if switch_uids:
-        # a child that takes a job's uid must make itself dumpable again (see _become), which needs prctl
-        import ctypes  # noqa: F401 - imported before forking, once, rather than in every child
     _send(sock, "ready", os.getpid(), failed)
     buf = bytearray(MAX_REQUEST)
     view = memoryview(buf)
@@ -100,7 +105,7 @@ def serve(fd, switch_uids, preloads):
             return None
         if n == 0 and not ancillary:
             return None  # the worker closed its end: it is gone or done with this server
-        fds = []
+        fds: list[int] = []
         for level, kind, data in ancillary:
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 usable = len(data) - len(data) % fdsize
@@ -125,7 +130,7 @@ def serve(fd, switch_uids, preloads):
         _report(sock, pid, ready_r)
 
 
-def _report(sock, pid, ready_r):
+def _report(sock: "_socket.socket", pid: int, ready_r: int) -> None:
     """Tell the worker the child's pid once it is set up (or why it could not be), then its end."""
     chunks = []
     while True:
@@ -138,15 +143,23 @@ def _report(sock, pid, ready_r):
     if said == b"ok":
         _send(sock, "pid", pid)
     info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    assert info is not None  # without WNOHANG, waitid waits for the child
     code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
     if said != b"ok":
         _send(sock, "error", said[1:].decode("utf-8", "replace") or "the job's process ended while being set up")
     else:
         _send(sock, "exit", pid, code)
+        # reaped only once the worker is done with the pid (it kills the process group by that number
+        # after the end): until then no new process can take the number
+        try:
+            sock.recv(16)
+        except OSError:
+            pass  # the worker is gone: reap, and the next receive ends the server
     os.waitpid(pid, 0)
 
 
-def _become(request, fds, ready_w, initial):
+def _become(request: bytes, fds: "list[int]", ready_w: int,
+            initial: "tuple[dict[int, Any], set[Any]]") -> "dict[str, Any]":
     """In the child: become the job's process (what Popen and exec would have made), wait for `go`."""
     stdout_w, stderr_w, go_r = fds
     try:
@@ -177,11 +190,9 @@ def _become(request, fds, ready_w, initial):
                 fh.write("1000")
         except OSError:
             pass  # no /proc: nothing to adjust
-        if job["uid"] is not None:
-            _become_uid(job["uid"])
         os.chdir(job["cwd"])
     except BaseException as exc:  # noqa: BLE001 - whatever failed, the worker must hear it, and the child go
-        os.write(ready_w, ("E%s" % (exc,)).encode("utf-8", "replace"))
+        os.write(ready_w, f"E{exc}".encode("utf-8", "replace"))
         os._exit(SETUP_FAILED)
     os.write(ready_w, b"ok")
     os.close(ready_w)
@@ -192,17 +203,7 @@ def _become(request, fds, ready_w, initial):
     return job
 
 
-def _become_uid(uid):
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    # setuid() from root made the process undumpable: its /proc/self would then be root's and closed to
-    # it (no /proc/self/fd), which exec() would have undone for a fresh program
-    import ctypes
-    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
-
-
-def _prepare(job):
+def _prepare(job: "dict[str, Any]") -> "Any":
     """The interpreter's state as a fresh `python PROGRAM ARGS` would have it: environ, argv, path[0],
     seeds, caches that depend on the environment, and a new `__main__` module."""
     os.environ.clear()
@@ -210,12 +211,12 @@ def _prepare(job):
     time = sys.modules.get("time")
     if time is not None and hasattr(time, "tzset"):
         time.tzset()  # TZ may differ from the server's
-    site = sys.modules.get("site")
+    site: Any = sys.modules.get("site")
     if site is not None and getattr(site, "USER_SITE", None) is not None:
         site.USER_BASE = None
         site.USER_SITE = None
         site.getusersitepackages()  # computed from the job's HOME, as a fresh start does
-    tempfile = sys.modules.get("tempfile")
+    tempfile: Any = sys.modules.get("tempfile")
     if tempfile is not None:
         tempfile.tempdir = None  # found again from the job's TMPDIR
     numpy_random = sys.modules.get("numpy.random")
@@ -233,8 +234,8 @@ def _prepare(job):
         invalidate = getattr(finder, "invalidate_caches", None)
         if invalidate is not None:
             invalidate()
-    main = type(sys)("__main__")
-    main.__loader__ = type(__loader__)("__main__", script)  # noqa: F821 - a script's loader, as for ours
+    main: Any = type(sys)("__main__")
+    main.__loader__ = type(__loader__)("__main__", script)  # type: ignore[name-defined]  # a script's loader, as for ours
     main.__annotations__ = {}
     main.__builtins__ = sys.modules["builtins"]
     main.__file__ = script
@@ -243,14 +244,14 @@ def _prepare(job):
     return main
 
 
-def _ours(tb):
+def _ours(tb: "TracebackType | None") -> "TracebackType | None":
     """The traceback without the frames of this file, which a fresh interpreter would not have."""
     while tb is not None and tb.tb_frame.f_code.co_filename == _HERE:
         tb = tb.tb_next
     return tb
 
 
-def run(job):
+def run(job: "dict[str, Any]") -> None:
     """Run the program as the interpreter runs a script; returning means exit status 0."""
     main = _prepare(job)
     try:
@@ -258,7 +259,7 @@ def run(job):
             source = fh.read()
         code = compile(source, job["script"], "exec", dont_inherit=True)
         del source
-        exec(code, main.__dict__)
+        exec(code, main.__dict__)  # noqa: S102 - running the job's program is what the child is for
     except SystemExit:
         raise  # the interpreter prints its message (a string) and exits with its code, as for a script
     except BaseException as exc:  # noqa: BLE001 - what an uncaught exception does in a fresh interpreter
@@ -271,7 +272,7 @@ def run(job):
         raise SystemExit(1) from None
 
 
-def _die_of_sigint():
+def _die_of_sigint() -> None:
     """An uncaught KeyboardInterrupt: the interpreter finalizes, then kills itself with SIGINT."""
     threading = sys.modules.get("threading")
     if threading is not None:
@@ -289,7 +290,7 @@ def _die_of_sigint():
 
 
 if __name__ == "__main__":
-    _job = serve(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3:])
+    _job = serve(int(sys.argv[1]), sys.argv[2:])
     if _job is None:
         os._exit(0)  # the server's own end: nothing to finalize
     del _job["rlimits"]

@@ -35,8 +35,8 @@ class Runner:
         #: how many jobs this worker started: the next job's uid is the next in the range
         self._started = 0
         #: the fork servers jobs are forked from (used by the job's thread only: one job at a time)
-        self.warm = WarmPool(enabled=settings.warm, preload=settings.preload,
-                             uids=settings.uids is not None)
+        self.warm = WarmPool(enabled=settings.warm and settings.uids is None,
+                             preload=settings.preload)
         settings.jobs.mkdir(parents=True, exist_ok=True)
         if settings.uids is not None:
             # the staging folder: job uids may pass through to their own folder, but neither list it

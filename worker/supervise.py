@@ -45,37 +45,13 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings,
     owner = (settings.uids.owner_uid, settings.uids.owner_gid) if settings.uids is not None else None
     out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes, owner=owner)
     err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes, owner=owner)
-    popen_extra: dict[str, object] = {}
-    if job.uid is not None:
-        # its own uid and gid, no supplementary groups (root's would stay otherwise), and so no capability
-        popen_extra = {"user": job.uid, "group": job.uid, "extra_groups": []}
-    if spec.memory_rlimit is not None:
-        # in the child, after fork and before exec: the limit is the program's, never the worker's. A C builtin
-        # bound by partial, so no Python code of ours runs in the forked child of this threaded process
-        popen_extra["preexec_fn"] = functools.partial(
-            resource.setrlimit, resource.RLIMIT_DATA, (spec.memory_rlimit, spec.memory_rlimit))
-    proc: Process | None = None
     try:
-        if warm is not None:
-            proc = warm.launch(argv, fresh=spec.fresh_interpreter, cwd=job.staging.output, env=env,
-                               memory_rlimit=spec.memory_rlimit, uid=job.uid)
-    except OSError as exc:  # the server forked it, but it could not be set up (as a Popen would fail)
+        proc = start(job, argv, env, warm)
+    except OSError as exc:  # Popen's, or a forked child's that could not be set up (a cwd gone)
         out.close()
         err.close()
         return job.report.ended(Outcome.ERROR, finished_at=time.time(),
-                                error=f"the program could not be started: {exc}")
-    try:
-        if proc is None:
-            proc = subprocess.Popen(  # argv is built from checked paths, never a shell
-                argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                **popen_extra,  # type: ignore[call-overload]
-            )
-    except OSError as exc:
-        out.close()
-        err.close()
-        return job.report.ended(Outcome.ERROR, finished_at=time.time(),
-                                error=f"the program could not be started: {exc.strerror}")
+                                error=f"the program could not be started: {exc.strerror or exc}")
     # one write(), no temporary file: a worker killed before it lands leaves the file empty, which
     # reap_abandoned skips, as it would a job killed before this line
     (job.staging.jobs_dir / RUNNING).write_text(json.dumps({"id": job.spec.key, "pgid": proc.pid,
@@ -86,6 +62,8 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings,
         outcome = supervise(job, proc, out, err, settings.max_disk_bytes)
     finally:
         procs.kill_group(proc.pid)
+        if isinstance(proc, ForkedProcess):
+            proc.release()
         out.close()
         err.close()
         for pipe in (proc.stdout, proc.stderr):
@@ -113,6 +91,31 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings,
         signal=-code if code is not None and code < 0 else None,
         error=error, stdout_bytes=out.total, stderr_bytes=err.total,
         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+    )
+
+
+def start(job: Job, argv: list[str], env: dict[str, str], warm: WarmPool | None) -> Process:
+    """The job's process, in a session of its own: forked from a warm interpreter if `warm` takes it,
+    else a fresh one. OSError if it could not be started."""
+    spec = job.spec
+    if warm is not None:
+        forked = warm.launch(argv, fresh=spec.fresh_interpreter, cwd=job.staging.output, env=env,
+                             memory_rlimit=spec.memory_rlimit)
+        if forked is not None:
+            return forked
+    popen_extra: dict[str, object] = {}
+    if job.uid is not None:
+        # its own uid and gid, no supplementary groups (root's would stay otherwise), and so no capability
+        popen_extra = {"user": job.uid, "group": job.uid, "extra_groups": []}
+    if spec.memory_rlimit is not None:
+        # in the child, after fork and before exec: the limit is the program's, never the worker's. A C builtin
+        # bound by partial, so no Python code of ours runs in the forked child of this threaded process
+        popen_extra["preexec_fn"] = functools.partial(
+            resource.setrlimit, resource.RLIMIT_DATA, (spec.memory_rlimit, spec.memory_rlimit))
+    return subprocess.Popen(  # argv is built from checked paths, never a shell
+        argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+        **popen_extra,  # type: ignore[call-overload]
     )
 
 
@@ -149,7 +152,16 @@ class _Supervision:
         for fd in sinks:
             os.set_blocking(fd, False)
             self.sel.register(fd, selectors.EVENT_READ)
-        self.pidfd = os.pidfd_open(proc.pid)
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:
+            if not isinstance(proc, ForkedProcess):
+                raise
+            # forked by a server that died since, and already reaped by the worker: it ended, and wait()
+            # says how; a pipe with a byte in it stands for the readable pidfd
+            self.pidfd, ended = os.pipe()
+            os.write(ended, b"x")
+            os.close(ended)
         self.sel.register(self.pidfd, selectors.EVENT_READ)
         self.sel.register(job.wake_fd, selectors.EVENT_READ)
         self.outcome = Outcome.EXITED

@@ -9,9 +9,16 @@ dropping the least recently used.
 
 A job runs fresh instead when its manifest says `fresh_interpreter: true`, its program says
 `fresh-interpreter = true` under `[tool.dropq]`, it is not a `.py` program, it sets HOME, the worker
-runs with `--no-warm`, or the server is not there to take it (it failed to start, or died): then the
+runs with `--no-warm` or `--job-uids`, or the server is not there to take it (it failed to start, or died): then the
 server is dropped and started again for a later job. A start that fails half-way never runs twice:
 see forkserver.py.
+
+Why not with --job-uids: a server would have to keep the privilege to switch to each job's uid (root
+with CAP_SETUID; the worker's empty bounding set takes it away at exec), and it runs code of the
+environment before any job (its `.pth` files at start, its preloads): that code would run with that
+privilege, where today it runs only as a job's uid. A server per job uid instead would outlive its job
+as that uid, which the next job of the uid could reach (signal, ptrace): the clean-up that kills every
+process of a job's uid exists to rule that out.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ MAX_SERVERS = 4
 READY_TIMEOUT = 120.0
 #: seconds a server may take to fork and set up a child
 FORK_TIMEOUT = 10.0
-#: seconds after a server failed to start before another is tried for the same key
+#: the longest wait, in seconds, before another server is tried for a key whose servers keep failing to start
 RETRY_AFTER = 60.0
 #: the largest request sent to a server (forkserver.MAX_REQUEST, less room); a larger one starts fresh
 MAX_REQUEST = 200 * 1024
@@ -151,17 +158,24 @@ class ForkedProcess:
     def __init__(self, server: Server, pid: int, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         self.server, self.pid, self.stdout, self.stderr = server, pid, stdout, stderr
         self.returncode: int | None = None
+        self._released = False
 
     def wait(self) -> int:
         if self.returncode is None:
             self.returncode = self.server.exit_status(self.pid)
         return self.returncode
 
+    def release(self) -> None:
+        """The worker is done with the pid (its group killed): the server may reap the child now."""
+        if self.returncode is not None and not self._released:
+            self._released = True
+            self.server.release()
+
 
 class Server:
     """One fork server process and the worker's end of its socket."""
 
-    def __init__(self, python: str, preload: tuple[str, ...], env: dict[str, str], *, uids: bool) -> None:
+    def __init__(self, python: str, preload: tuple[str, ...], env: dict[str, str]) -> None:
         self.python, self.preload = python, preload
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = mine
@@ -173,7 +187,7 @@ class Server:
             # started as `python SCRIPT`, exactly as a job would be (no flags), in the jobs' interpreter
             # variables: what it sets up at start (sys.flags, sys.path, encodings) is what the job finds
             self.proc = subprocess.Popen(
-                [python, str(SERVER), str(theirs.fileno()), "1" if uids else "0", *preload], pass_fds=[theirs.fileno()],
+                [python, str(SERVER), str(theirs.fileno()), *preload], pass_fds=[theirs.fileno()],
                 env={**env, "HOME": NO_HOME}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd="/")
         finally:
@@ -268,6 +282,12 @@ class Server:
         _, status = os.waitpid(pid, 0)
         return os.waitstatus_to_exitcode(status)
 
+    def release(self) -> None:
+        try:
+            self.sock.send(b"reap")
+        except OSError as exc:  # gone: its children were the worker's to reap, and kill_leftovers did
+            log.debug("fork server %d: %s", self.proc.pid, exc)
+
     def close(self) -> None:
         """Stop the server (a job it forked is a process group of its own and is not touched)."""
         try:
@@ -287,13 +307,12 @@ def _fds(*fds: int) -> bytes:
 class WarmPool:
     """The worker's fork servers, by key; used by one job at a time (the runner's)."""
 
-    def __init__(self, *, enabled: bool = True, preload: tuple[str, ...] = (), uids: bool = False) -> None:
+    def __init__(self, *, enabled: bool = True, preload: tuple[str, ...] = ()) -> None:
         self.enabled = enabled
-        #: jobs run under uids of their own: the servers then import what a child needs to switch
-        self.uids = uids
         self.preload = preload
         self._servers: OrderedDict[tuple[Any, ...], Server] = OrderedDict()
-        self._failed: dict[tuple[Any, ...], float] = {}
+        #: per key: failed starts in a row, and when the next may be tried
+        self._failed: dict[tuple[Any, ...], tuple[int, float]] = {}
         self._options = _OptionsCache()
         self._lock = threading.Lock()
 
@@ -301,7 +320,7 @@ class WarmPool:
         return self._options.get(program)
 
     def launch(self, argv: list[str], *, fresh: bool, cwd: Path, env: dict[str, str],
-               memory_rlimit: int | None, uid: int | None) -> ForkedProcess | None:
+               memory_rlimit: int | None) -> ForkedProcess | None:
         """Fork the job (`argv`: interpreter, program, arguments) from a warm interpreter, or None: start it
         fresh (it cannot be forked, or the server could not fork it; nothing of it ran)."""
         if not self.enabled or fresh or len(argv) < 2 or not argv[1].endswith(".py") or "HOME" in env and \
@@ -316,7 +335,7 @@ class WarmPool:
         key = (argv[0], preload, tuple(sorted(start_env.items())))
         rlimits = [] if memory_rlimit is None else [(resource.RLIMIT_DATA, memory_rlimit, memory_rlimit)]
         request = {"argv": argv, "script": argv[1], "path0": os.path.dirname(os.path.realpath(argv[1])),
-                   "cwd": str(cwd), "env": env, "rlimits": rlimits, "uid": uid}
+                   "cwd": str(cwd), "env": env, "rlimits": rlimits}
         with self._lock:
             server = self._server(key, argv[0], preload, start_env)
             if server is None:
@@ -339,15 +358,20 @@ class WarmPool:
         if server is not None:
             self._servers.move_to_end(key)
             return server
-        if time.monotonic() < self._failed.get(key, 0.0):
+        failures, not_before = self._failed.get(key, (0, 0.0))
+        if time.monotonic() < not_before:
             return None
         try:
-            server = Server(python, preload, env, uids=self.uids)
+            server = Server(python, preload, env)
         except (OSError, ServerGone) as exc:
-            log.warning("could not start a fork server for %s (%s); its jobs start fresh for %d s",
-                        python, exc, RETRY_AFTER)
-            self._failed[key] = time.monotonic() + RETRY_AFTER
+            # the next job tries again at once (the server may have been killed from outside); a server
+            # that keeps failing is tried after 1, 2, 4 ... RETRY_AFTER seconds, its jobs starting fresh
+            delay = 0.0 if failures == 0 else min(RETRY_AFTER, 2.0 ** (failures - 1))
+            log.warning("could not start a fork server for %s (%s); its jobs start fresh%s", python, exc,
+                        f" for {delay:g} s" if delay else "")
+            self._failed[key] = (failures + 1, time.monotonic() + delay)
             return None
+        self._failed.pop(key, None)
         if server.failed:
             log.warning("fork server %d for %s could not preload %s", server.proc.pid, python,
                         ", ".join(server.failed))

@@ -70,6 +70,8 @@ class Manifest:
     memory: int | None = None
     #: CPUs the job asks for, or None
     cpus: float | None = None
+    #: start the program in a new interpreter, never forked from a warm one (dropq_worker.warm)
+    fresh_interpreter: bool = False
 
     @classmethod
     def parse(cls, raw: bytes, *, defaults: JobDefaults, max_bytes: int) -> Manifest:
@@ -106,6 +108,7 @@ class Manifest:
             notify=doc.notify,
             memory=_within("memory", doc.memory_bytes(), defaults.max_memory_bytes, human_size),
             cpus=_within("cpus", doc.cpus, defaults.max_cpus, lambda n: f"{n:g}"),
+            fresh_interpreter=doc.fresh_interpreter,
         )
 
     def to_json(self) -> str:
@@ -120,7 +123,7 @@ class Manifest:
                "env": MappingProxyType(data["env"]), "retry_on_exit": tuple(data.get("retry_on_exit", ())),
                # absent from a manifest stored before pipelines
                "after": tuple(data.get("after", ())), "from_outbox": tuple(data.get("from_outbox", ())),
-               "notify": data.get("notify")}
+               "notify": data.get("notify"), "fresh_interpreter": data.get("fresh_interpreter", False)}
         )
 
 

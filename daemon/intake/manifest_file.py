@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from dropq.errors import ManifestError, UnsafePathError
 from dropq.intake.claims import MAX_ID_BYTES
@@ -90,6 +90,9 @@ class ManifestFile(BaseModel):
     cpus: Annotated[float, Field(gt=0, le=MAX_CPUS, allow_inf_nan=False)] | None = None
     """CPUs the job may use, e.g. 1.5: its share while it runs (docker pool), and what it counts as against
     workers.capacity (at most the config's jobs.max_cpus)"""
+    fresh_interpreter: StrictBool = False
+    """true: start the program in a new interpreter, never fork it from the worker's warm one (README: The warm
+    interpreter)"""
 
     @field_validator("program", "output")
     @classmethod
@@ -249,6 +252,7 @@ _EXPECTED = {
     "notify": "`notify` must be an http:// or https:// URL, at most 2048 characters",
     "memory": "`memory` must be a size such as 512m or 2g (docker's syntax), or a number of bytes",
     "cpus": "`cpus` must be a positive number of CPUs, such as 1.5",
+    "fresh_interpreter": "`fresh_interpreter` must be true or false",
 }
 _RANGES = {
     "timeout": f"`timeout` may be at most {MAX_TIMEOUT} seconds (a week)",

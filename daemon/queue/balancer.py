@@ -386,7 +386,7 @@ class Balancer:
                 inputs=tuple(f"{key}/{rel}" for rel in manifest.inputs), env=dict(manifest.env),
                 timeout=manifest.timeout, kill_grace=self.config.jobs.kill_grace,
                 max_output_bytes=self.config.jobs.max_output_bytes, environment=job.env,
-                memory=manifest.memory, memory_rlimit=rlimit,
+                memory=manifest.memory, memory_rlimit=rlimit, fresh_interpreter=manifest.fresh_interpreter,
             )
             # started and waited for in one request; a cancel that overtakes it is kept by the worker
             status: Report | None = worker.transport.start(spec, wait=POLL_WAIT)

@@ -195,6 +195,11 @@ PROGRAMS: dict[str, str] = {
     "coding_cookie.py": "# -*- coding: latin-1 -*-\nprint('caf\xe9')\n",
     "import_error.py": "import a_module_that_does_not_exist\n",
     "killed.py": "import os, signal\nprint('going', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "unclosed_file.py": "f = open('data.txt', 'w')\nf.write('written, never closed')\nprint('leaving it open')\n",
+    "helper_finalizer.py": ("import sys, os\nsys.path.insert(0, os.getcwd())\n"
+                            "open('noisy_mod.py', 'w').write('class N:\\n def __del__(self): print(\\'module object "
+                            "finalized\\')\\nn = N()\\n')\nimport noisy_mod\nprint('imported')\n"),
+    "exit_big_code.py": "import sys\nsys.exit(300)\n",
     "memory_limit.py": "import resource\nprint(resource.getrlimit(resource.RLIMIT_DATA))\n",
 }
 
@@ -329,6 +334,14 @@ def test_forked_and_fresh_runs_look_the_same(pair: tuple[Worker, Worker], progra
     assert not one.report.warm and two.report.warm, ("the warm worker forked it, the fresh one did not",
                                                      one.report.error, two.report.error)
     assert one.seen() == two.seen()
+
+
+def test_an_unclosed_file_is_flushed_at_exit_either_way(pair: tuple[Worker, Worker]) -> None:
+    fresh, warm = pair
+    name = key("unclosed")
+    for worker in (fresh, warm):
+        worker.run("unclosed_file.py", name)
+        assert (worker.jobs / name / "data.txt").read_text() == "written, never closed"
 
 
 def test_the_equivalence_list_is_long_enough() -> None:
@@ -511,3 +524,26 @@ def test_an_idle_fork_server_uses_no_cpu(pair: tuple[Worker, Worker]) -> None:
     before = cpu()
     time.sleep(1.0)  # measuring idle use over a span: the span itself is what is measured, not awaited
     assert cpu() - before <= 1, "an idle fork server sleeps in recvmsg"
+
+
+def test_fork_servers_leave_with_their_worker(programs: Path, tmp_path: Path) -> None:
+    """A worker killed outright (no clean-up of its own) leaves no fork server behind: each sees its
+    socket close and exits."""
+    worker = start_worker(tmp_path, "doomed", programs)
+    try:
+        assert worker.run("hello.py", key("doomed")).report.warm
+        servers = worker.servers()
+        assert servers
+        worker.proc.kill()
+        worker.proc.wait(10)
+        wait_until(lambda: all(procs.start_time(pid) is None or _zombie(pid) for pid in servers), timeout=20,
+                   what="the fork servers to exit")
+    finally:
+        stop_worker(worker)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -47,8 +47,9 @@ log = logging.getLogger("dropq.worker")
 SERVER = Path(__file__).with_name("forkserver.py")
 #: servers a worker keeps (one per interpreter, preloads and interpreter-start variables)
 MAX_SERVERS = 4
-#: seconds a server may take to start and import its preloads
-READY_TIMEOUT = 120.0
+#: seconds a server may take to start and import its preloads (the job waiting for it has not started yet:
+#: its timeout does not run meanwhile)
+READY_TIMEOUT = 60.0
 #: seconds a server may take to fork and set up a child
 FORK_TIMEOUT = 10.0
 #: the longest wait, in seconds, before another server is tried for a key whose servers keep failing to start

@@ -26,6 +26,7 @@ from dropq.errors import TransportError
 from dropq.pools.transport import Transport
 from dropq_worker import procs
 from dropq_worker.protocol import JobSpec, Report
+from dropq_worker.warm import ProgramOptions, read_options
 from helpers import wait_until
 
 #: name -> source; each is a small program exercising one thing a program could notice
@@ -547,3 +548,25 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("print(1)\n", ProgramOptions()),
+    ("# /// script\n# dependencies = []\n# ///\n", ProgramOptions()),
+    ("# /// script\n# [tool.dropq]\n# preload = ['numpy', 'xml.etree']\n# ///\n",
+     ProgramOptions(preload=("numpy", "xml.etree"))),
+    ("# /// script\n# [tool.dropq]\n# fresh-interpreter = true\n# ///\n", ProgramOptions(fresh=True)),
+    # malformed: ignored (the worker logs it), the program runs with the defaults
+    ("# /// script\n# [tool.dropq]\n# preload = ['os; rm -rf']\n# ///\n", ProgramOptions()),
+    ("# /// script\n# [tool.dropq]\n# fresh-interpreter = 'yes'\n# ///\n", ProgramOptions()),
+    ("# /// script\n# [tool.dropq\n# ///\n", ProgramOptions()),
+])
+def test_program_options_are_read_from_the_pep_723_block(tmp_path: Path, text: str,
+                                                         expected: ProgramOptions) -> None:
+    (tmp_path / "p.py").write_text(text)
+    assert read_options(tmp_path / "p.py") == expected
+
+
+def test_a_folder_program_says_it_in_its_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.dropq]\npreload = ['decimal']\n")
+    assert read_options(tmp_path / "pyproject.toml") == ProgramOptions(preload=("decimal",))

@@ -85,7 +85,10 @@ class _OptionsCache:
         self._known: dict[str, tuple[tuple[int, int, int], ProgramOptions]] = {}
 
     def get(self, program: Path) -> ProgramOptions:
+        # a folder program's main.py says it in its folder's pyproject.toml (as its dependencies)
         source = program.parent / "pyproject.toml" if program.name == "main.py" else program
+        if source != program and not source.exists():
+            source = program
         try:
             st = os.stat(source)
         except OSError:

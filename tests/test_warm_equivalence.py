@@ -78,6 +78,8 @@ PROGRAMS: dict[str, str] = {
         print(repr(sys.stdin.read()), sys.stdin.isatty())
         st = os.fstat(0)
         print(stat.S_ISCHR(st.st_mode), os.path.realpath('/proc/self/fd/0'))
+        import fcntl
+        print(fcntl.fcntl(0, fcntl.F_GETFL) & os.O_ACCMODE, os.get_inheritable(0))
         """),
     "fds.py": textwrap.dedent("""\
         import os

@@ -176,7 +176,7 @@ def _become(request: bytes, fds: "list[int]", ready_w: int,
             if _signal.getsignal(signum) is not handler:
                 _signal.signal(signum, handler)
         _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
-        null = os.open("/dev/null", os.O_RDONLY)
+        null = os.open("/dev/null", os.O_RDWR)  # as subprocess.DEVNULL opens it
         for source, target in ((null, 0), (stdout_w, 1), (stderr_w, 2)):
             os.dup2(source, target)
         # only the standard three survive, and the two the handshake still needs, moved above them

@@ -54,6 +54,9 @@ def test_fresh_and_forked_jobs_through_the_daemon_look_the_same(
     workspace.wait_results(len(jobs), timeout=240)
     for i, name in enumerate(SUBSET):
         assert _outcome(workspace, f"fresh-{i}") == _outcome(workspace, f"warm-{i}"), name
+        # result.yaml says which way it ran
+        assert "interpreter" not in workspace.result(f"fresh-{i}")
+        assert workspace.result(f"warm-{i}")["interpreter"] == "forked"
     last = len(SUBSET)
     assert (workspace.outbox / f"fresh-{last}" / "stdout.txt").read_text() == "fresh\n"
     assert (workspace.outbox / f"warm-{last}" / "stdout.txt").read_text() == "forked\n"

@@ -605,6 +605,8 @@ def outcome_of(status: Report, manifest: Manifest | None, *, last_words: str | N
             "stdout_truncated": status.stdout_truncated, "stderr_truncated": status.stderr_truncated}
     outcome: dict[str, Any] = {k: v for k, v in kept.items() if v is not None}
     outcome.update(status=final.value, error=error, exit_code=code)
+    if status.warm:
+        outcome["warm"] = True
     if manifest and manifest.output:
         outcome["stdout_as"] = manifest.output
     return outcome

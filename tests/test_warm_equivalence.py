@@ -277,13 +277,13 @@ def _answers(transport: Transport) -> bool:
     return True
 
 
-def start_worker(root: Path, name: str, programs: Path, *flags: str) -> Worker:
+def start_worker(root: Path, name: str, programs: Path, *flags: str, python: str = sys.executable) -> Worker:
     sock = Path(tempfile.mkdtemp(prefix="dqw-")) / "w.sock"
     jobs = root / name / "jobs"
     (root / name / "inputs").mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, "-m", "dropq_worker", "--socket", str(sock), "--programs",
                              str(programs), "--inputs", str(root / name / "inputs"), "--jobs", str(jobs),
-                             "--python", sys.executable, "--name", name, *flags])
+                             "--python", python, "--name", name, *flags])
     transport = Transport(socket_path=str(sock), timeout=30)
     wait_until(lambda: sock.exists() and _answers(transport), timeout=30, what=f"worker {name} to answer")
     return Worker(proc, transport, jobs)
@@ -572,3 +572,28 @@ def test_program_options_are_read_from_the_pep_723_block(tmp_path: Path, text: s
 def test_a_folder_program_says_it_in_its_pyproject(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[tool.dropq]\npreload = ['decimal']\n")
     assert read_options(tmp_path / "pyproject.toml") == ProgramOptions(preload=("decimal",))
+
+
+def test_numpy_preloaded_is_reseeded_in_each_forked_job(programs: Path, tmp_path: Path) -> None:
+    """numpy's global generator is copied into every child of a server that preloaded it (numpy 2 loads
+    numpy.random lazily: preloading `numpy.random` is what makes one); each forked job reseeds it, so two
+    jobs draw different numbers, as two fresh runs do."""
+    from dropq.envs.install import uv_binary
+
+    venv = tmp_path / "np"
+    uv = str(uv_binary())
+    made = subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], capture_output=True, text=True)
+    if made.returncode == 0:
+        made = subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "numpy"],
+                              capture_output=True, text=True, timeout=300)
+    if made.returncode != 0:
+        pytest.skip(f"numpy could not be installed into a virtualenv: {made.stderr.strip()[-300:]}")
+    (programs / "nprand.py").write_text("# /// script\n# [tool.dropq]\n# preload = ['numpy.random']\n# ///\n"
+                                        "import numpy\nprint(numpy.random.random())\n")
+    worker = start_worker(tmp_path, "numpy", programs, python=str(venv / "bin" / "python"))
+    try:
+        runs = [worker.run("nprand.py", key("nprand")) for _ in range(2)]
+    finally:
+        stop_worker(worker)
+    assert all(r.report.warm and r.report.exit_code == 0 for r in runs), runs
+    assert runs[0].stdout != runs[1].stdout

@@ -3,6 +3,7 @@
     python -m bench            the full suite (under 10 minutes on 2 cores)
     python -m bench --smoke    a few jobs per figure, to check that it runs (the test suite does this)
     python -m bench --only 1,2 some figures only
+    DROPQ_BENCH_IMAGE=dropq-worker:TAG python -m bench --only 8   the docker figures on another image tag
 
 Each figure runs both arms in this process tree, interleaved, several times, and prints medians and
 ratios. The baselines: GNU parallel -j2 running the same programs with the same interpreter (on the
@@ -37,7 +38,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = subprocess.run(["python3", "-c", "import sys; print(sys.executable)"], capture_output=True,
                         text=True, check=True).stdout.strip()
-IMAGE = "dropq-worker:latest"
+#: the worker image of the docker figures; another tag (DROPQ_BENCH_IMAGE=dropq-worker:mybranch) lets a branch
+#: measure its own worker without touching the shared image
+IMAGE = os.environ.get("DROPQ_BENCH_IMAGE", "dropq-worker:latest")
 
 
 @dataclass
@@ -49,14 +52,16 @@ class Figure:
 # --- a workspace with a running daemon ---------------------------------------------------------------
 
 class Bench:
-    def __init__(self, *, pool: str = "local", count: int = 2, agents: bool = False) -> None:
+    def __init__(self, *, pool: str = "local", count: int = 2, agents: bool = False,
+                 workers: dict[str, object] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="dqbench-"))
         self.inbox, self.outbox, self.programs = self.root / "inbox", self.root / "outbox", self.root / "programs"
         for folder in (self.inbox, self.outbox, self.programs):
             folder.mkdir()
         (self.programs / "pass.py").write_text("")
         (self.programs / "sleep.py").write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
-        config = {"workers": {"pool": pool, "count": count, "docker": {"image": IMAGE, "on_shutdown": "remove"}},
+        config = {"workers": {"pool": pool, "count": count, "docker": {"image": IMAGE, "on_shutdown": "remove"},
+                              **(workers or {})},
                   "intake": {"rescan": 30}, "log_level": "info", "http": {"port": 0}, "disk": {"min_free": "1m"}}
         if agents:  # this host runs none: every job goes through an agent (`dropq agent`, on loopback here)
             (self.root / "agents.token").write_text("bench-agents-token-0123456789")
@@ -127,11 +132,11 @@ class Bench:
                              capture_output=True, text=True)
         return out.stdout.split()
 
-    def drop(self, program: str, args: list[str] | None = None) -> str:
+    def drop(self, program: str, args: list[str] | None = None, *, fresh: bool = False) -> str:
         self.seq += 1
         name = f"b{self.seq}"
         tmp = self.inbox / f".{name}.tmp"
-        tmp.write_text(_manifest(program, tuple(args or ())))
+        tmp.write_text(_manifest(program, tuple(args or ()), fresh))
         os.rename(tmp, self.inbox / f"{name}.yaml")
         return name
 
@@ -202,8 +207,8 @@ class _Renames:
 
 
 @functools.cache
-def _manifest(program: str, args: tuple[str, ...]) -> str:
-    return yaml.safe_dump({"program": program, "args": list(args)})
+def _manifest(program: str, args: tuple[str, ...], fresh: bool = False) -> str:
+    return yaml.safe_dump({"program": program, "args": list(args), **({"fresh_interpreter": True} if fresh else {})})
 
 
 @contextmanager
@@ -241,11 +246,11 @@ def timed(fn: Callable[..., object], *args: object) -> float:
     return time.perf_counter() - start
 
 
-def run_batch(b: Bench, program: str, args: list[str], n: int) -> None:
+def run_batch(b: Bench, program: str, args: list[str], n: int, fresh: bool = False) -> None:
     """Drop n manifests and wait until all are committed."""
     base = b.committed()
     for _ in range(n):
-        b.drop(program, args)
+        b.drop(program, args, fresh=fresh)
     b.wait_committed(base + n)
 
 
@@ -534,15 +539,113 @@ def fig_agents(reps: int, scale: float) -> Figure:
     return fig
 
 
+#: the program of issue 15 whose imports a warm interpreter preloads
+IMPORTS = ('# /// script\n# [tool.dropq]\n# preload = ["json", "csv", "decimal", "email", "http.client", '
+           '"xml.etree.ElementTree", "sqlite3", "asyncio"]\n# ///\n'
+           "import json, csv, decimal, email, http.client, xml.etree.ElementTree, sqlite3, asyncio\n")
+#: a numpy program in an environment of its own (numpy from the index, through dropq's environments), numpy preloaded
+NUMPY = ('# /// script\n# dependencies = ["numpy"]\n# [tool.dropq]\n# preload = ["numpy"]\n# ///\n'
+         "import numpy as np\nprint(int(np.arange(1000).sum()))\n")
+
+
+def _fork_servers(b: Bench) -> list[int]:
+    """The fork servers of the bench's workers (children of the worker processes running forkserver.py)."""
+    found = []
+    for worker in _pids_mentioning(str(b.root / "state" / "workers")):
+        for task in Path(f"/proc/{worker}/task").glob("*/children"):
+            for pid in task.read_text().split():
+                try:
+                    if b"forkserver.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        found.append(int(pid))
+                except OSError:
+                    continue
+    return found
+
+
+def _env_python(b: Bench) -> str:
+    found = sorted((b.root / "state" / "envs").glob("*/bin/python"))
+    if not found:
+        raise RuntimeError("the numpy environment was not built")
+    return str(found[0])
+
+
+def fig_warm(reps: int, scale: float) -> Figure:
+    fig = Figure("9. Warm interpreters, local pool, 2 workers: forked | fresh (fresh_interpreter: true) | "
+                 "parallel -j2, interleaved")
+    with bench() as b:
+        (b.programs / "imports.py").write_text(IMPORTS)
+        (b.programs / "numpy_job.py").write_text(NUMPY)
+        b.start()
+        for program in ("pass.py", "imports.py", "numpy_job.py"):
+            run_batch(b, program, [], 2)  # builds the numpy environment; starts each fork server
+        for label, program, n, python in (("trivial jobs", "pass.py", int(300 * scale), PYTHON),
+                                          ("stdlib-import jobs", "imports.py", int(200 * scale), PYTHON),
+                                          ("numpy jobs, numpy preloaded", "numpy_job.py", int(200 * scale),
+                                           _env_python(b))):
+            n = max(n, 4)
+            warm, fresh, par = [], [], []
+            for _ in range(reps):
+                warm.append(timed(run_batch, b, program, [], n))
+                fresh.append(timed(run_batch, b, program, [], n, True))
+                par.append(timed(parallel, [python, str(b.programs / program)], n))
+            w, f, p = statistics.median(warm), statistics.median(fresh), statistics.median(par)
+            fig.rows.append((f"{n} {label}: forked vs parallel", fmt(w), fmt(p), f"{p / w:.2f}"))
+            fig.rows.append((f"{n} {label}: fresh vs parallel", fmt(f), fmt(p), f"{p / f:.2f}"))
+        # latency as figure 2 counts it (drop -> commit, less `python3 /dev/null` run directly), both ways
+        direct = statistics.median(timed(run, [PYTHON, os.devnull]) for _ in range(20))
+        n = max(10, int(200 * scale))
+        for fresh_arm in (False, True):
+            took = sorted(timed(run_batch, b, "pass.py", [], 1, fresh_arm) for _ in range(n))
+            p50, p99 = took[len(took) // 2], took[min(len(took) - 1, int(len(took) * 0.99))]
+            fig.rows.append((f"drop -> commit p50 / p99 over {n}, {'fresh' if fresh_arm else 'forked'}",
+                             f"{fmt(p50)} / {fmt(p99)}", f"program alone {fmt(direct)}",
+                             f"less it: {fmt(p50 - direct)} / {fmt(p99 - direct)}"))
+        # the idle fork servers' CPU
+        servers = _fork_servers(b)
+        seconds = max(5.0, 60 * scale)
+        before = sum(_cpu(pid) for pid in servers)
+        time.sleep(seconds)
+        used = sum(_cpu(pid) for pid in servers) - before
+        fig.rows.append((f"{len(servers)} idle fork servers, CPU over {seconds:.0f} s", f"{used:.2f} s", "",
+                         f"{used * 60 / seconds:.2f} s/min (goal < 0.5)"))
+    return fig
+
+
+def fig_warm_docker(reps: int, scale: float) -> Figure:
+    fig = Figure("10. Warm interpreters, docker pool (workers.job_uids: null), 2 workers: forked vs xargs -P2 "
+                 "in a worker-image container, interleaved")
+    if not docker_ready():
+        fig.rows.append(("skipped", "no Docker engine, or the worker image could not be built", "", ""))
+        return fig
+    n = max(4, int(300 * scale))
+    with bench(pool="docker", workers={"job_uids": None}) as b:
+        (b.programs / "imports.py").write_text(IMPORTS)
+        b.start()
+        mount = ["-v", f"{b.programs}:/dropq/programs:ro", "--network", "none", "--user", "65534:65534"]
+        for label, program in (("trivial jobs", "pass.py"), ("stdlib-import jobs", "imports.py")):
+            run_batch(b, program, [], 2)
+            script = f"seq {n} | xargs -P 2 -n 1 python3 /dropq/programs/{program}"
+            xargs = ["docker", "run", "--rm", *mount, "--entrypoint", "sh", IMAGE, "-c", script]
+            warm, fresh, xs = [], [], []
+            for _ in range(reps):
+                warm.append(timed(run_batch, b, program, [], n))
+                fresh.append(timed(run_batch, b, program, [], n, True))
+                xs.append(timed(run, xargs))
+            w, f, x = statistics.median(warm), statistics.median(fresh), statistics.median(xs)
+            fig.rows.append((f"{n} {label}: forked vs xargs -P2", fmt(w), fmt(x), f"{x / w:.2f}"))
+            fig.rows.append((f"{n} {label}: fresh vs xargs -P2", fmt(f), fmt(x), f"{x / f:.2f}"))
+    return fig
+
+
 FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle, "6": fig_envs,
-           "7": fig_arrays, "8": fig_agents}
+           "7": fig_arrays, "8": fig_agents, "9": fig_warm, "10": fig_warm_docker}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few jobs per figure: checks that it runs")
-    p.add_argument("--only", default="1,2,3,4,5,6,7", help="figures to run, e.g. 1,2")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="figures to run, e.g. 1,2")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     scale, reps = (0.02, 1) if args.smoke else (1.0, args.reps)

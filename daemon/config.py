@@ -125,6 +125,13 @@ class WorkersConfig(_Section):
     """first of the uids jobs run as: each worker takes 8 (w1 from here, w2 8 further...) and runs each
     job under the next, so the kernel keeps a job off the worker, its socket and other jobs' files.
     Pick a range no host account or subuid range uses. null: jobs run as the worker's own uid"""
+    warm: bool = True
+    """fork each Python job from a warm interpreter of its environment (a fork server per worker and
+    environment) rather than start a new one: the same to the program, a few milliseconds instead of tens
+    (README: The warm interpreter). Not with job_uids on a pool that uses them: such jobs start fresh"""
+    preload: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]] = []
+    """modules every warm interpreter imports before it forks jobs, e.g. [numpy]; one an environment lacks is
+    skipped. A program adds its own with `preload = [...]` under [tool.dropq]"""
     docker: DockerConfig = DockerConfig()
     capacity: CapacityConfig = CapacityConfig()
 

@@ -40,6 +40,17 @@ def test_json_round_trip_is_lossless() -> None:
     assert Manifest.from_json(m.to_json()) == m
 
 
+def test_fresh_interpreter_is_a_boolean_kept_through_the_queue() -> None:
+    assert parse("program: echo\n").fresh_interpreter is False
+    m = parse("program: echo\nfresh_interpreter: true\n")
+    assert m.fresh_interpreter is True and Manifest.from_json(m.to_json()) == m
+    with pytest.raises(ManifestError, match="`fresh_interpreter` must be true or false"):
+        parse("program: echo\nfresh_interpreter: 'yes'\n")
+    # a manifest queued before the key existed reads as false
+    stored = m.to_json().replace(',"fresh_interpreter":true', "")
+    assert Manifest.from_json(stored).fresh_interpreter is False
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("program: [unclosed", "not valid YAML (line "),
     ("- a\n- b\n", "must be a YAML mapping"),

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from . import isolation, procs
+from . import isolation, procs, warm
 from .app import create_app
 from .job import Settings
 from .runner import Runner
@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-disk-bytes", type=int, default=0,
                    help="bytes a job may have on disk at once (output folder and, with --job-uids, /tmp); "
                         "past it the job is stopped; 0: no limit")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="start every job in a fresh interpreter, never forked from a warm one (dropq_worker.warm)")
+    p.add_argument("--preload", default="", metavar="MODULE,...",
+                   help="modules each warm interpreter imports before forking jobs (those missing are skipped)")
     return p.parse_args(argv)
 
 
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_bytes, args.max_file_bytes))
     try:
         uids = _job_uids(args)
-    except isolation.IsolationError as exc:
+        preload = warm.check_preloads([name for name in args.preload.split(",") if name])
+    except (isolation.IsolationError, ValueError) as exc:
         print(f"dropq-worker: {exc}", file=sys.stderr)
         return 2
     if not procs.become_subreaper():
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if uids is not None:
         _reclaim(args.jobs, uids)
     runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python,
-                             envs=args.envs, uids=uids, max_disk_bytes=args.max_disk_bytes))
+                             envs=args.envs, uids=uids, max_disk_bytes=args.max_disk_bytes,
+                             warm=args.warm, preload=preload))
     app = create_app(runner=runner, token=token, name=args.name)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

@@ -36,6 +36,10 @@ class Settings:
     uids: isolation.JobUids | None = None
     #: bytes a job may have on disk at once (its output tree, its files in /tmp); 0: no limit
     max_disk_bytes: int = 0
+    #: fork Python jobs from warm interpreters (dropq_worker.warm); off here, on by the worker's command line
+    warm: bool = False
+    #: modules every warm interpreter imports before it forks jobs (besides a program's own `preload`)
+    preload: tuple[str, ...] = ()
 
 
 def inside(root: Path, rel: str, *, what: str) -> Path:

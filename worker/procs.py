@@ -29,6 +29,18 @@ from pathlib import Path
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_DUMPABLE = 4
 
+#: children of the worker that are its own, not left by a job: its fork servers (see warm.py), which
+#: kill_leftovers() must leave alone
+_SPARED: set[int] = set()
+
+
+def spare(pid: int) -> None:
+    _SPARED.add(pid)
+
+
+def unspare(pid: int) -> None:
+    _SPARED.discard(pid)
+
 
 def become_subreaper() -> bool:
     try:
@@ -101,11 +113,12 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def kill_leftovers(*, rounds: int = 50) -> int:
-    """Kill and reap every child of this process (what finished jobs left behind); how many were killed."""
+    """Kill and reap every child of this process (what finished jobs left behind), but for its fork
+    servers; how many were killed."""
     me = os.getpid()
     killed = 0
     for _ in range(rounds):
-        pids = children(me)
+        pids = [pid for pid in children(me) if pid not in _SPARED]
         if not pids:
             break
         for pid in pids:

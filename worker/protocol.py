@@ -176,6 +176,9 @@ class JobSpec:
     #: bytes of private memory the program may map (RLIMIT_DATA, set in its process before exec): how a worker
     #: without a container of its own (the local pool) enforces `memory`. None: no such limit
     memory_rlimit: int | None = None
+    #: start the program in a fresh interpreter, never forked from a warm one (its manifest's
+    #: `fresh_interpreter:`); a worker that does not know it starts every job fresh anyway
+    fresh_interpreter: bool = False
 
     def to_json(self) -> dict[str, Any]:
         # memory and memory_rlimit are read by workers that know them and ignored by older ones (of the same
@@ -183,7 +186,8 @@ class JobSpec:
         return {"key": self.key, "job_id": self.job_id, "program": self.program, "inputs": list(self.inputs),
                 "args": list(self.args), "env": self.env, "timeout": self.timeout, "kill_grace": self.kill_grace,
                 "max_output_bytes": self.max_output_bytes, "environment": self.environment,
-                "memory": self.memory, "memory_rlimit": self.memory_rlimit}
+                "memory": self.memory, "memory_rlimit": self.memory_rlimit,
+                "fresh_interpreter": self.fresh_interpreter}
 
     @classmethod
     def from_json(cls, data: Any) -> JobSpec:
@@ -201,7 +205,8 @@ class JobSpec:
                    inputs=_strings(data, "inputs"), args=_strings(data, "args"), env=dict(env),
                    timeout=_number(data, "timeout", 600.0), kill_grace=_number(data, "kill_grace", 5.0),
                    max_output_bytes=max_output, environment=_environment(data),
-                   memory=_bytes(data, "memory"), memory_rlimit=_bytes(data, "memory_rlimit"))
+                   memory=_bytes(data, "memory"), memory_rlimit=_bytes(data, "memory_rlimit"),
+                   fresh_interpreter=bool(_opt(data, "fresh_interpreter", bool)))
         if not spec.job_id or "\x00" in spec.job_id:
             raise ProtocolError(f"invalid job id {spec.job_id!r}")
         if spec.timeout <= 0 or spec.kill_grace < 0 or spec.max_output_bytes < 1024:
@@ -229,6 +234,9 @@ class Report:
     stderr_bytes: int = 0
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    #: the program was forked from a warm interpreter (dropq_worker.warm), not started fresh; read
+    #: leniently (absent from older workers' reports)
+    warm: bool = False
 
     @property
     def done(self) -> bool:
@@ -244,7 +252,8 @@ class Report:
                 "outcome": None if self.outcome is None else self.outcome.value, "exit_code": self.exit_code,
                 "signal": self.signal, "error": self.error, "finished_at": self.finished_at,
                 "stdout_bytes": self.stdout_bytes, "stderr_bytes": self.stderr_bytes,
-                "stdout_truncated": self.stdout_truncated, "stderr_truncated": self.stderr_truncated}
+                "stdout_truncated": self.stdout_truncated, "stderr_truncated": self.stderr_truncated,
+                "warm": self.warm}
 
     @classmethod
     def from_json(cls, data: Any) -> Report:
@@ -261,7 +270,8 @@ class Report:
                    error=_opt(data, "error", str), finished_at=_opt(data, "finished_at", (int, float)),
                    stdout_bytes=_opt(data, "stdout_bytes", int) or 0, stderr_bytes=_opt(data, "stderr_bytes", int) or 0,
                    stdout_truncated=bool(_opt(data, "stdout_truncated", bool)),
-                   stderr_truncated=bool(_opt(data, "stderr_truncated", bool)))
+                   stderr_truncated=bool(_opt(data, "stderr_truncated", bool)),
+                   warm=bool(_opt(data, "warm", bool)))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -14,6 +14,7 @@ from . import isolation, procs
 from .job import Job, Settings, command
 from .protocol import JobSpec, Outcome, Staging
 from .supervise import execute
+from .warm import WarmPool
 
 
 class Busy(RuntimeError):
@@ -33,6 +34,9 @@ class Runner:
         self._cancelled_early: dict[str, None] = {}
         #: how many jobs this worker started: the next job's uid is the next in the range
         self._started = 0
+        #: the fork servers jobs are forked from (used by the job's thread only: one job at a time)
+        self.warm = WarmPool(enabled=settings.warm and settings.uids is None,
+                             preload=settings.preload)
         settings.jobs.mkdir(parents=True, exist_ok=True)
         if settings.uids is not None:
             # the staging folder: job uids may pass through to their own folder, but neither list it
@@ -113,6 +117,7 @@ class Runner:
         if job is not None:
             job.stop("shutdown")
             job.done.wait(timeout)
+        self.warm.close()
 
     def _clean_up(self, job: Job) -> None:
         """Nothing of the job may reach the next one: its processes are killed, and with a job uid its
@@ -127,7 +132,7 @@ class Runner:
 
     def _run(self, job: Job, argv: list[str]) -> None:
         try:
-            report = execute(job, argv, job.variables(self.settings), self.settings)
+            report = execute(job, argv, job.variables(self.settings), self.settings, self.warm)
         except Exception as exc:  # noqa: BLE001 - whatever happened, the job must end with a report
             report = job.report.ended(Outcome.ERROR, finished_at=time.time(),
                                       error=f"the worker failed to run the job: {exc}")

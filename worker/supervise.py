@@ -21,6 +21,10 @@ from . import isolation, procs
 from .capture import CappedFile
 from .job import Job, Settings
 from .protocol import Outcome, Report
+from .warm import ForkedProcess, WarmPool
+
+#: a job's process: started fresh, or forked from a warm interpreter
+Process = subprocess.Popen[bytes] | ForkedProcess
 
 #: seconds to drain a job's pipes after it ended, in case something unkillable still holds them
 _DRAIN = 2.0
@@ -33,32 +37,21 @@ DISK_CHECK = 0.2
 RUNNING = "running.pid"
 
 
-def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) -> Report:
-    """Run the job's program (`argv`, in `env`) to its end, and say how it ended."""
+def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings,
+            warm: WarmPool | None = None) -> Report:
+    """Run the job's program (`argv`, in `env`) to its end, and say how it ended: forked from a warm
+    interpreter when `warm` can, else started fresh."""
     spec = job.spec
     owner = (settings.uids.owner_uid, settings.uids.owner_gid) if settings.uids is not None else None
     out = CappedFile(job.staging.stdout, cap=spec.max_output_bytes, owner=owner)
     err = CappedFile(job.staging.stderr, cap=spec.max_output_bytes, owner=owner)
-    popen_extra: dict[str, object] = {}
-    if job.uid is not None:
-        # its own uid and gid, no supplementary groups (root's would stay otherwise), and so no capability
-        popen_extra = {"user": job.uid, "group": job.uid, "extra_groups": []}
-    if spec.memory_rlimit is not None:
-        # in the child, after fork and before exec: the limit is the program's, never the worker's. A C builtin
-        # bound by partial, so no Python code of ours runs in the forked child of this threaded process
-        popen_extra["preexec_fn"] = functools.partial(
-            resource.setrlimit, resource.RLIMIT_DATA, (spec.memory_rlimit, spec.memory_rlimit))
     try:
-        proc = subprocess.Popen(  # argv is built from checked paths, never a shell
-            argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-            **popen_extra,  # type: ignore[call-overload]
-        )
-    except OSError as exc:
+        proc = start(job, argv, env, warm)
+    except OSError as exc:  # Popen's, or a forked child's that could not be set up (a cwd gone)
         out.close()
         err.close()
         return job.report.ended(Outcome.ERROR, finished_at=time.time(),
-                                error=f"the program could not be started: {exc.strerror}")
+                                error=f"the program could not be started: {exc.strerror or exc}")
     # one write(), no temporary file: a worker killed before it lands leaves the file empty, which
     # reap_abandoned skips, as it would a job killed before this line
     (job.staging.jobs_dir / RUNNING).write_text(json.dumps({"id": job.spec.key, "pgid": proc.pid,
@@ -69,6 +62,8 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
         outcome = supervise(job, proc, out, err, settings.max_disk_bytes)
     finally:
         procs.kill_group(proc.pid)
+        if isinstance(proc, ForkedProcess):
+            proc.release()
         out.close()
         err.close()
         for pipe in (proc.stdout, proc.stderr):
@@ -91,11 +86,36 @@ def execute(job: Job, argv: list[str], env: dict[str, str], settings: Settings) 
             outcome = Outcome.OOM
             error = oom_error(spec.memory, procs.memory_limit())
     return job.report.ended(
-        outcome, finished_at=time.time(),
+        outcome, finished_at=time.time(), warm=isinstance(proc, ForkedProcess),
         exit_code=code if code is not None and code >= 0 else None,
         signal=-code if code is not None and code < 0 else None,
         error=error, stdout_bytes=out.total, stderr_bytes=err.total,
         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+    )
+
+
+def start(job: Job, argv: list[str], env: dict[str, str], warm: WarmPool | None) -> Process:
+    """The job's process, in a session of its own: forked from a warm interpreter if `warm` takes it,
+    else a fresh one. OSError if it could not be started."""
+    spec = job.spec
+    if warm is not None:
+        forked = warm.launch(argv, fresh=spec.fresh_interpreter, cwd=job.staging.output, env=env,
+                             memory_rlimit=spec.memory_rlimit)
+        if forked is not None:
+            return forked
+    popen_extra: dict[str, object] = {}
+    if job.uid is not None:
+        # its own uid and gid, no supplementary groups (root's would stay otherwise), and so no capability
+        popen_extra = {"user": job.uid, "group": job.uid, "extra_groups": []}
+    if spec.memory_rlimit is not None:
+        # in the child, after fork and before exec: the limit is the program's, never the worker's. A C builtin
+        # bound by partial, so no Python code of ours runs in the forked child of this threaded process
+        popen_extra["preexec_fn"] = functools.partial(
+            resource.setrlimit, resource.RLIMIT_DATA, (spec.memory_rlimit, spec.memory_rlimit))
+    return subprocess.Popen(  # argv is built from checked paths, never a shell
+        argv, cwd=job.staging.output, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+        **popen_extra,  # type: ignore[call-overload]
     )
 
 
@@ -108,7 +128,7 @@ def oom_error(requested: int | None, cgroup_limit: int | None) -> str:
     return said + (f" (the worker's memory limit is {procs.human_bytes(cgroup_limit)})" if cgroup_limit else "")
 
 
-def supervise(job: Job, proc: subprocess.Popen[bytes], out: CappedFile, err: CappedFile,
+def supervise(job: Job, proc: Process, out: CappedFile, err: CappedFile,
               max_disk: int = 0) -> Outcome:
     """Pump output until the program exits; stop the group at the timeout, on request, or past its disk
     budget (counted every DISK_CHECK seconds or so while it runs). The outcome."""
@@ -126,13 +146,22 @@ class _Supervision:
     selector, and where it is in being stopped: "running" -> "terminating" (SIGTERM sent) -> "killed"
     (SIGKILL sent); "exited" once reaped. `deadline` is when the present phase runs out."""
 
-    def __init__(self, job: Job, proc: subprocess.Popen[bytes], sinks: dict[int, CappedFile], max_disk: int) -> None:
+    def __init__(self, job: Job, proc: Process, sinks: dict[int, CappedFile], max_disk: int) -> None:
         self.job, self.proc, self.sinks, self.max_disk = job, proc, sinks, max_disk
         self.sel = selectors.DefaultSelector()
         for fd in sinks:
             os.set_blocking(fd, False)
             self.sel.register(fd, selectors.EVENT_READ)
-        self.pidfd = os.pidfd_open(proc.pid)
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:
+            if not isinstance(proc, ForkedProcess):
+                raise
+            # forked by a server that died since, and already reaped by the worker: it ended, and wait()
+            # says how; a pipe with a byte in it stands for the readable pidfd
+            self.pidfd, ended = os.pipe()
+            os.write(ended, b"x")
+            os.close(ended)
         self.sel.register(self.pidfd, selectors.EVENT_READ)
         self.sel.register(job.wake_fd, selectors.EVENT_READ)
         self.outcome = Outcome.EXITED

@@ -83,6 +83,8 @@ class Manifest:
     @property
     def is_array(self) -> bool:
         return bool(self.matrix)
+    #: start the program in a new interpreter, never forked from a warm one (dropq_worker.warm)
+    fresh_interpreter: bool = False
 
     @classmethod
     def parse(cls, raw: bytes, *, defaults: JobDefaults, max_bytes: int) -> Manifest:
@@ -122,6 +124,7 @@ class Manifest:
             matrix=tuple((name, (), values.glob) if isinstance(values, GlobValues) else
                          (name, tuple(str(v) for v in values), None) for name, values in (doc.matrix or {}).items()),
             max_failures=doc.max_failures,
+            fresh_interpreter=doc.fresh_interpreter,
         )
 
     def to_json(self) -> str:
@@ -136,7 +139,7 @@ class Manifest:
                "env": MappingProxyType(data["env"]), "retry_on_exit": tuple(data.get("retry_on_exit", ())),
                # absent from a manifest stored before pipelines
                "after": tuple(data.get("after", ())), "from_outbox": tuple(data.get("from_outbox", ())),
-               "notify": data.get("notify"),
+               "notify": data.get("notify"), "fresh_interpreter": data.get("fresh_interpreter", False),
                # absent from a manifest stored before arrays
                "matrix": tuple((name, tuple(values), pattern) for name, values, pattern in data.get("matrix", ())),
                "task_inputs": tuple(data.get("task_inputs", ())),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from dropq.errors import ManifestError, UnsafePathError
 from dropq.intake.claims import MAX_ID_BYTES
@@ -99,6 +99,9 @@ class ManifestFile(BaseModel):
     cpus: Annotated[float, Field(gt=0, le=MAX_CPUS, allow_inf_nan=False)] | None = None
     """CPUs the job may use, e.g. 1.5: its share while it runs (docker pool), and what it counts as against
     workers.capacity (at most the config's jobs.max_cpus)"""
+    fresh_interpreter: StrictBool = False
+    """true: start the program in a new interpreter, never fork it from the worker's warm one (README: The warm
+    interpreter)"""
 
     matrix: dict[Annotated[str, Field(pattern=PARAM_NAME)], list[Scalar] | GlobValues] | None = None
     """makes the job an array: it runs once per combination of these values (the cartesian product, keys in
@@ -281,6 +284,7 @@ _EXPECTED = {
     "matrix": "`matrix` must map parameter names to lists of values or to {glob: PATTERN}, e.g. "
               "matrix: {size: [64, 128]}",
     "max_failures": "`max_failures` must be a whole number of at least 1",
+    "fresh_interpreter": "`fresh_interpreter` must be true or false",
 }
 _RANGES = {
     "timeout": f"`timeout` may be at most {MAX_TIMEOUT} seconds (a week)",

@@ -221,6 +221,13 @@ class RestartingPool(Pool):
         return None
 
 
+def warm_flags(config: Config) -> list[str]:
+    """The worker's command-line flags for its warm interpreters (workers.warm, workers.preload)."""
+    if not config.workers.warm:
+        return ["--no-warm"]
+    return ["--preload", ",".join(config.workers.preload)] if config.workers.preload else []
+
+
 def make_folders(worker: str, *folders: Path) -> None:
     """Make a worker's folders where missing. Nothing that stands in the way is removed (it may be
     someone's file); the error names it, for `dropq workers` and the log."""

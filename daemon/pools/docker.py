@@ -29,6 +29,7 @@ from dropq.pools.base import (
     check_protocol,
     make_folders,
     wait_answering,
+    warm_flags,
     worker_token,
 )
 from dropq.pools.engine import engine_client, update_resources
@@ -278,7 +279,7 @@ class DockerPool(RestartingPool):
                    "--envs", IN_ENVS,
                    "--jobs", f"{IN_WORK}/jobs", "--name", name,
                    "--max-file-bytes", str(self.config.jobs.max_file_bytes),
-                   "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]
+                   "--max-disk-bytes", str(self.config.jobs.max_disk_bytes), *warm_flags(self.config)]
         caps: list[str] = []
         if self.config.workers.job_uids is not None and isolates_jobs(self.config):
             first = self.config.workers.job_uids + self._names.index(name) * PER_WORKER

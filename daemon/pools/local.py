@@ -23,7 +23,15 @@ from pathlib import Path
 from dropq.config import Config
 from dropq.envs.install import HostInstaller, IndexSettings, Installer
 from dropq.errors import PoolError, ProtocolMismatch, TransportError
-from dropq.pools.base import RestartingPool, WorkerHandle, check_protocol, make_folders, wait_answering, worker_token
+from dropq.pools.base import (
+    RestartingPool,
+    WorkerHandle,
+    check_protocol,
+    make_folders,
+    wait_answering,
+    warm_flags,
+    worker_token,
+)
 from dropq.pools.transport import Transport
 from dropq_worker.isolation import PER_WORKER
 
@@ -169,7 +177,7 @@ class LocalPool(RestartingPool):
                 "--programs", str(self.config.programs), "--inputs", str(handle.inputs_dir),
                 "--jobs", str(handle.jobs_dir), "--python", self._python, "--envs", str(self.config.envs_dir),
                 "--max-file-bytes", str(self.config.jobs.max_file_bytes),
-                "--max-disk-bytes", str(self.config.jobs.max_disk_bytes)]
+                "--max-disk-bytes", str(self.config.jobs.max_disk_bytes), *warm_flags(self.config)]
         if self._job_uids is not None:
             # each worker its own range: local workers share the host's processes, and a job's clean-up
             # kills every process of its uid

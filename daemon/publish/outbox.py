@@ -355,6 +355,8 @@ def result_document(job: JobRecord, outcome: dict[str, Any], name: str, *, key: 
     for stream in ("stdout", "stderr"):
         if outcome.get(f"{stream}_truncated"):
             doc[f"{stream}_truncated"] = True
+    if outcome.get("warm"):
+        doc["interpreter"] = "forked"  # from a warm interpreter (README: The warm interpreter)
     if outcome.get("dropped"):
         doc["dropped"] = outcome["dropped"]
     if outcome.get("environment"):

@@ -397,7 +397,7 @@ class Balancer:
                 inputs=tuple(f"{key}/{rel}" for rel in manifest.inputs), env=dict(manifest.env),
                 timeout=manifest.timeout, kill_grace=self.config.jobs.kill_grace,
                 max_output_bytes=self.config.jobs.max_output_bytes, environment=job.env,
-                memory=manifest.memory, memory_rlimit=rlimit,
+                memory=manifest.memory, memory_rlimit=rlimit, fresh_interpreter=manifest.fresh_interpreter,
             )
             # started and waited for in one request; a cancel that overtakes it is kept by the worker
             status: Report | None = worker.transport.start(spec, wait=POLL_WAIT)
@@ -616,6 +616,8 @@ def outcome_of(status: Report, manifest: Manifest | None, *, last_words: str | N
             "stdout_truncated": status.stdout_truncated, "stderr_truncated": status.stderr_truncated}
     outcome: dict[str, Any] = {k: v for k, v in kept.items() if v is not None}
     outcome.update(status=final.value, error=error, exit_code=code)
+    if status.warm:
+        outcome["warm"] = True
     if manifest and manifest.output:
         outcome["stdout_as"] = manifest.output
     return outcome

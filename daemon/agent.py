@@ -422,17 +422,28 @@ class Agent:
                 with receive(answer.raw, length=length if length >= 0 else None, sha256=answer.headers.get(SHA256),
                              limit=MAX_DOWNLOAD) as body:
                     unpack(body, fresh, limit=MAX_DOWNLOAD)
-                os.chmod(fresh, 0o755)
-                current = self.work_dir / "programs"
-                old = self.work_dir / f".programs-old-{os.getpid()}-{time.monotonic_ns()}"
-                os.rename(current, old)
-                os.rename(fresh, current)
-                shutil.rmtree(old, ignore_errors=True)
-            except BaseException:
+                old = Path(tempfile.mkdtemp(prefix=".programs-old-", dir=self.work_dir))
+                try:
+                    _replace_contents(self.work_dir / "programs", fresh, old)
+                finally:
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
                 shutil.rmtree(fresh, ignore_errors=True)
-                raise
             self._programs = answer.headers.get("X-Dropq-Programs", digest)
             log.info("programs updated from the daemon")
+
+
+def _replace_contents(current: Path, fresh: Path, old: Path) -> None:
+    """Make `current`'s entries those of `fresh`, each by one rename, keeping the folder `current` itself.
+
+    Not the folder swapped for another: the docker pool's workers bind-mount it, and a bind mount holds the
+    folder it was made on, so a worker would go on seeing the old programs (and none after they are removed).
+    `old` (on the same filesystem) receives what is replaced, for the caller to remove."""
+    for entry in sorted(os.listdir(current)):
+        if not (fresh / entry).exists() or (current / entry).is_dir() or (fresh / entry).is_dir():
+            os.rename(current / entry, old / entry)  # a folder cannot be renamed over a folder that has files
+    for entry in sorted(os.listdir(fresh)):
+        os.replace(fresh / entry, current / entry)
 
 
 def _error(answer: requests.Response) -> str:

@@ -1,0 +1,261 @@
+"""deploy/swarm/stack.yml's agent on a real single-node Docker Swarm, running a daemon's jobs in hardened workers.
+
+The daemon is a test process on 127.0.0.1 (so that its records can be read); the agent is the stack's own
+`agent` service, rendered from deploy/swarm/stack.yml with the daemon service left out, deployed with
+`docker stack deploy` (the Docker CLI: the engine's API has no stacks) as a global service on the labelled
+node, with its token and the daemon's certificate as Swarm secrets. The swarm is made (on loopback only)
+when the engine is in none, and left exactly as found: the node label, the secrets, the stack and every
+container are removed.
+
+These skip without an engine, and fail instead when DROPQ_REQUIRE_DOCKER=1 (as in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import ROOT, DaemonProcess, Workspace, _skip_or_fail
+from helpers import engine, remove_containers, wait_until
+
+pytestmark = pytest.mark.docker
+
+STACK = ROOT / "deploy" / "swarm" / "stack.yml"
+#: the agent image the test deploys; a branch builds its own (DROPQ_TEST_AGENT_IMAGE=dropq-agent:mybranch)
+AGENT_IMAGE = os.environ.get("DROPQ_TEST_AGENT_IMAGE", "dropq-agent:latest")
+TEST_LABEL = "io.dropq.test-swarm"
+
+PROBE = '''
+import json, os, socket
+facts = {"uid": os.getuid()}
+try:
+    open("/probe-written-to-root", "w").close()
+    facts["root_writable"] = True
+except OSError:
+    facts["root_writable"] = False
+facts["interfaces"] = sorted(name for _, name in socket.if_nameindex())
+print(json.dumps(facts))
+'''
+
+
+@pytest.fixture(scope="session")
+def agent_image() -> str:
+    """The agent image on the real engine, built (offline, on the Debian base) when missing or out of date."""
+    client = engine()
+    if client is None:
+        _skip_or_fail("no Docker engine answers")
+    from dropq.errors import DropqError
+    from dropq.pools.agent_image import agent_image_is_current, build_agent
+
+    try:
+        if not agent_image_is_current(client, AGENT_IMAGE):
+            try:
+                build_agent(AGENT_IMAGE, from_debian=True)
+            except DropqError as exc:
+                _skip_or_fail(f"the agent image could not be built: {exc}")
+    finally:
+        client.close()
+    return AGENT_IMAGE
+
+
+@pytest.fixture
+def swarm() -> Iterator[Any]:
+    """A client of an engine that is a swarm manager; the swarm made (on 127.0.0.1) only when there was none,
+    and then left again."""
+    client = engine(timeout=60)
+    if client is None:
+        _skip_or_fail("no Docker engine answers")
+    found = client.info()["Swarm"]
+    made = False
+    try:
+        if found["LocalNodeState"] == "inactive":
+            client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
+            made = True
+        elif found["LocalNodeState"] != "active" or not found.get("ControlAvailable"):
+            _skip_or_fail(f"the engine is in a swarm as {found['LocalNodeState']}, not as a manager: "
+                          "the stack cannot be deployed from here")
+        yield client
+    finally:
+        if made:
+            client.swarm.leave(force=True)
+        client.close()
+
+
+@pytest.fixture
+def labelled(swarm: Any) -> Iterator[str]:
+    """This node, labelled dropq=true for the test (the label removed after, unless it was there before)."""
+    node = swarm.nodes.get(swarm.info()["Swarm"]["NodeID"])
+    had = node.attrs["Spec"].get("Labels", {}).get("dropq")
+    if had != "true":
+        spec = node.attrs["Spec"]
+        spec["Labels"] = {**spec.get("Labels", {}), "dropq": "true"}
+        node.update(spec)
+    try:
+        yield str(node.id)
+    finally:
+        if had != "true":
+            node.reload()
+            spec = node.attrs["Spec"]
+            labels = dict(spec.get("Labels", {}))
+            if had is None:
+                labels.pop("dropq", None)
+            else:
+                labels["dropq"] = had
+            spec["Labels"] = labels
+            node.update(spec)
+
+
+def render_agent_stack(into: Path) -> Path:
+    """deploy/swarm/stack.yml with only its agent service (and what that service uses): the test's daemon is
+    a process, not the stack's daemon service."""
+    stack = yaml.safe_load(STACK.read_text())
+    agent = stack["services"]["agent"]
+    used = {s["source"] if isinstance(s, dict) else s for s in agent.get("secrets", [])}
+    nets = agent.get("networks", [])
+    rendered = {
+        "version": stack["version"],
+        "services": {"agent": agent},
+        "networks": {n: stack["networks"][n] for n in nets},
+        "secrets": {s: stack["secrets"][s] for s in used},
+    }
+    path = into / "agent-stack.yml"
+    path.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    return path
+
+
+def docker_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> str:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def agents_url(ws: Workspace) -> str:
+    db = sqlite3.connect(f"file:{ws.state / 'dropq.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'agents'").fetchone()
+    finally:
+        db.close()
+    return str(row[0]) if row and row[0] else ""
+
+
+def test_the_stacks_agent_runs_jobs_in_hardened_workers(workspace: Workspace, daemon: DaemonProcess,
+                                                        docker_image: str, agent_image: str, swarm: Any,
+                                                        labelled: str) -> None:
+    ws = workspace
+    keys = ws.root / "agents"
+    init = subprocess.run([sys.executable, "-m", "dropq", "agents", "init", "--dir", str(keys), "--name", "127.0.0.1",
+                           "--name", "localhost"], capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    (ws.programs / "probe.py").write_text(PROBE)
+    ws.configure(workers={"count": 0},
+                 agents={"listen": "127.0.0.1:0", "token_file": str(keys / "agents.token"), "lease_seconds": 10,
+                         "tls": {"cert": str(keys / "agents.crt"), "key": str(keys / "agents.key")}})
+    daemon.start()
+    url = wait_until(lambda: agents_url(ws), timeout=10, what="the agents API's address")
+    assert url.startswith("https://127.0.0.1:")
+
+    # the agent's work folder: a host path, bind-mounted at the same path (its workers' mounts are host paths)
+    work = ws.root / "agent"
+    work.mkdir()
+    (work / "agent.yaml").write_text(yaml.safe_dump(
+        {"workers": {"docker": {"image": docker_image, "memory": "128m", "pids_limit": 64}}}))
+    run = uuid.uuid4().hex[:8]
+    stack = f"dqswarm{run}"
+    names = {"token": f"dropq-test-token-{run}", "cert": f"dropq-test-cert-{run}"}
+    secrets = [swarm.secrets.create(name=names["token"], data=(keys / "agents.token").read_bytes(),
+                                    labels={TEST_LABEL: run}),
+               swarm.secrets.create(name=names["cert"], data=(keys / "agents.crt").read_bytes(),
+                                    labels={TEST_LABEL: run})]
+    env = {"DROPQ_SERVER": url, "DROPQ_IMAGE": agent_image, "DROPQ_AGENT_DIR": str(work), "DROPQ_WORKERS": "2",
+           "DROPQ_TOKEN_SECRET": names["token"], "DROPQ_CERT_SECRET": names["cert"]}
+    try:
+        docker_cli("stack", "deploy", "--resolve-image", "never", "-c", str(render_agent_stack(ws.root)), stack,
+                   env=env)
+        service = swarm.services.get(f"{stack}_agent")
+        assert "Global" in service.attrs["Spec"]["Mode"]
+        assert "node.labels.dropq == true" in service.attrs["Spec"]["TaskTemplate"]["Placement"]["Constraints"]
+
+        host = socket.gethostname().lower()
+        expected = {f"{host}-w1", f"{host}-w2"}
+        wait_until(lambda: f"agent {host} registered" in daemon.log_text(),
+                   timeout=40, what=f"the agent's registration (service tasks: {_tasks(service)})")
+
+        ws.put("moby.txt", "the whale the sea the end\n")
+        ws.drop("moby.yaml", {"program": "wordcount", "input": "moby.txt"})
+        for i in range(3):
+            ws.drop(f"probe{i}.yaml", {"program": "probe"})
+        results = ws.wait_results(4, timeout=40)
+
+        # from the daemon's records: every job ran, once, on the agent's workers
+        assert {r["status"] for r in results.values()} == {"succeeded"}, results
+        assert {r["attempts"] for r in results.values()} == {1}
+        assert {r["worker"] for r in results.values()} <= expected, results
+        assert (ws.outbox / "moby" / "stdout.txt").read_text().startswith("3 the\n")
+        for i in range(3):
+            facts = json.loads((ws.outbox / f"probe{i}" / "stdout.txt").read_text())
+            assert facts["uid"] != 0 and facts["root_writable"] is False and facts["interfaces"] == ["lo"], facts
+
+        # the agent is the Swarm task, on the host network, with the socket and its work folder at the host's path
+        agent_container = _agent_container(swarm, stack)
+        mounts = {m["Destination"]: m for m in agent_container.attrs["Mounts"]}
+        assert mounts["/var/run/docker.sock"]["Source"] == "/var/run/docker.sock"
+        assert mounts[str(work)]["Source"] == str(work)
+        assert agent_container.attrs["HostConfig"]["NetworkMode"] == "host"
+        # its workers are containers the agent made through the host's engine, not Swarm tasks, hardened
+        workers = swarm.containers.list(filters={"label": f"io.dropq.state={work / 'state'}"})
+        assert len(workers) == 2
+        for container in workers:
+            assert not any(k.startswith("com.docker.swarm") for k in container.labels), container.labels
+            hc = container.attrs["HostConfig"]
+            assert hc["NetworkMode"] == "none"
+            assert hc["ReadonlyRootfs"] is True
+            assert hc["CapDrop"] == ["ALL"]
+            assert "no-new-privileges" in hc["SecurityOpt"]
+            assert hc["Privileged"] is False
+            assert hc["Memory"] == 128 * 1024 * 1024 and hc["PidsLimit"] == 64
+            assert container.image.tags and docker_image in container.image.tags
+    finally:
+        # shown by pytest only when the test failed
+        print(f"--- the agent's log ---\n{_service_logs(stack)}")
+        _remove_stack(swarm, stack)
+        remove_containers(work / "state")
+        for secret in secrets:
+            secret.remove()
+    assert not swarm.containers.list(all=True, filters={"label": f"io.dropq.state={work / 'state'}"})
+
+
+def _service_logs(stack: str) -> str:
+    done = subprocess.run(["docker", "service", "logs", "--raw", f"{stack}_agent"], capture_output=True, text=True,
+                          timeout=30)
+    return (done.stdout + done.stderr)[-20000:]
+
+
+def _tasks(service: Any) -> list[Any]:
+    return [(t.get("Status", {}).get("State"), t.get("Status", {}).get("Err")) for t in service.tasks()]
+
+
+def _agent_container(client: Any, stack: str) -> Any:
+    def running() -> Any:
+        found = client.containers.list(filters={"label": f"com.docker.stack.namespace={stack}"})
+        return found[0] if found else None
+    return wait_until(running, timeout=10, what="the agent's task container")
+
+
+def _remove_stack(client: Any, stack: str) -> None:
+    """`docker stack rm`, then wait for its task containers to be gone (the removal itself is asynchronous)."""
+    docker_cli("stack", "rm", stack)
+    label = {"label": f"com.docker.stack.namespace={stack}"}
+    wait_until(lambda: not client.containers.list(all=True, filters=label), timeout=40,
+               what=f"the stack {stack}'s containers to go")

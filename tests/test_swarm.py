@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, DaemonProcess, Workspace, _skip_or_fail
+from dropq.pools.docker import WORKER_CAPS
 from helpers import engine, remove_containers, wait_until
 
 pytestmark = pytest.mark.docker
@@ -73,6 +75,8 @@ def agent_image() -> str:
 def swarm() -> Iterator[Any]:
     """A client of an engine that is a swarm manager; the swarm made (on 127.0.0.1) only when there was none,
     and then left again."""
+    if shutil.which("docker") is None:
+        _skip_or_fail("no docker command: the stack is deployed with `docker stack deploy`")
     client = engine(timeout=60)
     if client is None:
         _skip_or_fail("no Docker engine answers")
@@ -174,66 +178,77 @@ def test_the_stacks_agent_runs_jobs_in_hardened_workers(workspace: Workspace, da
     run = uuid.uuid4().hex[:8]
     stack = f"dqswarm{run}"
     names = {"token": f"dropq-test-token-{run}", "cert": f"dropq-test-cert-{run}"}
-    secrets = [swarm.secrets.create(name=names["token"], data=(keys / "agents.token").read_bytes(),
-                                    labels={TEST_LABEL: run}),
-               swarm.secrets.create(name=names["cert"], data=(keys / "agents.crt").read_bytes(),
-                                    labels={TEST_LABEL: run})]
     env = {"DROPQ_SERVER": url, "DROPQ_IMAGE": agent_image, "DROPQ_AGENT_DIR": str(work), "DROPQ_WORKERS": "2",
            "DROPQ_TOKEN_SECRET": names["token"], "DROPQ_CERT_SECRET": names["cert"]}
+    secrets: list[Any] = []
     try:
+        secrets.append(swarm.secrets.create(name=names["token"], data=(keys / "agents.token").read_bytes(),
+                                            labels={TEST_LABEL: run}))
+        secrets.append(swarm.secrets.create(name=names["cert"], data=(keys / "agents.crt").read_bytes(),
+                                            labels={TEST_LABEL: run}))
         docker_cli("stack", "deploy", "--resolve-image", "never", "-c", str(render_agent_stack(ws.root)), stack,
                    env=env)
-        service = swarm.services.get(f"{stack}_agent")
-        assert "Global" in service.attrs["Spec"]["Mode"]
-        assert "node.labels.dropq == true" in service.attrs["Spec"]["TaskTemplate"]["Placement"]["Constraints"]
-
-        host = socket.gethostname().lower()
-        expected = {f"{host}-w1", f"{host}-w2"}
-        wait_until(lambda: f"agent {host} registered" in daemon.log_text(),
-                   timeout=40, what=f"the agent's registration (service tasks: {_tasks(service)})")
-
-        ws.put("moby.txt", "the whale the sea the end\n")
-        ws.drop("moby.yaml", {"program": "wordcount", "input": "moby.txt"})
-        for i in range(3):
-            ws.drop(f"probe{i}.yaml", {"program": "probe"})
-        results = ws.wait_results(4, timeout=40)
-
-        # from the daemon's records: every job ran, once, on the agent's workers
-        assert {r["status"] for r in results.values()} == {"succeeded"}, results
-        assert {r["attempts"] for r in results.values()} == {1}
-        assert {r["worker"] for r in results.values()} <= expected, results
-        assert (ws.outbox / "moby" / "stdout.txt").read_text().startswith("3 the\n")
-        for i in range(3):
-            facts = json.loads((ws.outbox / f"probe{i}" / "stdout.txt").read_text())
-            assert facts["uid"] != 0 and facts["root_writable"] is False and facts["interfaces"] == ["lo"], facts
-
-        # the agent is the Swarm task, on the host network, with the socket and its work folder at the host's path
-        agent_container = _agent_container(swarm, stack)
-        mounts = {m["Destination"]: m for m in agent_container.attrs["Mounts"]}
-        assert mounts["/var/run/docker.sock"]["Source"] == "/var/run/docker.sock"
-        assert mounts[str(work)]["Source"] == str(work)
-        assert agent_container.attrs["HostConfig"]["NetworkMode"] == "host"
-        # its workers are containers the agent made through the host's engine, not Swarm tasks, hardened
-        workers = swarm.containers.list(filters={"label": f"io.dropq.state={work / 'state'}"})
-        assert len(workers) == 2
-        for container in workers:
-            assert not any(k.startswith("com.docker.swarm") for k in container.labels), container.labels
-            hc = container.attrs["HostConfig"]
-            assert hc["NetworkMode"] == "none"
-            assert hc["ReadonlyRootfs"] is True
-            assert hc["CapDrop"] == ["ALL"]
-            assert "no-new-privileges" in hc["SecurityOpt"]
-            assert hc["Privileged"] is False
-            assert hc["Memory"] == 128 * 1024 * 1024 and hc["PidsLimit"] == 64
-            assert container.image.tags and docker_image in container.image.tags
+        check_the_agent(ws, daemon, swarm, stack, work, docker_image)
     finally:
-        # shown by pytest only when the test failed
+        # the agent's log: shown by pytest only when the test failed
         print(f"--- the agent's log ---\n{_service_logs(stack)}")
-        _remove_stack(swarm, stack)
-        remove_containers(work / "state")
-        for secret in secrets:
-            secret.remove()
+        try:
+            _remove_stack(swarm, stack)
+        finally:
+            remove_containers(work / "state")
+            for secret in secrets:
+                secret.remove()
     assert not swarm.containers.list(all=True, filters={"label": f"io.dropq.state={work / 'state'}"})
+    assert not swarm.secrets.list(filters={"label": f"{TEST_LABEL}={run}"})
+
+
+def check_the_agent(ws: Workspace, daemon: DaemonProcess, swarm: Any, stack: str, work: Path,
+                    docker_image: str) -> None:
+    """The deployed agent service registers, runs the jobs dropped, and runs them in hardened workers."""
+    service = swarm.services.get(f"{stack}_agent")
+    assert "Global" in service.attrs["Spec"]["Mode"]
+    assert "node.labels.dropq == true" in service.attrs["Spec"]["TaskTemplate"]["Placement"]["Constraints"]
+
+    host = socket.gethostname().lower()
+    expected = {f"{host}-w1", f"{host}-w2"}
+    wait_until(lambda: f"agent {host} registered" in daemon.log_text(), timeout=40,
+               what=f"the agent's registration (service tasks: {_tasks(service)})")
+
+    ws.put("moby.txt", "the whale the sea the end\n")
+    ws.drop("moby.yaml", {"program": "wordcount", "input": "moby.txt"})
+    for i in range(3):
+        ws.drop(f"probe{i}.yaml", {"program": "probe"})
+    results = ws.wait_results(4, timeout=40)
+
+    # from the daemon's records: every job ran, once, on the agent's workers
+    assert {r["status"] for r in results.values()} == {"succeeded"}, results
+    assert {r["attempts"] for r in results.values()} == {1}
+    assert {r["worker"] for r in results.values()} <= expected, results
+    assert (ws.outbox / "moby" / "stdout.txt").read_text().startswith("3 the\n")
+    for i in range(3):
+        facts = json.loads((ws.outbox / f"probe{i}" / "stdout.txt").read_text())
+        assert facts["uid"] != 0 and facts["root_writable"] is False and facts["interfaces"] == ["lo"], facts
+
+    # the agent is the Swarm task, on the host network, with the socket and its work folder at the host's path
+    agent_container = _agent_container(swarm, stack)
+    mounts = {m["Destination"]: m for m in agent_container.attrs["Mounts"]}
+    assert mounts["/var/run/docker.sock"]["Source"] == "/var/run/docker.sock"
+    assert mounts[str(work)]["Source"] == str(work)
+    assert agent_container.attrs["HostConfig"]["NetworkMode"] == "host"
+    # its workers are containers the agent made through the host's engine, not Swarm tasks, and hardened
+    workers = swarm.containers.list(filters={"label": f"io.dropq.state={work / 'state'}"})
+    assert len(workers) == 2
+    for container in workers:
+        assert not any(k.startswith("com.docker.swarm") for k in container.labels), container.labels
+        hc = container.attrs["HostConfig"]
+        assert hc["NetworkMode"] == "none"
+        assert hc["ReadonlyRootfs"] is True
+        assert hc["CapDrop"] == ["ALL"]
+        assert sorted(c.removeprefix("CAP_") for c in hc["CapAdd"]) == sorted(WORKER_CAPS)
+        assert "no-new-privileges" in hc["SecurityOpt"]
+        assert hc["Privileged"] is False
+        assert hc["Memory"] == 128 * 1024 * 1024 and hc["PidsLimit"] == 64
+        assert docker_image in container.image.tags
 
 
 def _service_logs(stack: str) -> str:
@@ -255,7 +270,8 @@ def _agent_container(client: Any, stack: str) -> Any:
 
 def _remove_stack(client: Any, stack: str) -> None:
     """`docker stack rm`, then wait for its task containers to be gone (the removal itself is asynchronous)."""
-    docker_cli("stack", "rm", stack)
+    # (a stack that was never deployed: "Nothing found in stack", and nothing to wait for)
+    subprocess.run(["docker", "stack", "rm", stack], capture_output=True, text=True, timeout=60)
     label = {"label": f"com.docker.stack.namespace={stack}"}
     wait_until(lambda: not client.containers.list(all=True, filters=label), timeout=40,
                what=f"the stack {stack}'s containers to go")

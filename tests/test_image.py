@@ -56,7 +56,8 @@ def test_the_agent_images_dropq_wheel_is_the_installed_dropq_and_pip_installs_it
         names = set(packed.namelist())
         entry_points = packed.read(f"dropq-{version}.dist-info/entry_points.txt").decode()
     expected = {arc for arc, _ in _package_files()}
-    assert {"dropq/agent.py", "dropq/pools/agent_image.py", "dropq_worker/Dockerfile", "dropq_worker/app.py"} <= expected
+    assert {"dropq/agent.py", "dropq/pools/agent_image.py", "dropq_worker/Dockerfile",
+            "dropq_worker/app.py"} <= expected
     assert any(n.startswith("dropq/ops/dashboard/") for n in expected), "the dashboard is package data"
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert expected <= names and "dropq = dropq.cli:main" in entry_points

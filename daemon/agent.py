@@ -33,10 +33,10 @@ import yaml
 from dropq.config import Config
 from dropq.errors import AgentError, BadArchive, ConfigError, ProtocolMismatch, TransportError
 from dropq.ops.access import read_token
+from dropq.paths import remove_tree
 from dropq.pools.agents import SESSION, SHA256, WORKER
 from dropq.pools.base import Pool, WorkerHandle
 from dropq.pools.tarball import pack, receive, unpack
-from dropq.paths import remove_tree
 from dropq_worker.protocol import PROTOCOL, JobSpec, JobState, Outcome, ProtocolError, Report
 
 log = logging.getLogger("dropq.agent")
@@ -268,7 +268,7 @@ class Agent:
                 self.failure = str(exc)
                 self.stop()
                 return
-            except Exception:  # noqa: BLE001 - the worker's thread must go on serving; the lease ends by itself
+            except Exception:
                 log.exception("worker %s: job %s failed on this agent", remote, spec.key)
 
     def _run(self, handle: WorkerHandle, remote: str, spec: JobSpec) -> None:
@@ -325,7 +325,8 @@ class Agent:
         while not lease.ended.wait(self.lease / 3):
             generation = self._generation
             try:
-                answer = self.client.call("POST", f"/v1/jobs/{lease.key}/renew", worker=lease.worker, timeout=self.lease)
+                answer = self.client.call("POST", f"/v1/jobs/{lease.key}/renew", worker=lease.worker,
+                                          timeout=self.lease)
             except SessionGone:
                 self.register(generation)
                 continue

@@ -11,6 +11,7 @@ from dropq.cli.exits import Exit
 from dropq.cli.lookup import daemon_alive, open_store
 from dropq.config import Config
 from dropq.intake.manifest import is_manifest_name
+from dropq.ops import fleet
 from dropq.queue.jobs import FINAL, JobStatus
 from dropq.queue.store import Store
 from dropq_worker.protocol import WorkerState
@@ -46,15 +47,16 @@ class _Snapshot:
     def __init__(self, store: Store, recent: int = 10) -> None:
         self.now = time.time()
         self.counts = store.counts()
-        self.workers = store.workers()
         self.meta = store.meta()
+        self.running = daemon_alive(self.meta.get("pid", ""))
+        #: grouped by agent (this host's own first), each with its agent's state and last contact
+        self.workers = fleet.workers(store, now=self.now, running=self.running)
         self.recent = store.recent(recent)
         self.waiting = store.waiting_for()
         #: a few waiting jobs, each with what it waits for (the jobs it runs after, or its inputs)
         self.after = [(j.id, store.waiting_reason(j))
                       for j in store.with_status(JobStatus.WAITING, limit=WAITING_SHOWN)]
         self.jobs = {w["job"]: store.find(w["job"]) for w in self.workers if w["job"]}
-        self.running = daemon_alive(self.meta.get("pid", ""))
 
 
 def _status_lines(snap: _Snapshot) -> list[str]:
@@ -82,13 +84,26 @@ def _status_lines(snap: _Snapshot) -> list[str]:
 
 
 def _worker_lines(snap: _Snapshot) -> list[str]:
-    rows = []
+    lines: list[str] = []
+    group: str | None = None
+    rows: list[list[object]] = []
     for w in snap.workers:
+        if w["agent"] != group:  # a line per agent above its workers: where they run, and whether it is there
+            if rows:
+                lines += table(["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"], rows, right=[3])
+                rows = []
+            group = w["agent"]
+            lines += ["", f"agent {group} on {w['host']}: {w['agent_state']}, last contact "
+                          f"{duration(w['last_contact_seconds'])} ago"]
         job = snap.jobs.get(w["job"]) if w["job"] else None
         elapsed = snap.now - job.started_at if job and job.started_at and w["state"] == WorkerState.BUSY else None
-        rows.append([w["name"], w["state"] if snap.running else "stopped", w["job"] or "-", duration(elapsed),
-                     w["detail"] or ""])
-    return table(["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"], rows, right=[3])
+        state = w["state"] if snap.running else "stopped"
+        if w["agent_state"] == "lost":
+            state = "lost"
+        rows.append([w["name"], state, w["job"] or "-", duration(elapsed), w["detail"] or ""])
+    if rows or not lines:
+        lines += table(["WORKER", "STATE", "JOB", "ELAPSED", "DETAIL"], rows, right=[3])
+    return lines[1:] if lines and lines[0] == "" else lines
 
 
 def _inbox_manifests(config: Config) -> int:

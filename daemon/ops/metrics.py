@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dropq.ops import fleet
 from dropq.queue.jobs import FINAL, JobStatus
 from dropq.queue.store import JobRecord, Store
 from dropq_worker.protocol import WorkerState
@@ -65,6 +66,19 @@ class StoreCollector(Collector):
         for state, n in sorted(states.items()):
             by_state.add_metric([state], n)
         yield by_state
+        known = fleet.agents(self.store)
+        if known:
+            up = GaugeMetricFamily("dropq_agent_up", "1 while the agent renews in time, 0 once it is lost",
+                                   labels=["agent", "host"])
+            contact = GaugeMetricFamily("dropq_agent_last_contact_seconds", "Seconds since the agent was last heard "
+                                        "from", labels=["agent", "host"])
+            count = GaugeMetricFamily("dropq_agent_workers", "Workers the agent registered", labels=["agent", "host"])
+            for agent in known:
+                labels = [agent["name"], agent["host"]]
+                up.add_metric(labels, 1 if agent["state"] == "connected" else 0)
+                contact.add_metric(labels, agent["last_contact_seconds"])
+                count.add_metric(labels, agent["workers"])
+            yield from (up, contact, count)
         yield CounterMetricFamily("dropq_watcher_rescans", "Full rescans of the inbox",
                                   value=_number(meta.get("watcher_rescans")))
         yield CounterMetricFamily("dropq_watcher_missed", "Manifests the watcher's events missed (an inotify "

@@ -26,6 +26,7 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from dropq.config import Config, HttpConfig
 from dropq.errors import ConfigError, StoreError
+from dropq.ops import fleet
 from dropq.ops.access import Gate, guard, read_token, token_readable_by_others
 from dropq.ops.metrics import Metrics
 from dropq.ops.unix_socket import listen_unix, remove_socket
@@ -133,7 +134,8 @@ class _Api:
             running=[job_summary(j, now) for j in running],
             waiting_for_environments=self.store.waiting_for(),
             disk_low=meta.get("disk_low") or None,
-            workers=self.store.workers(),
+            workers=fleet.workers(self.store, now=now),
+            agents=fleet.agents(self.store, now=now),
             watcher={"kind": meta.get("watcher"), "rescans": int(_float(meta, "watcher_rescans") or 0),
                      "missed": int(_float(meta, "watcher_missed") or 0),
                      "last_rescan": _float(meta, "watcher_last_rescan")},
@@ -160,7 +162,7 @@ class _Api:
         return jsonify(doc)
 
     def workers(self) -> Response:
-        return jsonify(workers=self.store.workers())
+        return jsonify(workers=fleet.workers(self.store), agents=fleet.agents(self.store))
 
     def throughput(self) -> Response:
         minutes = _int_arg("minutes", 60, 1, 24 * 60)

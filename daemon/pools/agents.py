@@ -51,6 +51,7 @@ from dropq_worker.protocol import (
     ProtocolError,
     Report,
     Staging,
+    WorkerState,
     check_key,
 )
 
@@ -162,13 +163,15 @@ class AgentPool(Pool):
                                        request_handler=_QuietHandler, ssl_context=context)
         except OSError as exc:
             raise ConfigError(f"cannot serve the agents API on {self.settings.listen}: {exc.strerror or exc}") from None
-        self._server.daemon_threads = True
+        # threaded=True made a ThreadingMixIn server: its request threads must not keep the daemon from exiting
+        self._server.daemon_threads = True  # type: ignore[attr-defined]
         host, port = self._server.socket.getsockname()[:2]
         scheme = "https" if context is not None else "http"
         self.url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="agents-api", daemon=True)
         self._thread.start()
         self.store.set_meta("agents", self.url)
+        self.store.set_meta("agents_lease", f"{self.lease:g}")
         log.info("agents API on %s (lease %gs)", self.url, self.lease)
 
     def stop(self) -> None:
@@ -230,7 +233,10 @@ class AgentPool(Pool):
             slot.key, slot.offer = spec.key, spec
             slot.offered_at, slot.started_at = time.monotonic(), time.time()
             self._cond.notify_all()
-        return self.status(name, spec.key, wait)
+            # not waited for here: the balancer takes any error of start() for a failed request and asks the pool
+            # whether the worker is still there, which for a lost agent would wait for it to come back. Its
+            # long-poll of status() follows, and a lease that ends there is a lost worker, as it should be.
+            return Report(key=spec.key, state=JobState.RUNNING, started_at=slot.started_at)
 
     def status(self, name: str, key: str, wait: float) -> Report:
         deadline = time.monotonic() + wait
@@ -246,6 +252,8 @@ class AgentPool(Pool):
                         return slot.report
                     if slot.leased and now > slot.expires:
                         slot.clear()
+                        # the slot now waits for its agent in ensure(): not busy with the job any more
+                        self.store.set_worker(name, WorkerState.IDLE, detail=f"agent {slot.agent} lost its lease")
                         raise UnknownJob(f"agent {slot.agent} did not renew its lease within {self.lease:g}s")
                     if not slot.leased and now > slot.offered_at + self.lease:
                         slot.clear()
@@ -505,7 +513,7 @@ class AgentPool(Pool):
         request = Request(environ)
         try:
             response = self._dispatch(request)
-        except Exception:  # noqa: BLE001 - one request's failure must not end the server; the agent retries
+        except Exception:
             log.exception("agents API: %s %s failed", request.method, request.path)
             response = _json(500, {"error": "internal error"})
         return response(environ, start_response)
@@ -537,6 +545,10 @@ class AgentPool(Pool):
             return self._programs()
         if len(parts) != 4 or parts[:2] != ["v1", "jobs"]:
             return _json(404, {"error": "no such endpoint"})
+        return self._job_request(request, agent, worker, parts)
+
+    def _job_request(self, request: Request, agent: _Agent, worker: str, parts: list[str]) -> Response:
+        """/v1/jobs/<key>/<action>: what an agent does with a job it leased."""
         try:
             key = check_key(parts[2])
         except ProtocolError:

@@ -172,5 +172,6 @@ def programs_digest(folder: Path) -> str:
                 info = os.lstat(path)
             except FileNotFoundError:
                 continue
-            digest.update(f"{os.path.relpath(path, folder)}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_mode}\n".encode())
+            rel = os.path.relpath(path, folder)
+            digest.update(f"{rel}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_mode}\n".encode())
     return digest.hexdigest()

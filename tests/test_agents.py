@@ -1,0 +1,358 @@
+"""Agents: a real daemon and real `dropq agent` processes on 127.0.0.1, with local pools (issue 14).
+
+The leases are short (2-3 s) so that losing an agent costs the test a few seconds, not thirty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from conftest import DaemonProcess, Workspace
+from helpers import dropq, dropq_json, wait_for_status, wait_until
+
+TOKEN = "agents-test-token-0123456789abcdef"
+
+
+class Agents:
+    """`dropq agent` processes of one test, killed by pid at the end."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.token = ws.root / "agents.token"
+        self.token.write_text(TOKEN)
+        self.token.chmod(0o600)
+
+    def url(self) -> str:
+        db = sqlite3.connect(f"file:{self.ws.state / 'dropq.sqlite3'}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'agents'").fetchone()
+        finally:
+            db.close()
+        assert row and row[0], "the daemon published no agents address"
+        return str(row[0])
+
+    def start(self, name: str, *, workers: int = 1, token: Path | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.log_path(name), "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dropq", "agent", "--server", self.url(), "--token-file", str(token or self.token),
+             "--pool", "local", "--workers", str(workers), "--name", name, "--work-dir", str(self.ws.root / name)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.ws.root)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log_path(self, name: str) -> Path:
+        return self.ws.root / f"{name}.log"
+
+    def log(self, name: str) -> str:
+        return self.log_path(name).read_text(errors="replace")
+
+    def wait_registered(self, *names: str) -> None:
+        for name in names:
+            def registered(n: str = name) -> bool:
+                return "registered" in self.log(n)
+            wait_until(registered, timeout=30, what=f"agent {name} to register")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)  # one stopped by a test must be able to die
+                proc.terminate()
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            print(f"--- agent {name} ---\n{self.log(name)[-5000:]}")
+
+
+@pytest.fixture
+def agents(workspace: Workspace) -> Iterator[Agents]:
+    group = Agents(workspace)
+    # a fixed port, not 0: a restarted daemon must be found where its agents knew it
+    workspace.configure(workers={"pool": "local", "count": 0},
+                        agents={"listen": f"127.0.0.1:{free_port()}", "token_file": str(group.token),
+                                "lease_seconds": 3})
+    yield group
+    group.stop_all()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def running_on(ws: Workspace, job_id: str) -> str:
+    """The worker the job runs on, once it runs."""
+    def worker() -> str | None:
+        shown = dropq(ws.config, "show", job_id, "--json")
+        if shown.returncode != 0:
+            return None
+        record = json.loads(shown.stdout)
+        return str(record["worker"]) if record["status"] == "running" and record.get("worker") else None
+    return str(wait_until(worker, timeout=30, what=f"{job_id} to run"))
+
+
+def test_three_agents_share_two_hundred_jobs_each_committed_once(workspace: Workspace, daemon: DaemonProcess,
+                                                                 agents: Agents) -> None:
+    daemon.start()
+    for name in ("a1", "a2", "a3"):
+        agents.start(name, workers=2)
+    agents.wait_registered("a1", "a2", "a3")
+    ids = [f"j{i:03d}" for i in range(200)]
+    for job_id in ids:
+        workspace.drop(f"{job_id}.yaml", {"program": "echo", "args": [job_id]})
+    results = workspace.wait_results(200, timeout=180)
+    assert sorted(os.listdir(workspace.outbox)) == ids, "each job committed once, nothing else"
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in results.values()), results
+    for job_id in ids:
+        assert (workspace.outbox / job_id / "stdout.txt").read_text().startswith(job_id)
+    by_agent = {name: sum(1 for r in results.values() if r["worker"].startswith(f"{name}-w"))
+                for name in ("a1", "a2", "a3")}
+    assert all(count > 0 for count in by_agent.values()), by_agent
+    assert sum(by_agent.values()) == 200
+    # `dropq workers` groups the workers by agent
+    listed = dropq_json(workspace.config, "workers")
+    assert {w["agent"] for w in listed} == {"a1", "a2", "a3"}, listed
+    assert {w["agent_state"] for w in listed} == {"connected"}, listed
+    assert [w["name"] for w in listed] == [f"a{i}-w{j}" for i in (1, 2, 3) for j in (1, 2)]
+
+
+def test_an_agent_killed_mid_job_loses_its_lease_and_the_job_runs_on_another(
+        workspace: Workspace, daemon: DaemonProcess, agents: Agents) -> None:
+    daemon.start()
+    agents.start("a1")
+    agents.start("a2")
+    agents.wait_registered("a1", "a2")
+    workspace.drop("victim.yaml", {"program": "sleep", "args": ["2"], "retries": 2})
+    worker = running_on(workspace, "victim")
+    victim, other = ("a1", "a2") if worker.startswith("a1-") else ("a2", "a1")
+    agents.procs[victim].kill()
+    agents.procs[victim].wait(10)
+    result = workspace.wait_results(1, timeout=60)["victim"]
+    assert result["status"] == "succeeded"
+    assert result["attempts"] == 2
+    assert result["worker"].startswith(f"{other}-w"), result
+    assert f"worker lost (agent {victim} did not renew its lease" in daemon.log_text()
+    # the killed agent comes back: it stops what its orphaned worker still ran, and serves again
+    agents.start(victim)
+    wait_until(lambda: agents.log(victim).count("registered") >= 2, timeout=30, what="the agent to come back")
+    workspace.drop("after.yaml", {"program": "echo", "args": ["after"]})
+    assert workspace.wait_results(2, timeout=30)["after"]["status"] == "succeeded"
+    assert sorted(os.listdir(workspace.outbox)) == ["after", "victim"]
+
+
+def test_a_daemon_restart_collects_the_jobs_agents_run_without_running_them_again(
+        workspace: Workspace, daemon: DaemonProcess, agents: Agents) -> None:
+    workspace.configure(agents={"lease_seconds": 6})
+    daemon.start()
+    agents.start("a1", workers=2)
+    agents.start("a2")
+    agents.wait_registered("a1", "a2")
+    for i in range(3):
+        workspace.drop(f"long{i}.yaml", {"program": "sleep", "args": ["4"]})
+    for i in range(3):
+        running_on(workspace, f"long{i}")
+    stopped_at = time.time()
+    assert daemon.stop() == 0
+    daemon.start()
+    results = workspace.wait_results(3, timeout=60)
+    assert sorted(os.listdir(workspace.outbox)) == ["long0", "long1", "long2"]
+    for job_id, result in results.items():
+        assert result["status"] == "succeeded", result
+        assert result["attempts"] == 1, result
+        # the very run that began before the restart: a job run again would have started after it
+        started = yaml.safe_load(f"t: {result['started_at']}")["t"].timestamp()
+        assert started < stopped_at, (job_id, result["started_at"], stopped_at)
+    assert "running job(s) taken back" in agents.log("a1") + agents.log("a2")
+
+
+def test_an_agent_cut_off_past_its_lease_commits_no_second_result(workspace: Workspace, daemon: DaemonProcess,
+                                                                 agents: Agents) -> None:
+    workspace.configure(agents={"lease_seconds": 2})
+    daemon.start()
+    agents.start("a1")
+    agents.start("a2")
+    agents.wait_registered("a1", "a2")
+    workspace.drop("cut.yaml", {"program": "sleep", "args": ["1.5"], "retries": 2})
+    worker = running_on(workspace, "cut")
+    victim, other = ("a1", "a2") if worker.startswith("a1-") else ("a2", "a1")
+    agents.procs[victim].send_signal(signal.SIGSTOP)
+    try:
+        result = workspace.wait_results(1, timeout=60)["cut"]
+        assert result["attempts"] == 2 and result["worker"].startswith(f"{other}-w"), result
+    finally:
+        agents.procs[victim].send_signal(signal.SIGCONT)
+    wait_until(lambda: "result dropped" in agents.log(victim) or "result refused" in agents.log(victim),
+               timeout=30, what="the cut-off agent to drop its result")
+    assert os.listdir(workspace.outbox) == ["cut"]
+    assert workspace.result("cut") == result, "the result committed first stands"
+    assert wait_for_status(workspace.config, "cut", "succeeded") == "succeeded"
+
+
+def test_a_wrong_token_is_refused_and_learns_nothing(workspace: Workspace, daemon: DaemonProcess,
+                                                    agents: Agents) -> None:
+    daemon.start()
+    url = agents.url()
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {TOKEN}x"},
+                    {"Authorization": TOKEN}):
+        answer = requests.post(f"{url}/v1/register", json={"name": "x", "workers": 1}, headers=headers, timeout=10)
+        assert answer.status_code == 401
+        assert answer.json() == {"error": "unauthorized"}
+    wrong = workspace.root / "wrong.token"
+    wrong.write_text("a-wrong-token-of-the-right-length")
+    proc = agents.start("intruder", token=wrong)
+    assert proc.wait(30) != 0
+    assert "refused the token" in agents.log("intruder")
+    assert not agents.url().startswith("https")
+
+
+# --- a hostile agent: the test itself, speaking the API with the right token --------------------------
+
+
+class Hostile:
+    def __init__(self, url: str, name: str = "evil") -> None:
+        self.url = url
+        self.auth = {"Authorization": f"Bearer {TOKEN}"}
+        answer = requests.post(f"{url}/v1/register", headers=self.auth, timeout=10,
+                               json={"name": name, "host": "h", "workers": 1, "pool": "local", "protocol": _protocol()})
+        assert answer.status_code == 200, answer.text
+        self.session = answer.json()["session"]
+        self.worker = answer.json()["workers"][0]
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = {**self.auth, "X-Dropq-Session": self.session, "X-Dropq-Worker": self.worker,
+                   **kwargs.pop("headers", {})}
+        return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def lease(self) -> str:
+        def take() -> str | None:
+            answer = self.call("POST", "/v1/poll", json={"wait": 1})
+            return str(answer.json()["spec"]["key"]) if answer.status_code == 200 else None
+        return str(wait_until(take, timeout=30, what="a lease"))
+
+
+def _protocol() -> int:
+    from dropq_worker.protocol import PROTOCOL
+
+    return PROTOCOL
+
+
+def _tar(members: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    """A tar of (name, kind, data): kind None is a regular file, b"sym" a symlink to data, b"dev" a device."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == b"sym":
+                info.type, info.linkname = tarfile.SYMTYPE, data.decode()
+                tar.addfile(info)
+            elif kind == b"dev":
+                info.type = tarfile.CHRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _put(hostile: Hostile, key: str, body: bytes) -> requests.Response:
+    import hashlib
+
+    return hostile.call("PUT", f"/v1/jobs/{key}/result", data=body,
+                        headers={"X-Dropq-Sha256": hashlib.sha256(body).hexdigest()})
+
+
+def test_a_hostile_agent_cannot_write_outside_the_staging_folder_nor_answer_for_another(
+        workspace: Workspace, daemon: DaemonProcess, agents: Agents) -> None:
+    from helpers import record_attack
+
+    daemon.start()
+    evil = Hostile(agents.url())
+    workspace.drop("prey.yaml", {"program": "echo", "args": ["x"], "retries": 0})
+    key = evil.lease()
+    staging = workspace.state / "workers" / evil.worker / "jobs"
+    attacks = {
+        "dotdot": _tar([("output/../../../../escaped", None, b"x")]),
+        "absolute": _tar([(str(workspace.root / "escaped"), None, b"x")]),
+        "symlink": _tar([("output/link", b"sym", str(workspace.root).encode())]),
+        "device": _tar([("output/dev", b"dev", b"")]),
+        "other top": _tar([("elsewhere/x", None, b"x")]),
+        "twice": _tar([("stdout", None, b"a"), ("stdout", None, b"b")]),
+    }
+    contained = 0
+    for name, body in attacks.items():
+        answer = _put(evil, key, body)
+        if answer.status_code == 400 and not list(workspace.root.rglob("escaped")):
+            contained += 1
+        else:
+            print(f"attack {name}: {answer.status_code} {answer.text}")
+    # a body whose checksum does not match, and one larger than announced, are refused as well
+    good = _tar([("stdout", None, b"hello\n")])
+    bad_sum = evil.call("PUT", f"/v1/jobs/{key}/result", data=good, headers={"X-Dropq-Sha256": "0" * 64})
+    contained += bad_sum.status_code == 400
+    huge = evil.call("POST", "/v1/poll", data=b"{" + b" " * (128 * 1024) + b"}",
+                     headers={"Content-Type": "application/json"})
+    contained += huge.status_code == 400
+    # another agent's lease: it may neither renew it nor answer for it
+    thief = Hostile(agents.url(), name="thief")
+    report = {"key": key, "state": "done", "outcome": "exited", "exit_code": 0, "started_at": 1.0}
+    theft = [thief.call("POST", f"/v1/jobs/{key}/renew"), _put(thief, key, good),
+             thief.call("POST", f"/v1/jobs/{key}/done", json={"report": report})]
+    contained += all(a.status_code == 409 for a in theft)
+    tried = len(attacks) + 3
+    assert list(staging.iterdir()) == [], "nothing of the refused tars is left in the slot's staging folder"
+    record_attack("hostile agent: result tar and leases", tried, contained)
+    assert contained == tried
+    # the lease itself still works for its holder, and the job is committed once, from it
+    assert _put(evil, key, good).status_code == 200
+    done = evil.call("POST", f"/v1/jobs/{key}/done", json={"report": {
+        "key": key, "state": "done", "outcome": "exited", "exit_code": 0, "started_at": time.time(),
+        "finished_at": time.time()}})
+    assert done.status_code == 200, done.text
+    assert workspace.wait_results(1, timeout=30)["prey"]["status"] == "succeeded"
+    assert (workspace.outbox / "prey" / "stdout.txt").read_text() == "hello\n"
+    # the lease has ended: a second result is refused
+    again = _put(evil, key, good)
+    assert again.status_code == 409
+
+
+def test_a_lease_not_renewed_is_given_to_another_agent(workspace: Workspace, daemon: DaemonProcess,
+                                                       agents: Agents) -> None:
+    workspace.configure(agents={"lease_seconds": 2})
+    daemon.start()
+    silent = Hostile(agents.url(), name="silent")
+    workspace.drop("orphan.yaml", {"program": "echo", "args": ["y"], "retries": 1})
+    key = silent.lease()
+    agents.start("a1")
+    result = workspace.wait_results(1, timeout=60)["orphan"]
+    assert result["status"] == "succeeded" and result["attempts"] == 2 and result["worker"].startswith("a1-")
+    # the one that went silent is shown as lost, its worker no longer busy with the job
+    def states() -> dict[str, str]:
+        return {w["agent"]: w["agent_state"] for w in dropq_json(workspace.config, "workers")}
+    wait_until(lambda: states()["silent"] == "lost", timeout=15, what="the silent agent to show as lost")
+    listed = dropq_json(workspace.config, "workers")
+    assert states() == {"silent": "lost", "a1": "connected"}, listed
+    assert {w["name"]: w["job"] for w in listed}["silent-w1"] is None
+    assert "agent silent on h: lost" in dropq(workspace.config, "workers").stdout
+    assert silent.call("POST", f"/v1/jobs/{key}/renew").status_code == 409

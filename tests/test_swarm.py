@@ -7,7 +7,7 @@ node, with its token and the daemon's certificate as Swarm secrets. The swarm is
 when the engine is in none, and left exactly as found: the node label, the secrets, the stack and every
 container are removed.
 
-These skip without an engine, and fail instead when DROPQ_REQUIRE_DOCKER=1 (as in CI).
+The deploying test skips without an engine, and fail instead when DROPQ_REQUIRE_DOCKER=1 (as in CI).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ import yaml
 from conftest import ROOT, DaemonProcess, Workspace, _skip_or_fail
 from dropq.pools.docker import WORKER_CAPS
 from helpers import engine, remove_containers, wait_until
-
-pytestmark = pytest.mark.docker
 
 STACK = ROOT / "deploy" / "swarm" / "stack.yml"
 #: the agent image the test deploys; a branch builds its own (DROPQ_TEST_AGENT_IMAGE=dropq-agent:mybranch)
@@ -154,6 +152,29 @@ def agents_url(ws: Workspace) -> str:
     return str(row[0]) if row and row[0] else ""
 
 
+def test_the_stack_gives_the_socket_to_the_agent_only_and_the_daemon_to_a_manager() -> None:
+    """What the stack file promises, read from the file (no engine needed)."""
+    stack = yaml.safe_load(STACK.read_text())
+    daemon, agent = stack["services"]["daemon"], stack["services"]["agent"]
+    assert daemon["deploy"]["placement"]["constraints"] == ["node.role == manager"]
+    assert daemon["deploy"]["replicas"] == 1
+    assert agent["deploy"]["mode"] == "global"
+    assert agent["deploy"]["placement"]["constraints"] == ["node.labels.dropq == true"]
+
+    def sources(service: dict[str, Any]) -> set[str]:
+        return {v["source"] for v in service.get("volumes", [])}
+    assert "/var/run/docker.sock" in sources(agent) and "/var/run/docker.sock" not in sources(daemon)
+    # the work folder at the host's own path: the agent's workers' bind mounts are resolved by the host's engine
+    work = next(v for v in agent["volumes"] if v["source"] != "/var/run/docker.sock")
+    assert work["source"] == work["target"] and f"--work-dir={work['target']}" in agent["command"]
+    assert "--token-file=/run/secrets/dropq_agent_token" in agent["command"]
+    for service in (daemon, agent):
+        assert stack["networks"][service["networks"][0]] == {"external": True, "name": "host"}
+        assert {s["target"]: s["mode"] for s in service["secrets"]}["dropq_agent_token"] == 0o400
+    assert stack["secrets"]["dropq_agent_token"]["external"] is True
+
+
+@pytest.mark.docker
 def test_the_stacks_agent_runs_jobs_in_hardened_workers(workspace: Workspace, daemon: DaemonProcess,
                                                         docker_image: str, agent_image: str, swarm: Any,
                                                         labelled: str) -> None:

@@ -356,3 +356,33 @@ def test_a_lease_not_renewed_is_given_to_another_agent(workspace: Workspace, dae
     assert {w["name"]: w["job"] for w in listed}["silent-w1"] is None
     assert "agent silent on h: lost" in dropq(workspace.config, "workers").stdout
     assert silent.call("POST", f"/v1/jobs/{key}/renew").status_code == 409
+
+
+def test_agents_init_makes_a_certificate_the_agent_checks_the_daemon_by(workspace: Workspace, daemon: DaemonProcess,
+                                                                        agents: Agents) -> None:
+    made = subprocess.run([sys.executable, "-m", "dropq", "agents", "init", "--dir", str(workspace.root / "tls"),
+                           "--name", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    folder = workspace.root / "tls"
+    assert (folder / "agents.token").stat().st_mode & 0o777 == 0o600
+    assert (folder / "agents.key").stat().st_mode & 0o777 == 0o600
+    assert "tls: {cert:" in made.stdout
+    agents.token = folder / "agents.token"
+    workspace.configure(agents={"token_file": str(agents.token),
+                                "tls": {"cert": str(folder / "agents.crt"), "key": str(folder / "agents.key")}})
+    daemon.start()
+    assert agents.url().startswith("https://127.0.0.1:")
+    # without the certificate to trust, the agent refuses to talk to the daemon
+    assert requests.post(f"{agents.url()}/v1/register", timeout=10,
+                         verify=str(folder / "agents.crt")).status_code == 401
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.post(f"{agents.url()}/v1/register", timeout=10)
+    log = open(agents.log_path("a1"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "dropq", "agent", "--server", agents.url(), "--token-file",
+                             str(agents.token), "--ca", str(folder / "agents.crt"), "--name", "a1", "--work-dir",
+                             str(workspace.root / "a1")], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    agents.procs["a1"] = proc
+    workspace.drop("secure.yaml", {"program": "echo", "args": ["over tls"]})
+    assert workspace.wait_results(1, timeout=60)["secure"]["status"] == "succeeded"
+    assert (workspace.outbox / "secure" / "stdout.txt").read_text().startswith("over tls")

@@ -39,7 +39,11 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("inbx: x\n", "unknown config key inbx"),
     ("workers: {cont: 2}\n", "unknown config key workers.cont"),
     ("workers: {count: two}\n", "workers.count must be a whole number"),
-    ("workers: {count: 0}\n", "workers.count must be at least 1"),
+    ("workers: {count: -1}\n", "workers.count must be at least 0"),
+    # 0 means agents only (README: More than one host): without agents nothing would run a job
+    ("workers: {count: 0}\n", "workers.count is 0 and no agents are configured"),
+    ("workers: {count: 0}\nagents: {token_file: t, listen: '0.0.0.0:8788'}\n", "not a loopback address"),
+    ("agents: {token_file: t, listen: 'nowhere'}\n", "agents.listen must be host:port"),
     ("workers: {pool: kubernetes}\n", "workers.pool must be one of auto, local, docker"),
     ("jobs: {timeout: fast}\n", "jobs.timeout must be a number"),
     ("jobs: {retries: 1.5}\n", "jobs.retries must be a whole number"),

@@ -97,7 +97,7 @@ def test_a_bad_manifest_fails_both_the_schema_and_the_daemon(
 
 
 @pytest.mark.parametrize("text", [
-    "inbx: x\n", "workers: {count: two}\n", "workers: {count: 0}\n", "workers: {pool: kubernetes}\n",
+    "inbx: x\n", "workers: {count: two}\n", "workers: {count: -1}\n", "workers: {pool: kubernetes}\n",
     "jobs: 3\n", "inbox: 5\n", "http: {port: 99999}\n", "workers: {docker: {on_shutdown: keep}}\n",
 ])
 def test_a_bad_config_fails_both_the_schema_and_the_daemon(

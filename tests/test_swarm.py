@@ -29,7 +29,7 @@ import yaml
 
 from conftest import ROOT, DaemonProcess, Workspace, _skip_or_fail
 from dropq.pools.docker import WORKER_CAPS
-from helpers import engine, remove_containers, wait_until
+from helpers import dropq_json, engine, remove_containers, wait_until
 
 STACK = ROOT / "deploy" / "swarm" / "stack.yml"
 #: the agent image the test deploys; a branch builds its own (DROPQ_TEST_AGENT_IMAGE=dropq-agent:mybranch)
@@ -245,6 +245,10 @@ def check_the_agent(ws: Workspace, daemon: DaemonProcess, swarm: Any, stack: str
     assert {r["status"] for r in results.values()} == {"succeeded"}, results
     assert {r["attempts"] for r in results.values()} == {1}
     assert {r["worker"] for r in results.values()} <= expected, results
+    listed = {w["name"]: w for w in dropq_json(ws.config, "workers")}
+    assert set(listed) == expected, listed  # workers.count 0: the agent's are the daemon's only workers
+    assert {(w["agent"], w["host"], w["agent_state"]) for w in listed.values()} == {(host, host, "connected")}
+    assert _agent_row(ws, host)["pool"] == "docker"
     assert (ws.outbox / "moby" / "stdout.txt").read_text().startswith("3 the\n")
     for i in range(3):
         facts = json.loads((ws.outbox / f"probe{i}" / "stdout.txt").read_text())
@@ -270,6 +274,17 @@ def check_the_agent(ws: Workspace, daemon: DaemonProcess, swarm: Any, stack: str
         assert hc["Privileged"] is False
         assert hc["Memory"] == 128 * 1024 * 1024 and hc["PidsLimit"] == 64
         assert docker_image in container.image.tags
+
+
+def _agent_row(ws: Workspace, name: str) -> dict[str, Any]:
+    db = sqlite3.connect(f"file:{ws.state / 'dropq.sqlite3'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        row = db.execute("SELECT * FROM agents WHERE name = ?", (name,)).fetchone()
+    finally:
+        db.close()
+    assert row is not None, f"the daemon has no record of agent {name}"
+    return dict(row)
 
 
 def _service_logs(stack: str) -> str:

@@ -174,6 +174,29 @@ def test_the_stack_gives_the_socket_to_the_agent_only_and_the_daemon_to_a_manage
     assert stack["secrets"]["dropq_agent_token"]["external"] is True
 
 
+def test_the_agent_updates_its_programs_in_the_folder_its_docker_workers_have_mounted(tmp_path: Path) -> None:
+    """A bind mount holds the folder it was made on: programs are replaced inside it, the folder itself kept."""
+    from dropq.agent import _replace_contents
+
+    current, fresh, old = tmp_path / "programs", tmp_path / "fresh", tmp_path / "old"
+    for folder in (current, fresh, old):
+        folder.mkdir()
+    (current / "gone.py").write_text("old")
+    (current / "kept.py").write_text("old")
+    (current / "pkg").mkdir()
+    (current / "pkg" / "stale.py").write_text("old")
+    (fresh / "kept.py").write_text("new")
+    (fresh / "added.py").write_text("new")
+    (fresh / "pkg").mkdir()
+    (fresh / "pkg" / "mod.py").write_text("new")
+    inode = current.stat().st_ino
+    _replace_contents(current, fresh, old)
+    assert current.stat().st_ino == inode
+    assert sorted(p.relative_to(current).as_posix() for p in current.rglob("*")) == [
+        "added.py", "kept.py", "pkg", "pkg/mod.py"]
+    assert (current / "kept.py").read_text() == "new"
+
+
 @pytest.mark.docker
 def test_the_stacks_agent_runs_jobs_in_hardened_workers(workspace: Workspace, daemon: DaemonProcess,
                                                         docker_image: str, agent_image: str, swarm: Any,

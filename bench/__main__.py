@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -47,7 +48,7 @@ class Figure:
 # --- a workspace with a running daemon ---------------------------------------------------------------
 
 class Bench:
-    def __init__(self, *, pool: str = "local", count: int = 2) -> None:
+    def __init__(self, *, pool: str = "local", count: int = 2, agents: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="dqbench-"))
         self.inbox, self.outbox, self.programs = self.root / "inbox", self.root / "outbox", self.root / "programs"
         for folder in (self.inbox, self.outbox, self.programs):
@@ -56,7 +57,12 @@ class Bench:
         (self.programs / "sleep.py").write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
         config = {"workers": {"pool": pool, "count": count, "docker": {"image": IMAGE, "on_shutdown": "remove"}},
                   "intake": {"rescan": 30}, "log_level": "info", "http": {"port": 0}, "disk": {"min_free": "1m"}}
+        if agents:  # this host runs none: every job goes through an agent (`dropq agent`, on loopback here)
+            (self.root / "agents.token").write_text("bench-agents-token-0123456789")
+            config["workers"] = {"pool": "local", "count": 0}
+            config["agents"] = {"listen": "127.0.0.1:0", "token_file": str(self.root / "agents.token")}
         (self.root / "config.yaml").write_text(yaml.safe_dump(config))
+        self.agents: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.seq = 0
         self.watch: _Renames | None = None
@@ -72,7 +78,34 @@ class Bench:
             time.sleep(0.01)
         return started
 
+    def start_agent(self, name: str, workers: int = 1) -> None:
+        """Start `dropq agent` with `workers` local workers; returns once it has registered."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.root / 'state' / 'dropq.sqlite3'}?mode=ro", uri=True)
+        try:
+            url = db.execute("SELECT value FROM meta WHERE key = 'agents'").fetchone()[0]
+        finally:
+            db.close()
+        log_path = self.root / f"{name}.log"
+        log = open(log_path, "ab")  # closed in stop()
+        proc = subprocess.Popen([sys.executable, "-m", "dropq", "agent", "--server", url, "--token-file",
+                                 str(self.root / "agents.token"), "--workers", str(workers), "--name", name,
+                                 "--work-dir", str(self.root / name)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.agents.append((proc, log))
+        started = time.perf_counter()
+        while b"registered" not in log_path.read_bytes():
+            if proc.poll() is not None or time.perf_counter() - started > 120:
+                raise RuntimeError(log_path.read_text()[-3000:])
+            time.sleep(0.01)
+
     def stop(self) -> None:
+        for proc, log in self.agents:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+            log.close()
+        self.agents = []
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
@@ -425,14 +458,50 @@ def fig_envs(reps: int, scale: float) -> Figure:
     return fig
 
 
-FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle, "6": fig_envs}
+def fig_agents(reps: int, scale: float) -> Figure:
+    fig = Figure("7. Agents (`dropq agent` on loopback, local pools): throughput of 0.5 s jobs with N agents of one "
+                 "worker each, and the latency an agent adds")
+    per_agent = max(2, int(20 * scale))
+    rates: dict[int, float] = {}
+    for n_agents in (1, 2, 4):
+        n = per_agent * n_agents
+        times = []
+        with bench(agents=True) as b:
+            b.start()
+            for i in range(n_agents):
+                b.start_agent(f"a{i + 1}")
+            run_batch(b, "sleep.py", ["0.5"], n_agents)  # warm: every agent has fetched the programs
+            for _ in range(reps):
+                times.append(timed(run_batch, b, "sleep.py", ["0.5"], n))
+        rates[n_agents] = n / statistics.median(times)
+        ideal = rates[1] * n_agents
+        fig.rows.append((f"{n_agents} agent(s): {n} jobs", f"{rates[n_agents]:.2f} jobs/s",
+                         f"{n_agents} x one agent: {ideal:.2f} jobs/s", f"{rates[n_agents] / ideal:.2f} (goal >= 0.9)"))
+    n = int(200 * scale)
+    p50: dict[str, float] = {}
+    for arm in ("local", "agent"):
+        with bench(count=1, agents=arm == "agent") as b:
+            b.start()
+            if arm == "agent":
+                b.start_agent("a1")
+            b.drop("pass.py")
+            b.wait_committed(1)
+            took = sorted(timed(run_batch, b, "pass.py", [], 1) for _ in range(n))
+        p50[arm] = took[len(took) // 2]
+    fig.rows.append((f"latency p50 over {n} trivial jobs: agent | local worker", fmt(p50["agent"]), fmt(p50["local"]),
+                     f"added {fmt(p50['agent'] - p50['local'])} (goal <= 10 ms)"))
+    return fig
+
+
+FIGURES = {"1": fig_throughput, "2": fig_latency, "3": fig_docker, "4": fig_backlog, "5": fig_idle, "6": fig_envs,
+           "7": fig_agents}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few jobs per figure: checks that it runs")
-    p.add_argument("--only", default="1,2,3,4,5,6", help="figures to run, e.g. 1,2")
+    p.add_argument("--only", default="1,2,3,4,5,6,7", help="figures to run, e.g. 1,2")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     scale, reps = (0.02, 1) if args.smoke else (1.0, args.reps)

@@ -516,6 +516,10 @@ class AgentPool(Pool):
         except Exception:
             log.exception("agents API: %s %s failed", request.method, request.path)
             response = _json(500, {"error": "internal error"})
+        stream = request.stream
+        if request.content_length and not getattr(stream, "is_exhausted", True):
+            # a body left unread (a refused request) would be read as the next request on a kept-alive connection
+            response.headers["Connection"] = "close"
         return response(environ, start_response)
 
     def _dispatch(self, request: Request) -> Response:
@@ -611,7 +615,10 @@ class Mailbox(Transport):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access log: agents poll all the time; what matters is logged by the pool."""
+    """No access log: agents poll all the time; what matters is logged by the pool. HTTP/1.1, so that an agent
+    keeps its connection (and its TLS session) from one request to the next instead of a new one each time."""
+
+    protocol_version = "HTTP/1.1"
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         return None

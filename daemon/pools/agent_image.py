@@ -90,17 +90,26 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
+def installed_dropq() -> importlib.metadata.Distribution:
+    """The installed dropq's metadata (a .dist-info): not the dropq.egg-info that `pip install -e` leaves in a
+    checkout, which importlib finds first when Python runs from there."""
+    for dist in importlib.metadata.distributions(name="dropq"):
+        if dist.read_text("METADATA") is not None:
+            return dist
+    raise ImageError("dropq is not installed (no dropq-*.dist-info on sys.path): install it with pip first")
+
+
 def pack_wheel(into: Path) -> Path:
     """A wheel of the installed dropq (its files and metadata as installed), in `into`.
 
     Packed from the installation rather than built from a source tree: an installed wheel has no source
     tree, and an editable checkout's files are these very files."""
-    dist = importlib.metadata.distribution("dropq")
+    dist = installed_dropq()
     version = dist.version
     info = f"dropq-{version}.dist-info"
-    metadata = dist.read_text("METADATA")
-    if metadata is None:
-        raise ImageError("the installed dropq has no METADATA: reinstall it")
+    # its headers only (name, version, Requires-Dist, ...): the body is the README, which is no part of what runs,
+    # and which an editable install keeps as it was when installed
+    metadata = (dist.read_text("METADATA") or "").split("\n\n", 1)[0] + "\n"
     entries: list[tuple[str, bytes]] = [(arc, path.read_bytes()) for arc, path in _package_files()]
     entries.append((f"{info}/METADATA", metadata.encode()))
     entries.append((f"{info}/entry_points.txt", (dist.read_text("entry_points.txt") or "").encode()))
@@ -129,7 +138,7 @@ def pinned_dependencies() -> list[str]:
     while todo:
         name, extras = todo.pop()
         try:
-            requires = importlib.metadata.requires(name) or []
+            requires = (installed_dropq().requires if name == "dropq" else importlib.metadata.requires(name)) or []
         except importlib.metadata.PackageNotFoundError:
             raise ImageError(f"{name}, which dropq needs, is not installed here: install dropq with its "
                              "dependencies first") from None

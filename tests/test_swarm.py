@@ -7,7 +7,7 @@ node, with its token and the daemon's certificate as Swarm secrets. The swarm is
 when the engine is in none, and left exactly as found: the node label, the secrets, the stack and every
 container are removed.
 
-The deploying test skips without an engine, and fail instead when DROPQ_REQUIRE_DOCKER=1 (as in CI).
+The deploying test skips without an engine, and fails instead when DROPQ_REQUIRE_DOCKER=1 (as in CI).
 """
 
 from __future__ import annotations

@@ -458,7 +458,7 @@ def _error(answer: requests.Response) -> str:
 def run(args: Any) -> int:
     """The `dropq agent` command."""
     logging.basicConfig(level=logging.INFO, format="dropq agent: %(levelname)s %(name)s: %(message)s")
-    token = read_token(Path(args.token_file))
+    token = read_token(Path(args.token_file), key="--token-file")
     name = (args.name or socket.gethostname()).lower()
     agent = Agent(server=args.server, token=token, pool=args.pool, workers=args.workers, name=name,
                   work_dir=Path(args.work_dir or default_work_dir()).resolve(),

@@ -93,6 +93,11 @@ def agents(workspace: Workspace) -> Iterator[Agents]:
     group.stop_all()
 
 
+def _word(job_id: str) -> str:
+    """A word wordcount counts (letters only) that is this job's own."""
+    return "x" + "".join(chr(ord("a") + int(d)) for d in job_id[1:])
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -117,13 +122,31 @@ def test_three_agents_share_two_hundred_jobs_each_committed_once(workspace: Work
         agents.start(name, workers=2)
     agents.wait_registered("a1", "a2", "a3")
     ids = [f"j{i:03d}" for i in range(200)]
-    for job_id in ids:
-        workspace.drop(f"{job_id}.yaml", {"program": "echo", "args": [job_id]})
+    # three kinds of job, so that inputs travel to the agents and output folders come back
+    for i, job_id in enumerate(ids):
+        if i % 3 == 0:
+            workspace.drop(f"{job_id}.yaml", {"program": "echo", "args": [job_id]})
+        elif i % 3 == 1:
+            workspace.put(f"{job_id}.txt", f"{_word(job_id)} {_word(job_id)} b\n")
+            workspace.drop(f"{job_id}.yaml", {"program": "wordcount", "input": f"{job_id}.txt"})
+        else:
+            workspace.drop(f"{job_id}.yaml", {"program": "makefiles", "args": [str(i % 5 + 1)]})
     results = workspace.wait_results(200, timeout=180)
     assert sorted(os.listdir(workspace.outbox)) == ids, "each job committed once, nothing else"
     assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in results.values()), results
-    for job_id in ids:
-        assert (workspace.outbox / job_id / "stdout.txt").read_text().startswith(job_id)
+    for i, job_id in enumerate(ids):
+        stdout = (workspace.outbox / job_id / "stdout.txt").read_text()
+        if i % 3 == 0:
+            assert stdout.startswith(job_id)
+        elif i % 3 == 1:
+            assert stdout == f"2 {_word(job_id)}\n1 b\n"
+            assert (workspace.outbox / job_id / "inputs" / f"{job_id}.txt").read_text().startswith(_word(job_id))
+        else:
+            output = workspace.outbox / job_id / "output"
+            count = i % 5 + 1
+            assert sorted(p.name for p in output.iterdir()) == sorted([*(f"part-{n}.txt" for n in range(1, count + 1)),
+                                                                      "summary"])
+            assert (output / f"part-{count}.txt").read_text() == f"this is part {count} of {count}\n"
     by_agent = {name: sum(1 for r in results.values() if r["worker"].startswith(f"{name}-w"))
                 for name in ("a1", "a2", "a3")}
     assert all(count > 0 for count in by_agent.values()), by_agent
@@ -182,6 +205,20 @@ def test_a_daemon_restart_collects_the_jobs_agents_run_without_running_them_agai
         started = yaml.safe_load(f"t: {result['started_at']}")["t"].timestamp()
         assert started < stopped_at, (job_id, result["started_at"], stopped_at)
     assert "running job(s) taken back" in agents.log("a1") + agents.log("a2")
+
+
+def test_a_job_running_on_an_agent_is_cancelled_there(workspace: Workspace, daemon: DaemonProcess,
+                                                     agents: Agents) -> None:
+    daemon.start()
+    agents.start("a1")
+    agents.wait_registered("a1")
+    workspace.drop("long.yaml", {"program": "sleep", "args": ["60"]})
+    running_on(workspace, "long")
+    assert dropq(workspace.config, "cancel", "long").returncode == 0
+    result = workspace.wait_results(1, timeout=30)["long"]
+    assert result["status"] == "cancelled" and result["duration_seconds"] < 20, result
+    workspace.drop("next.yaml", {"program": "echo", "args": ["next"]})
+    assert workspace.wait_results(2, timeout=30)["next"]["status"] == "succeeded"
 
 
 def test_an_agent_cut_off_past_its_lease_commits_no_second_result(workspace: Workspace, daemon: DaemonProcess,

@@ -37,24 +37,24 @@ LOGIN_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'sel
 WRONG = '<p class="wrong">That is not the token.</p>'
 
 
-def read_token(path: Path) -> str:
+def read_token(path: Path, *, key: str = "http.token_file") -> str:
     """The token in `path` (surrounding whitespace removed); ConfigError when it is missing, unreadable,
     empty or too short, so the daemon stops at start instead of serving without a login."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"http.token_file {path} does not exist; write a token into it "
-                          f"(e.g. `openssl rand -hex 32 > {path}`) or remove http.token_file") from None
+        raise ConfigError(f"{key} {path} does not exist; write a token into it "
+                          f"(e.g. `openssl rand -hex 32 > {path}`) or remove {key}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read http.token_file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {key} {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"http.token_file {path} is not UTF-8 text") from None
+        raise ConfigError(f"{key} {path} is not UTF-8 text") from None
     token = text.strip()
     if not token:
-        raise ConfigError(f"http.token_file {path} is empty; write a token into it "
+        raise ConfigError(f"{key} {path} is empty; write a token into it "
                           f"(e.g. `openssl rand -hex 32 > {path}`)")
     if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
-        raise ConfigError(f"the token in http.token_file {path} must be one word of {MIN_TOKEN} characters "
+        raise ConfigError(f"the token in {key} {path} must be one word of {MIN_TOKEN} characters "
                           "or more (e.g. `openssl rand -hex 32`)")
     return token
 

@@ -36,7 +36,7 @@ from werkzeug.wrappers import Request, Response
 
 from dropq.config import Config
 from dropq.errors import BadArchive, ConfigError, PoolError, TransportError, UnknownJob
-from dropq.ops.access import read_token
+from dropq.ops.access import read_token, token_readable_by_others
 from dropq.pools.base import Incarnation, Pool, WorkerHandle, make_folders
 from dropq.pools.tarball import pack, programs_digest, receive, unpack
 from dropq.pools.transport import Transport
@@ -124,7 +124,10 @@ class AgentPool(Pool):
         self.lease = float(config.agents.lease_seconds)
         self.store = store
         self._key_of = key_of
-        self._token = read_token(config.agents.token_file)
+        self._token = read_token(config.agents.token_file, key="agents.token_file")
+        if token_readable_by_others(config.agents.token_file):
+            log.warning("agents.token_file %s can be read by every user of this host (chmod 600 it)",
+                        config.agents.token_file)
         self._cond = threading.Condition()
         self._agents: dict[str, _Agent] = {}
         self._slots: dict[str, _Slot] = {}

@@ -14,6 +14,7 @@ left running on its workers is stopped, and their staging folders emptied.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,10 +32,10 @@ import requests
 import yaml
 
 from dropq.config import Config
-from dropq.errors import AgentError, BadArchive, ConfigError, ProtocolMismatch, TransportError
+from dropq.errors import AgentError, BadArchive, ConfigError, JobRefused, ProtocolMismatch, TransportError
 from dropq.ops.access import read_token
 from dropq.paths import remove_tree
-from dropq.pools.agents import SESSION, SHA256, WORKER
+from dropq.pools.agents import REPORT, SESSION, SHA256, WORKER
 from dropq.pools.base import Pool, WorkerHandle
 from dropq.pools.tarball import pack, receive, unpack
 from dropq_worker.protocol import PROTOCOL, JobSpec, JobState, Outcome, ProtocolError, Report
@@ -43,6 +44,8 @@ log = logging.getLogger("dropq.agent")
 
 #: the agent's own settings, optional, in its work folder: the `workers:` and `jobs:` sections of a config.yaml
 SETTINGS = "agent.yaml"
+#: a report longer than this (a long error) is sent in a request of its own rather than in a header
+MAX_REPORT_HEADER = 8192
 #: the largest inputs (or programs folder) the agent accepts from its daemon
 MAX_DOWNLOAD = 64 * 1024**3
 
@@ -308,6 +311,11 @@ class Agent:
             report = handle.transport.start(spec, wait=5.0)
             while not report.done:
                 report = handle.transport.status(spec.key, wait=5.0)
+        except JobRefused as exc:
+            # the worker read the job and said no (a program missing here): running it again here would not help
+            log.warning("job %s: the local worker %s refused it: %s", spec.key, handle.name, exc)
+            return Report(key=spec.key, state=JobState.RUNNING, started_at=started).ended(
+                Outcome.ERROR, finished_at=time.time(), error=f"the agent {self.name} could not run it: {exc}")
         except (TransportError, ProtocolMismatch) as exc:
             # the local worker died or refused: not the job's fault, the daemon retries it
             log.warning("job %s: the local worker %s failed: %s", spec.key, handle.name, exc)
@@ -381,12 +389,15 @@ class Agent:
             if left_out:
                 log.warning("job %s: left out of its result, not regular files: %s", lease.key, ", ".join(left_out))
             size = spool.tell()
+            headers = {SHA256: digest, "Content-Length": str(size)}
+            said = json.dumps(report.to_json())
+            if len(said) <= MAX_REPORT_HEADER:  # one request for both (a long error goes on its own)
+                headers[REPORT] = said
             for attempt in range(1, 4):
                 spool.seek(0)
                 try:
                     answer = self.client.call("PUT", f"/v1/jobs/{lease.key}/result", worker=lease.worker,
-                                              data=spool, timeout=max(60.0, self.lease),
-                                              headers={SHA256: digest, "Content-Length": str(size)})
+                                              data=spool, timeout=max(60.0, self.lease), headers=headers)
                     break
                 except SessionGone:
                     self.register(self._generation)
@@ -401,6 +412,8 @@ class Agent:
             return
         if answer.status_code != 200:
             raise AgentError(f"job {lease.key}: the daemon refused its files ({answer.status_code}): {_error(answer)}")
+        if REPORT in headers:
+            return
         answer = self.client.call("POST", f"/v1/jobs/{lease.key}/done", worker=lease.worker,
                                   json={"report": report.to_json()}, timeout=30)
         if answer.status_code != 200:
@@ -423,28 +436,40 @@ class Agent:
                 with receive(answer.raw, length=length if length >= 0 else None, sha256=answer.headers.get(SHA256),
                              limit=MAX_DOWNLOAD) as body:
                     unpack(body, fresh, limit=MAX_DOWNLOAD)
-                old = Path(tempfile.mkdtemp(prefix=".programs-old-", dir=self.work_dir))
-                try:
-                    _replace_contents(self.work_dir / "programs", fresh, old)
-                finally:
-                    shutil.rmtree(old, ignore_errors=True)
-            finally:
+                _replace_contents(self.work_dir / "programs", fresh)
+            except BaseException:
                 shutil.rmtree(fresh, ignore_errors=True)
+                raise
             self._programs = answer.headers.get("X-Dropq-Programs", digest)
             log.info("programs updated from the daemon")
 
 
-def _replace_contents(current: Path, fresh: Path, old: Path) -> None:
-    """Make `current`'s entries those of `fresh`, each by one rename, keeping the folder `current` itself.
+def _replace_contents(folder: Path, fresh: Path) -> None:
+    """Make `folder` hold what `fresh` holds, entry by entry, keeping the folder itself: a docker worker has it
+    bind-mounted, and a mount holds the folder it was made on, not its path (a folder renamed into its place
+    would never be seen). Each entry is renamed in whole, so a program is never seen half-written."""
+    wanted = {e.name for e in os.scandir(fresh)}
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    for entry in os.scandir(folder):
+        if entry.name not in wanted and not entry.name.startswith(".dropq-"):
+            _remove(Path(entry.path))
+    for name in wanted:
+        target = folder / name
+        if os.path.lexists(target):
+            aside = folder / f".dropq-old-{stamp}-{name}"
+            os.rename(target, aside)
+            os.rename(fresh / name, target)
+            _remove(aside)
+        else:
+            os.rename(fresh / name, target)
+    shutil.rmtree(fresh, ignore_errors=True)
 
-    Not the folder swapped for another: the docker pool's workers bind-mount it, and a bind mount holds the
-    folder it was made on, so a worker would go on seeing the old programs (and none after they are removed).
-    `old` (on the same filesystem) receives what is replaced, for the caller to remove."""
-    for entry in sorted(os.listdir(current)):
-        if not (fresh / entry).exists() or (current / entry).is_dir() or (fresh / entry).is_dir():
-            os.rename(current / entry, old / entry)  # a folder cannot be renamed over a folder that has files
-    for entry in sorted(os.listdir(fresh)):
-        os.replace(fresh / entry, current / entry)
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _error(answer: requests.Response) -> str:

@@ -46,11 +46,12 @@ class Agents:
         assert row and row[0], "the daemon published no agents address"
         return str(row[0])
 
-    def start(self, name: str, *, workers: int = 1, token: Path | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *, workers: int = 1, token: Path | None = None,
+              pool: str = "local") -> subprocess.Popen[bytes]:
         log = open(self.log_path(name), "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dropq", "agent", "--server", self.url(), "--token-file", str(token or self.token),
-             "--pool", "local", "--workers", str(workers), "--name", name, "--work-dir", str(self.ws.root / name)],
+             "--pool", pool, "--workers", str(workers), "--name", name, "--work-dir", str(self.ws.root / name)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.ws.root)
         log.close()
         self.procs[name] = proc
@@ -267,12 +268,19 @@ def test_a_wrong_token_is_refused_and_learns_nothing(workspace: Workspace, daemo
 class Hostile:
     def __init__(self, url: str, name: str = "evil") -> None:
         self.url = url
+        self.name = name
         self.auth = {"Authorization": f"Bearer {TOKEN}"}
-        answer = requests.post(f"{url}/v1/register", headers=self.auth, timeout=10,
-                               json={"name": name, "host": "h", "workers": 1, "pool": "local", "protocol": _protocol()})
+        self.register([])
+
+    def register(self, running: list[dict[str, str]]) -> list[str]:
+        """Register (again), saying which leases it still runs; the keys the daemon took back."""
+        answer = requests.post(f"{self.url}/v1/register", headers=self.auth, timeout=10,
+                               json={"name": self.name, "host": "h", "workers": 1, "pool": "local",
+                                     "protocol": _protocol(), "running": running})
         assert answer.status_code == 200, answer.text
         self.session = answer.json()["session"]
         self.worker = answer.json()["workers"][0]
+        return list(answer.json()["accepted"])
 
     def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {**self.auth, "X-Dropq-Session": self.session, "X-Dropq-Worker": self.worker,
@@ -361,6 +369,13 @@ def test_a_hostile_agent_cannot_write_outside_the_staging_folder_nor_answer_for_
     assert list(staging.iterdir()) == [], "nothing of the refused tars is left in the slot's staging folder"
     record_attack("hostile agent: result tar and leases", tried, contained)
     assert contained == tried
+    # an impostor under the holder's name: the lease stays bound to the holder's session
+    impostor = Hostile(agents.url(), name="evil")
+    assert impostor.call("POST", f"/v1/jobs/{key}/renew").status_code == 409
+    assert impostor.register([{"worker": evil.worker, "key": "j9-9-000000000000"}]) == []
+    assert evil.call("POST", f"/v1/jobs/{key}/renew").status_code == 410, "its session was replaced: register again"
+    assert evil.register([{"worker": evil.worker, "key": key}]) == [key]
+    assert impostor.call("POST", f"/v1/jobs/{key}/renew").status_code == 410
     # the lease itself still works for its holder, and the job is committed once, from it
     assert _put(evil, key, good).status_code == 200
     done = evil.call("POST", f"/v1/jobs/{key}/done", json={"report": {
@@ -423,3 +438,83 @@ def test_agents_init_makes_a_certificate_the_agent_checks_the_daemon_by(workspac
     workspace.drop("secure.yaml", {"program": "echo", "args": ["over tls"]})
     assert workspace.wait_results(1, timeout=60)["secure"]["status"] == "succeeded"
     assert (workspace.outbox / "secure" / "stdout.txt").read_text().startswith("over tls")
+
+
+def test_an_agent_back_from_kill_9_stops_what_its_workers_still_ran(workspace: Workspace, daemon: DaemonProcess,
+                                                                    agents: Agents) -> None:
+    from helpers import processes_mentioning
+
+    daemon.start()
+    agents.start("a1")
+    agents.wait_registered("a1")
+    workspace.drop("orphan.yaml", {"program": "sleep", "args": ["300"], "retries": 0})
+    running_on(workspace, "orphan")
+    program = str(workspace.root / "a1" / "programs" / "sleep.py")
+    wait_until(lambda: processes_mentioning(program), timeout=30, what="the job's program to run")
+    agents.procs["a1"].kill()
+    agents.procs["a1"].wait(10)
+    assert processes_mentioning(program), "kill -9 of the agent leaves its worker, and the job, running"
+    agents.start("a1")
+    wait_until(lambda: "from an earlier agent: stopping it" in agents.log("a1"), timeout=30,
+               what="the agent to reconcile")
+    wait_until(lambda: not processes_mentioning(program), timeout=30, what="the orphaned job to be stopped")
+    result = workspace.wait_results(1, timeout=30)["orphan"]
+    assert result["status"] == "failed" and "lost" in result["error"], result
+
+
+def test_the_daemons_own_workers_and_an_agents_serve_one_queue(workspace: Workspace, daemon: DaemonProcess,
+                                                                agents: Agents) -> None:
+    workspace.configure(workers={"count": 1})
+    daemon.start()
+    agents.start("a1")
+    agents.wait_registered("a1")
+    for i in range(12):
+        workspace.drop(f"m{i}.yaml", {"program": "sleep", "args": ["0.3"]})
+    results = workspace.wait_results(12, timeout=60)
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in results.values()), results
+    assert {r["worker"] for r in results.values()} == {"w1", "a1-w1"}
+    listed = dropq_json(workspace.config, "workers")
+    assert [(w["name"], w["agent"]) for w in listed] == [("w1", None), ("a1-w1", "a1")]
+
+
+def test_a_program_changed_on_the_daemon_reaches_a_running_agent(workspace: Workspace, daemon: DaemonProcess,
+                                                                  agents: Agents) -> None:
+    daemon.start()
+    agents.start("a1")
+    agents.wait_registered("a1")
+    workspace.drop("first.yaml", {"program": "echo", "args": ["one"]})
+    assert workspace.wait_results(1, timeout=30)["first"]["status"] == "succeeded"
+    (workspace.programs / "shout.py").write_text("import sys\nprint(' '.join(sys.argv[1:]).upper())\n")
+    workspace.drop("second.yaml", {"program": "shout", "args": ["two"]})
+    assert workspace.wait_results(2, timeout=30)["second"]["status"] == "succeeded"
+    assert (workspace.outbox / "second" / "stdout.txt").read_text() == "TWO\n"
+
+
+@pytest.mark.docker
+def test_an_agent_runs_jobs_on_its_own_docker_workers(workspace: Workspace, daemon: DaemonProcess, agents: Agents,
+                                                       docker_image: str) -> None:
+    from helpers import containers_of, remove_containers
+
+    (workspace.root / "d1").mkdir()
+    (workspace.root / "d1" / "agent.yaml").write_text(yaml.safe_dump({"workers": {"docker": {"image": docker_image}}}))
+    daemon.start()
+    try:
+        agents.start("d1", workers=2, pool="docker")
+        agents.wait_registered("d1")
+        assert set(containers_of(workspace.root / "d1" / "state")) == {"w1", "w2"}
+        for i in range(4):
+            workspace.put(f"t{i}.txt", "a b a\n")
+            workspace.drop(f"c{i}.yaml", {"program": "wordcount", "input": f"t{i}.txt"})
+        workspace.drop("files.yaml", {"program": "makefiles", "args": ["2"]})
+        results = workspace.wait_results(5, timeout=120)
+        assert all(r["status"] == "succeeded" and r["worker"].startswith("d1-w") for r in results.values()), results
+        assert (workspace.outbox / "c3" / "stdout.txt").read_text() == "2 a\n1 b\n"
+        index = workspace.outbox / "files" / "output" / "summary" / "index.txt"
+        assert index.read_text() == "part-1.txt\npart-2.txt\n"
+        # a program added on the daemon's host reaches the containers, whose programs folder is a bind mount
+        (workspace.programs / "shout.py").write_text("import sys\nprint(' '.join(sys.argv[1:]).upper())\n")
+        workspace.drop("late.yaml", {"program": "shout", "args": ["late"]})
+        assert workspace.wait_results(6, timeout=60)["late"]["status"] == "succeeded"
+    finally:
+        agents.stop_all()
+        remove_containers(workspace.root / "d1" / "state")

@@ -178,8 +178,8 @@ def test_the_agent_updates_its_programs_in_the_folder_its_docker_workers_have_mo
     """A bind mount holds the folder it was made on: programs are replaced inside it, the folder itself kept."""
     from dropq.agent import _replace_contents
 
-    current, fresh, old = tmp_path / "programs", tmp_path / "fresh", tmp_path / "old"
-    for folder in (current, fresh, old):
+    current, fresh = tmp_path / "programs", tmp_path / "fresh"
+    for folder in (current, fresh):
         folder.mkdir()
     (current / "gone.py").write_text("old")
     (current / "kept.py").write_text("old")
@@ -190,7 +190,7 @@ def test_the_agent_updates_its_programs_in_the_folder_its_docker_workers_have_mo
     (fresh / "pkg").mkdir()
     (fresh / "pkg" / "mod.py").write_text("new")
     inode = current.stat().st_ino
-    _replace_contents(current, fresh, old)
+    _replace_contents(current, fresh)
     assert current.stat().st_ino == inode
     assert sorted(p.relative_to(current).as_posix() for p in current.rglob("*")) == [
         "added.py", "kept.py", "pkg", "pkg/mod.py"]

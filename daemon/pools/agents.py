@@ -66,6 +66,8 @@ POLL_MAX = 20.0
 SESSION = "X-Dropq-Session"
 WORKER = "X-Dropq-Worker"
 SHA256 = "X-Dropq-Sha256"
+#: the job's final report, sent along with its files (PUT .../result) when it is small enough for a header
+REPORT = "X-Dropq-Report"
 #: the three pieces of a job's staging folder, as named in the result's tar
 RESULT_TOPS = frozenset({"output", "stdout", "stderr"})
 
@@ -106,6 +108,9 @@ class _Slot:
     #: the grace ends to say it still runs it
     reattach: bool = False
     uploads: int = field(default=0)
+    #: the session of the agent that holds the lease: another process registered under the agent's name (a
+    #: copy started by mistake, or a hostile one) cannot renew it or answer for it
+    session: str | None = None
 
     def clear(self) -> None:
         self.key, self.offer, self.leased, self.report, self.cancel = None, None, False, None, False
@@ -134,6 +139,7 @@ class AgentPool(Pool):
         self._sessions: dict[str, str] = {}
         self._grace_until = 0.0
         self._digest, self._digest_at = "", 0.0
+        self._digest_of: tuple[int, int] = (0, 0)
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -215,7 +221,11 @@ class AgentPool(Pool):
         return None
 
     def keeps_running(self, name: str) -> bool:
-        return True
+        """A leased job runs on while the daemon restarts (its agent reports it); one only offered has not
+        started anywhere, and is queued again at once."""
+        with self._cond:
+            slot = self._slots.get(name)
+            return slot is not None and slot.leased
 
     def detail(self, name: str, health: Incarnation) -> str:
         with self._cond:
@@ -347,6 +357,7 @@ class AgentPool(Pool):
             return False
         if slot.key == key and slot.leased:
             slot.expires = time.monotonic() + self.lease
+            slot.session = agent.session
             return True
         if slot.key is not None or not slot.reattach:
             return False
@@ -354,7 +365,7 @@ class AgentPool(Pool):
         if job is None or self._key_of(job) != key:
             return False
         slot.key, slot.leased, slot.started_at = key, True, time.time()
-        slot.expires = time.monotonic() + self.lease
+        slot.expires, slot.session = time.monotonic() + self.lease, agent.session
         slot.reattach = False
         return True
 
@@ -377,6 +388,7 @@ class AgentPool(Pool):
                 if slot.offer is not None and not slot.leased:
                     spec, slot.offer = slot.offer, None
                     slot.leased, slot.expires = True, time.monotonic() + self.lease
+                    slot.session = agent.session
                     self._cond.notify_all()
                     return 200, {"spec": spec.to_json(), "lease_seconds": self.lease,
                                  "programs": self._programs_digest()}
@@ -387,10 +399,17 @@ class AgentPool(Pool):
             return 204, None
 
     def _programs_digest(self) -> str:
-        """(under self._cond) The programs folder's digest, computed at most once a second."""
+        """(under self._cond) The programs folder's digest: computed again when a program was added, removed or
+        replaced (the folder's mtime changes), else at most once a second (a file edited in place)."""
         now = time.monotonic()
-        if now - self._digest_at > 1.0:
+        try:
+            info = os.stat(self.config.programs)
+            folder = (info.st_ino, info.st_mtime_ns)
+        except OSError:
+            folder = (0, 0)
+        if now - self._digest_at > 1.0 or folder != self._digest_of:
             self._digest, self._digest_at = programs_digest(self.config.programs), now
+            self._digest_of = folder
         return self._digest
 
     def _programs(self) -> Response:
@@ -419,6 +438,8 @@ class AgentPool(Pool):
         slot = self._slots.get(worker)
         if slot is None or slot.agent != agent.name or slot.key != key or not slot.leased:
             return None
+        if slot.session != agent.session:
+            return None  # leased by an earlier session of this name, which has not registered again with it
         if time.monotonic() > slot.expires:
             return None  # ended, even if the balancer has not looked yet
         return slot
@@ -485,6 +506,13 @@ class AgentPool(Pool):
                     staging.output.mkdir()
                 slot.uploads += 1
                 self._touch(agent)
+            if request.headers.get(REPORT):
+                # the final report with the files, in one request: one round trip less on every job
+                try:
+                    report = json.loads(request.headers[REPORT])
+                except ValueError:
+                    return 400, {"error": f"{REPORT}: not JSON"}
+                return self._done(agent, worker, key, {"report": report})
             return 200, {}
         except BadArchive as exc:
             log.warning("agent %s sent a bad result for job %s: %s", agent.name, key, exc)

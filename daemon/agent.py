@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import requests
 import yaml
@@ -191,7 +191,10 @@ class Agent:
                 pool.replace(handle.name)
             for folder in (handle.jobs_dir, handle.inputs_dir):
                 for entry in os.scandir(folder):
-                    remove_tree(Path(entry.path)) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        remove_tree(Path(entry.path))
+                    else:
+                        os.unlink(entry.path)
 
     def register(self, seen: int) -> None:
         """(Re)register with the daemon, listing the jobs running here; retried until it answers. `seen`: the
@@ -393,19 +396,8 @@ class Agent:
             said = json.dumps(report.to_json())
             if len(said) <= MAX_REPORT_HEADER:  # one request for both (a long error goes on its own)
                 headers[REPORT] = said
-            for attempt in range(1, 4):
-                spool.seek(0)
-                try:
-                    answer = self.client.call("PUT", f"/v1/jobs/{lease.key}/result", worker=lease.worker,
-                                              data=spool, timeout=max(60.0, self.lease), headers=headers)
-                    break
-                except SessionGone:
-                    self.register(self._generation)
-                except Unreachable:
-                    if time.monotonic() - lease.last_ok > self.lease or attempt == 3:
-                        raise
-                    time.sleep(0.5 * attempt)
-            else:
+            answer = self._put_result(lease, spool, headers)
+            if answer is None:
                 return
         if answer.status_code == 409:
             log.warning("job %s: result refused: %s", lease.key, _error(answer))
@@ -418,6 +410,28 @@ class Agent:
                                   json={"report": report.to_json()}, timeout=30)
         if answer.status_code != 200:
             log.warning("job %s: report refused (%d): %s", lease.key, answer.status_code, _error(answer))
+
+    def _put_result(self, lease: _Lease, spool: IO[bytes], headers: dict[str, str]) -> requests.Response | None:
+        """PUT the result's tar, tried again while the lease may still hold (a daemon restarting meanwhile
+        collects it when it is back); None when it is dropped."""
+        while True:
+            spool.seek(0)
+            generation = self._generation
+            try:
+                return self.client.call("PUT", f"/v1/jobs/{lease.key}/result", worker=lease.worker,
+                                        data=spool, timeout=max(60.0, self.lease), headers=headers)
+            except SessionGone:
+                self.register(generation)  # lists this job: it is still in self._leases
+                if lease.dropped is not None:
+                    log.warning("job %s: result dropped: %s", lease.key, lease.dropped)
+                    return None
+            except Unreachable as exc:
+                if time.monotonic() - lease.last_ok > self.lease:
+                    log.warning("job %s: result dropped: no contact with the daemon for more than %gs (%s)",
+                                lease.key, self.lease, exc)
+                    return None
+                if self._stop.wait(0.5):
+                    return None
 
     def _programs_current(self, digest: Any) -> None:
         """Fetch the daemon's programs folder when it changed (the poll's answer names its digest)."""

@@ -190,15 +190,19 @@ def test_a_daemon_restart_collects_the_jobs_agents_run_without_running_them_agai
     agents.start("a1", workers=2)
     agents.start("a2")
     agents.wait_registered("a1", "a2")
-    for i in range(3):
-        workspace.drop(f"long{i}.yaml", {"program": "sleep", "args": ["4"]})
-    for i in range(3):
-        running_on(workspace, f"long{i}")
+    from helpers import processes_mentioning
+
+    # two run on through the restart; the third ends while the daemon is down, and its agent keeps its result
+    for job_id, seconds in (("long0", "4"), ("long1", "4"), ("quick", "1.25")):
+        workspace.drop(f"{job_id}.yaml", {"program": "sleep", "args": [seconds]})
+    for job_id in ("long0", "long1", "quick"):
+        running_on(workspace, job_id)
     stopped_at = time.time()
     assert daemon.stop() == 0
+    wait_until(lambda: not processes_mentioning("sleep.py 1.25"), timeout=30, what="the quick job to end")
     daemon.start()
     results = workspace.wait_results(3, timeout=60)
-    assert sorted(os.listdir(workspace.outbox)) == ["long0", "long1", "long2"]
+    assert sorted(os.listdir(workspace.outbox)) == ["long0", "long1", "quick"]
     for job_id, result in results.items():
         assert result["status"] == "succeeded", result
         assert result["attempts"] == 1, result
@@ -475,6 +479,12 @@ def test_the_daemons_own_workers_and_an_agents_serve_one_queue(workspace: Worksp
     assert {r["worker"] for r in results.values()} == {"w1", "a1-w1"}
     listed = dropq_json(workspace.config, "workers")
     assert [(w["name"], w["agent"]) for w in listed] == [("w1", None), ("a1-w1", "a1")]
+    metrics = daemon.get("/metrics").text
+    assert f'dropq_agent_up{{agent="a1",host="{socket.gethostname()}"}} 1.0' in metrics, metrics
+    assert 'dropq_agent_workers{agent="a1"' in metrics and "dropq_agent_last_contact_seconds" in metrics
+    shown = daemon.get("/api/workers").json()
+    assert [(w["name"], w["agent"], w["agent_state"]) for w in shown["workers"]] == [
+        ("w1", None, None), ("a1-w1", "a1", "connected")]
 
 
 def test_a_program_changed_on_the_daemon_reaches_a_running_agent(workspace: Workspace, daemon: DaemonProcess,

@@ -192,6 +192,7 @@ class AgentPool(Pool):
             self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.store.set_meta("agents", "")
 
     def workers(self) -> list[WorkerHandle]:
         with self._cond:
@@ -543,7 +544,9 @@ class AgentPool(Pool):
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         request = Request(environ)
         try:
-            response = self._dispatch(request)
+            # a kept-alive connection may bring a request after stop(): the agent is told to come back later
+            response = _json(503, {"error": "the daemon is stopping"}) if self._stopping.is_set() \
+                else self._dispatch(request)
         except Exception:
             log.exception("agents API: %s %s failed", request.method, request.path)
             response = _json(500, {"error": "internal error"})

@@ -37,6 +37,12 @@ def cmd_image(config: Config, args: argparse.Namespace) -> int:
         print("dropq: --offline is deprecated (it needs a Debian mirror, not no network): use --from-debian, "
               "with --mirror URL for a local mirror", file=sys.stderr)
     from_debian = args.from_debian or args.offline or args.mirror is not None
+    if args.agent:
+        from dropq.pools.agent_image import AGENT_IMAGE, build_agent
+
+        print(build_agent(args.tag or AGENT_IMAGE, from_debian=from_debian, mirror=args.mirror or DEFAULT_MIRROR,
+                          force=args.force))
+        return Exit.OK
     print(build(args.tag or config.workers.docker.image, from_debian=from_debian,
                 mirror=args.mirror or DEFAULT_MIRROR, force=args.force))
     return Exit.OK

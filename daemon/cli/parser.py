@@ -33,6 +33,7 @@ examples:
   dropq cancel moby                           cancel a queued or running job
   dropq retry moby --wait                     run a finished job again, on the same inputs
   dropq image build --from-debian             build the worker image from Debian packages, no registry
+  dropq image build --agent --from-debian     the agent image (dropq-agent:latest) for deploy/swarm/stack.yml
   dropq env build report                      build the environment of program report ahead of its jobs
   dropq env list                              programs' environments: packages, size, last use
   dropq prune --older-than 30d --dry-run      which published job folders a prune would remove
@@ -186,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     # the old name, which promised a build without network; kept for scripts, with a warning
     build.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     build.add_argument("--force", action="store_true", help="rebuild even when the image is current")
-    build.add_argument("--tag", help="image name (default: workers.docker.image from the config)")
+    build.add_argument("--tag", help="image name (default: workers.docker.image from the config; with --agent, "
+                                     "dropq-agent:latest)")
+    build.add_argument("--agent", action="store_true",
+                       help="build the agent image instead: the whole dropq, for `dropq agent` under Docker Swarm "
+                            "(deploy/swarm/stack.yml); its wheels are fetched first by this host's pip, the "
+                            "build itself needs no network with --from-debian")
 
     jobs = sub.add_parser("jobs", help="the jobs, newest first, filtered by status and age",
                           description="List jobs, newest first: id, status, program, when it was submitted, how "

@@ -169,6 +169,7 @@ class Agent:
                      self.pool_kind)
             self._stop.wait()
         finally:
+            self._cancel_running(pool)
             pool.stop()
         if self.failure:
             raise AgentError(self.failure)
@@ -176,6 +177,19 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _cancel_running(self, pool: Pool) -> None:
+        """Stopping: whatever the workers still run is cancelled. Its lease runs out and the daemon retries it
+        elsewhere; a docker worker left running for the next agent (on_shutdown: leave) would otherwise finish
+        it for nothing, its result dropped."""
+        for handle in pool.workers():
+            try:
+                busy = handle.transport.health(timeout=self.config.workers.health_timeout).job
+                if busy:
+                    log.info("worker %s: stopping job %s, this agent is stopping", handle.name, busy)
+                    handle.transport.cancel(busy)
+            except (TransportError, ProtocolMismatch) as exc:
+                log.warning("worker %s: could not stop what it runs: %s", handle.name, exc)
 
     def _reconcile(self, pool: Pool) -> None:
         """A killed agent left its workers (which live on in their own session) and their files: whatever a

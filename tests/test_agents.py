@@ -183,24 +183,35 @@ def test_an_agent_killed_mid_job_loses_its_lease_and_the_job_runs_on_another(
     assert sorted(os.listdir(workspace.outbox)) == ["after", "victim"]
 
 
+#: a job that says it started, waits for its gate file to appear, and says it ended (files beside the gate):
+#: the test decides when it ends, whatever the machine's load, and sees it whether forked or started fresh
+GATE = ("import os, sys, time\n"
+        "open(sys.argv[1] + '.started', 'w').close()\n"
+        "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.02)\n"
+        "open(sys.argv[1] + '.ended', 'w').close()\n")
+
+
 def test_a_daemon_restart_collects_the_jobs_agents_run_without_running_them_again(
         workspace: Workspace, daemon: DaemonProcess, agents: Agents) -> None:
     workspace.configure(agents={"lease_seconds": 6})
+    (workspace.programs / "gate.py").write_text(GATE)
     daemon.start()
     agents.start("a1", workers=2)
     agents.start("a2")
     agents.wait_registered("a1", "a2")
-    from helpers import processes_mentioning
-
+    gates = {job_id: workspace.root / f"{job_id}.gate" for job_id in ("long0", "long1", "quick")}
     # two run on through the restart; the third ends while the daemon is down, and its agent keeps its result
-    for job_id, seconds in (("long0", "4"), ("long1", "4"), ("quick", "1.25")):
-        workspace.drop(f"{job_id}.yaml", {"program": "sleep", "args": [seconds]})
-    for job_id in ("long0", "long1", "quick"):
-        running_on(workspace, job_id)
+    for job_id, gate in gates.items():
+        workspace.drop(f"{job_id}.yaml", {"program": "gate", "args": [str(gate)]})
+    for job_id, gate in gates.items():
+        wait_until(lambda g=gate: os.path.exists(f"{g}.started"), timeout=30, what=f"{job_id} to run")
     stopped_at = time.time()
     assert daemon.stop() == 0
-    wait_until(lambda: not processes_mentioning("sleep.py 1.25"), timeout=30, what="the quick job to end")
+    gates["quick"].touch()
+    wait_until(lambda: os.path.exists(f"{gates['quick']}.ended"), timeout=30, what="the quick job to end")
     daemon.start()
+    gates["long0"].touch()
+    gates["long1"].touch()
     results = workspace.wait_results(3, timeout=60)
     assert sorted(os.listdir(workspace.outbox)) == ["long0", "long1", "quick"]
     for job_id, result in results.items():
@@ -446,24 +457,33 @@ def test_agents_init_makes_a_certificate_the_agent_checks_the_daemon_by(workspac
 
 def test_an_agent_back_from_kill_9_stops_what_its_workers_still_ran(workspace: Workspace, daemon: DaemonProcess,
                                                                     agents: Agents) -> None:
-    from helpers import processes_mentioning
-
+    # the job's own pid, from the job: a forked job's command line is its fork server's, not its program's
+    (workspace.programs / "pidsleep.py").write_text(
+        "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)\n")
+    pid_file = workspace.root / "orphan.pid"
     daemon.start()
     agents.start("a1")
     agents.wait_registered("a1")
-    workspace.drop("orphan.yaml", {"program": "sleep", "args": ["300"], "retries": 0})
+    workspace.drop("orphan.yaml", {"program": "pidsleep", "args": [str(pid_file)], "retries": 0})
     running_on(workspace, "orphan")
-    program = str(workspace.root / "a1" / "programs" / "sleep.py")
-    wait_until(lambda: processes_mentioning(program), timeout=30, what="the job's program to run")
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), timeout=30, what="the job to run"))
     agents.procs["a1"].kill()
     agents.procs["a1"].wait(10)
-    assert processes_mentioning(program), "kill -9 of the agent leaves its worker, and the job, running"
+    assert _alive(pid), "kill -9 of the agent leaves its worker, and the job, running"
     agents.start("a1")
     wait_until(lambda: "from an earlier agent: stopping it" in agents.log("a1"), timeout=30,
                what="the agent to reconcile")
-    wait_until(lambda: not processes_mentioning(program), timeout=30, what="the orphaned job to be stopped")
+    wait_until(lambda: not _alive(pid), timeout=30, what="the orphaned job to be stopped")
     result = workspace.wait_results(1, timeout=30)["orphan"]
     assert result["status"] == "failed" and "lost" in result["error"], result
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie, or a pid gone, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def test_the_daemons_own_workers_and_an_agents_serve_one_queue(workspace: Workspace, daemon: DaemonProcess,
@@ -525,6 +545,17 @@ def test_an_agent_runs_jobs_on_its_own_docker_workers(workspace: Workspace, daem
         (workspace.programs / "shout.py").write_text("import sys\nprint(' '.join(sys.argv[1:]).upper())\n")
         workspace.drop("late.yaml", {"program": "shout", "args": ["late"]})
         assert workspace.wait_results(6, timeout=60)["late"]["status"] == "succeeded"
+        # an agent stopped mid-job stops the job, though its containers stay for the next agent to adopt
+        (workspace.programs / "nap.py").write_text("import time\ntime.sleep(300)\n")
+        workspace.drop("nap.yaml", {"program": "nap"})
+        worker = running_on(workspace, "nap").removeprefix("d1-")
+        container = containers_of(workspace.root / "d1" / "state")[worker]
+        wait_until(lambda: "nap.py" in json.dumps(container.top()), timeout=30, what="nap.py to run in the container")
+        agents.procs["d1"].terminate()
+        assert agents.procs["d1"].wait(30) == 0
+        assert set(containers_of(workspace.root / "d1" / "state")) == {"w1", "w2"}, "left for the next agent"
+        wait_until(lambda: "nap.py" not in json.dumps(container.top()), timeout=20,
+                   what="the job to be stopped with its agent")
     finally:
         agents.stop_all()
         remove_containers(workspace.root / "d1" / "state")

@@ -42,6 +42,11 @@ class _Commit:
     inputs: Path | None
 
 
+#: the statuses of a task that count against its array's max_failures
+_FAILED_STATES = (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED)
+_FAILURES = frozenset(state.value for state in _FAILED_STATES)
+
+
 class Committer:
     def __init__(self, *, outbox: Outbox, now: Callable[[], float] = time.time) -> None:
         self.outbox = outbox
@@ -53,6 +58,8 @@ class Committer:
         self._failed: str | None = None
         #: each running array's max_failures, by id (read from its manifest once)
         self._max_failures: dict[str, int | None] = {}
+        #: guards _max_failures: failures are counted on the slots' threads too
+        self._lock = threading.Lock()
 
     def finish(self, job_id: str, outcome: dict[str, Any], *, staging: Staging | None = None,
                inputs: Path | None = None) -> JobRecord:
@@ -63,6 +70,11 @@ class Committer:
         job = self.store.transition(job_id, JobStatus.COMMITTING, outcome=outcome, error=outcome.get("error"),
                                     finished_at=outcome.get("finished_at"))
         self._queue.put(_Commit(job, staging, inputs))
+        if job.parent is not None and outcome.get("status") in _FAILURES:
+            # at once, on the thread of the slot that ran it, before that slot takes its next job: a task that
+            # fails in milliseconds (a forked interpreter) must not let the array's next tasks start while its
+            # commit waits on the committer's thread
+            self._stop_after_failures(job.parent)
         return job
 
     def settle_arrays(self) -> None:
@@ -78,12 +90,30 @@ class Committer:
         array = self.store.find(array_id)
         if array is None or array.status is not JobStatus.RUNNING or array.tasks is None or not array.manifest:
             return
+        limit = self._stop_after_failures(array_id, array)
+        if self.store.open_tasks(array_id):
+            return
+        with self._lock:
+            self._max_failures.pop(array_id, None)
+        self.finish(array_id, array_outcome(array, self.store.task_counts(array_id), limit=limit, now=self._now()))
+
+    def _stop_after_failures(self, array_id: str, array: JobRecord | None = None) -> int | None:
+        """Cancel the array's tasks not yet started once max_failures of them have failed (counting those whose
+        failure is recorded and not yet committed); returns the array's max_failures."""
+        array = array or self.store.find(array_id)
+        if array is None or array.status is not JobStatus.RUNNING or not array.manifest:
+            return None
+        with self._lock:
+            if array_id not in self._max_failures:  # read once: an array over 10,000 files has a long manifest
+                self._max_failures[array_id] = Manifest.from_json(array.manifest).max_failures
+            limit = self._max_failures[array_id]
+        if limit is None:
+            return None
         counts = self.store.task_counts(array_id)
-        failed = sum(counts.get(s.value, 0) for s in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED))
-        if array_id not in self._max_failures:  # read once: an array over 10,000 files has a long manifest
-            self._max_failures[array_id] = Manifest.from_json(array.manifest).max_failures
-        limit = self._max_failures[array_id]
-        if limit is not None and failed >= limit:
+        failed = sum(counts.get(s.value, 0) for s in _FAILED_STATES)
+        failed += sum(1 for task in self.store.tasks_of(array_id, statuses=(JobStatus.COMMITTING,))
+                      if (task.outcome or {}).get("status") in _FAILURES)
+        if failed >= limit:
             reason = (f"the task was cancelled before it ran: {failed} task(s) of the array had failed "
                       f"(max_failures: {limit})")
             for task in self.store.tasks_of(array_id, statuses=(JobStatus.QUEUED, JobStatus.WAITING)):
@@ -92,10 +122,7 @@ class Committer:
                                           "finished_at": self._now()})
                 except StoreError:
                     continue  # a worker took it a moment ago: it runs to its end
-        if self.store.open_tasks(array_id):
-            return
-        self._max_failures.pop(array_id, None)
-        self.finish(array_id, array_outcome(array, self.store.task_counts(array_id), limit=limit, now=self._now()))
+        return limit
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)

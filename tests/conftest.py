@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import engine, exclusive, processes_mentioning, remove_containers  # noqa: E402
+from helpers import engine, exclusive, processes_in, remove_containers  # noqa: E402
 
 #: the worker image docker tests use; another tag (DROPQ_TEST_IMAGE=dropq-worker:mybranch) lets a branch
 #: that changes worker/ test its own image without rebuilding the shared latest one
@@ -205,8 +205,11 @@ def workspace() -> Iterator[Workspace]:
     shutil.copytree(ROOT / "programs", ws.programs)
     ws.configure()
     yield ws
-    for pid in processes_mentioning(str(root)):
-        os.kill(pid, signal.SIGKILL)
+    for pid in processes_in(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue  # it ended between the look and the kill
     remove_containers(ws.state)
     shutil.rmtree(root, ignore_errors=True)
 

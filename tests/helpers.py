@@ -30,6 +30,23 @@ def exclusive(name: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def processes_in(root: Path) -> list[int]:
+    """Pids of processes (other than this one) that mention `root` in their command line or work inside it: a
+    job forked from a warm interpreter has its fork server's command line, but its cwd is its staging folder."""
+    found = set(processes_mentioning(str(root)))
+    me, prefix = os.getpid(), str(root.resolve()) + "/"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+        except OSError:
+            continue
+        if (cwd + "/").startswith(prefix):
+            found.add(int(entry.name))
+    return sorted(found)
+
+
 def processes_mentioning(text: str) -> list[int]:
     """Pids of processes (other than this one) whose command line contains `text`."""
     me = os.getpid()

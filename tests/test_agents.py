@@ -204,7 +204,8 @@ def test_a_daemon_restart_collects_the_jobs_agents_run_without_running_them_agai
     for job_id, gate in gates.items():
         workspace.drop(f"{job_id}.yaml", {"program": "gate", "args": [str(gate)]})
     for job_id, gate in gates.items():
-        wait_until(lambda g=gate: os.path.exists(f"{g}.started"), timeout=30, what=f"{job_id} to run")
+        started = Path(f"{gate}.started")
+        wait_until(started.exists, timeout=30, what=f"{job_id} to run")
     stopped_at = time.time()
     assert daemon.stop() == 0
     gates["quick"].touch()

@@ -1,0 +1,202 @@
+"""Warm interpreters under per-job uids (issue 15, the hardened default): the equivalence programs run
+fresh and forked with `--job-uids` give the same results, and a forked job is as confined as a fresh
+one: it cannot signal, trace or read the (root) fork server, holds its uid's own group and no other,
+no capability, and an environment's `.pth` file runs as the job's uid, never as root.
+
+Real workers as root (the local pool runs jobs under their uids only as root; CI runs as root), each
+with its own uid range, far from those other tests use. Jobs run /usr/bin/python3: the worker's
+own interpreter lives under /root, which no job uid may enter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_warm_equivalence import EXTRA, FOLDER, PROGRAMS, Worker, key, start_worker, stop_worker
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                                reason="jobs under uids of their own need root (CI runs as root) and /usr/bin/python3")
+
+PYTHON = "/usr/bin/python3"
+#: two ranges of 8 uids, one per worker, apart from other test processes' (and from test_owners')
+BASE = 1_750_000_000 + (os.getpid() % 50_000) * 16
+ENV_ID = "00000000000000e1"
+
+ATTACK = textwrap.dedent("""\
+    import ctypes, errno, os, signal
+    server = os.getppid()  # a forked job's parent is its fork server
+    print("server uid", os.stat(f"/proc/{server}").st_uid, "my uid", os.getuid())
+    print("resuid", len(set(os.getresuid())), "resgid", len(set(os.getresgid())),
+          "gid is uid", os.getgid() == os.getuid())
+    print("groups", os.getgroups())
+    try:
+        os.kill(server, 0)
+        print("signal: allowed")
+    except PermissionError:
+        print("signal: refused")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.ptrace(16, server, 0, 0) == 0:  # PTRACE_ATTACH
+        print("ptrace: allowed")
+    else:
+        print("ptrace:", errno.errorcode[ctypes.get_errno()])
+    for name in ("environ", "mem", "maps", "cmdline"):
+        try:
+            with open(f"/proc/{server}/{name}", "rb") as fh:
+                fh.read(1)
+            print(name + ": read")
+        except PermissionError:
+            print(name + ": refused")
+        except OSError as exc:
+            print(name + ":", errno.errorcode[exc.errno])
+    caps = {}
+    for line in open("/proc/self/status"):
+        if line.startswith("Cap") or line.startswith("NoNewPrivs"):
+            name, value = line.split(":")
+            caps[name] = value.strip()
+    print(sorted(caps.items()))
+    print("own environ readable", len(open("/proc/self/environ", "rb").read()) > 0)
+    print("fds", sorted(int(fd) for fd in os.listdir("/proc/self/fd")))
+    """)
+
+PTH_PROGRAM = textwrap.dedent("""\
+    import os, sys
+    print(open(os.path.join(os.environ["DROPQ_OUTPUT"], "pth-ran-as.txt")).read())
+    print("uid", os.getuid())
+    print("prefix is the environment", sys.prefix.endswith("%s"), "executable", sys.executable.endswith("/bin/python"))
+    print("in path", any(p.endswith("site-packages") and "%s" in p for p in sys.path))
+    """) % (ENV_ID, ENV_ID)
+
+PTH_LINE = ("import os; open(os.path.join(os.environ['DROPQ_OUTPUT'], 'pth-ran-as.txt'), 'w')"
+            ".write(f'pth ran as {os.getuid()} {os.geteuid()} groups {os.getgroups()}')\n")
+
+
+@pytest.fixture(scope="module")
+def root() -> Iterator[Path]:
+    # not under pytest's temporary folder, which is root's alone: job uids must read the programs
+    folder = Path(tempfile.mkdtemp(prefix="dq-warmuid-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.fixture(scope="module")
+def programs(root: Path) -> Path:
+    folder = root / "programs"
+    for name, text in {**PROGRAMS, **FOLDER, "attack.py": ATTACK, "pth.py": PTH_PROGRAM}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(text.encode("latin-1" if "coding: latin-1" in text else "utf-8"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def envs(root: Path) -> Path:
+    """One environment made from the system interpreter, with a .pth file that says who ran it."""
+    folder = root / "envs"
+    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(folder / ENV_ID)], check=True)
+    site_packages = next((folder / ENV_ID / "lib").glob("python3*/site-packages"))
+    (site_packages / "whoami.pth").write_text(PTH_LINE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(root: Path, programs: Path, envs: Path) -> Iterator[tuple[Worker, Worker]]:
+    workers = root / "workers"
+    workers.mkdir()
+    owner = "--owner", f"{os.getuid()}:{os.getgid()}"
+    fresh = start_worker(workers, "fresh", programs, "--no-warm", "--job-uids", f"{BASE}:8", *owner,
+                         "--envs", str(envs), python=PYTHON)
+    try:
+        warm = start_worker(workers, "warm", programs, "--job-uids", f"{BASE + 8}:8", *owner,
+                            "--envs", str(envs), "--preload", "json", python=PYTHON)
+    except BaseException:
+        stop_worker(fresh)
+        raise
+    yield fresh, warm
+    stop_worker(warm)
+    stop_worker(fresh)
+
+
+@pytest.mark.parametrize("program", [*PROGRAMS, "pkg/main.py"])
+def test_forked_and_fresh_runs_look_the_same_under_job_uids(pair: tuple[Worker, Worker], program: str) -> None:
+    fresh, warm = pair
+    name = key(program)
+    one = fresh.run(program, name, **EXTRA.get(program, {}))
+    two = warm.run(program, name, **EXTRA.get(program, {}))
+    assert not one.report.warm and two.report.warm, ("the warm worker forked it, the fresh one did not",
+                                                     one.report.error, two.report.error)
+    assert one.seen() == two.seen()
+
+
+def _lines(text: str) -> dict[str, str]:
+    return {line.split(":")[0]: line for line in text.splitlines()}
+
+
+def test_a_forked_job_cannot_reach_its_fork_server(pair: tuple[Worker, Worker]) -> None:
+    fresh, warm = pair
+    run = warm.run("attack.py", key("attack"))
+    assert run.report.warm, run.report.error
+    out = run.stdout
+    uid_line = out.splitlines()[0].split()
+    assert uid_line[2] == "0" and BASE + 8 <= int(uid_line[5]) < BASE + 16, out  # the server is root's, the job not
+    assert "resuid 1 resgid 1 gid is uid True" in out, out
+    assert "groups []" in out, out
+    lines = _lines(out)
+    assert lines["signal"] == "signal: refused", out
+    assert lines["ptrace"] == "ptrace: EPERM", out
+    for name in ("environ", "mem", "maps"):
+        assert lines[name] == f"{name}: refused", out
+    assert "('CapAmb', '0000000000000000'), ('CapBnd', '0000000000000000'), ('CapEff', '0000000000000000'), " \
+           "('CapInh', '0000000000000000'), ('CapPrm', '0000000000000000')" in out, out
+    assert "own environ readable True" in out, out
+    # and all of it is what a fresh start under a job uid gives, but the parent (the worker, not a server)
+    same = fresh.run("attack.py", key("attack"))
+    assert not same.report.warm
+    keep = ("resuid", "groups", "[('Cap", "own environ", "fds")
+    assert [line for line in out.splitlines() if line.startswith(keep)] == \
+        [line for line in same.stdout.splitlines() if line.startswith(keep)]
+
+
+def test_an_environments_pth_file_runs_as_the_job_uid(pair: tuple[Worker, Worker]) -> None:
+    fresh, warm = pair
+    name = key("pth")
+    one = fresh.run("pth.py", name, environment=ENV_ID)
+    two = warm.run("pth.py", name, environment=ENV_ID)
+    assert not one.report.warm and two.report.warm, (one.report.error, two.report.error, two.stderr)
+    job_uid = int(two.stdout.split("uid ")[-1].split()[0])
+    assert job_uid != 0 and f"pth ran as {job_uid} {job_uid} groups []" in two.stdout, two.stdout
+    assert "prefix is the environment True executable True" in two.stdout and "in path True" in two.stdout
+    # the same as fresh, but for the uid, which is the next of each worker's own range
+    assert one.stdout.replace(str(job_uid - 8), "UID") == two.stdout.replace(str(job_uid), "UID")
+
+
+def test_the_fork_server_imports_no_preload_and_no_site(pair: tuple[Worker, Worker]) -> None:
+    _, warm = pair
+    warm.run("hello.py", key("hello"))  # a server is running
+    servers = [pid for pid in _descendants(warm.proc.pid)
+               if b"forkserver.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert servers, "no fork server"
+    for pid in servers:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:3] == [b"-I", b"-S"] and b"json" not in argv, argv
+        status = Path(f"/proc/{pid}/status").read_text()
+        cap_eff = int(next(line for line in status.splitlines() if line.startswith("CapEff")).split()[1], 16)
+        assert cap_eff == (1 << 6) | (1 << 7) | (1 << 8), hex(cap_eff)  # SETGID, SETUID, SETPCAP and nothing else
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "site-packages" not in maps, "the privileged server loaded something from site-packages"
+
+
+def _descendants(pid: int) -> list[int]:
+    from dropq_worker import procs
+    found, todo = [], [pid]
+    while todo:
+        for child in procs.children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -149,6 +149,7 @@ def _serve(sock: socket.socket, trusted: frozenset[str]) -> None:  # pragma: no 
             if ctypes.get_errno() == 22:  # EINVAL: past the last capability the kernel knows
                 break
             raise OSError(ctypes.get_errno(), f"could not drop capability {cap}")
+    _clear_inheritable(libc)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the worker's group is the worker's to handle
     keep = sock.fileno()
@@ -187,6 +188,27 @@ def _answer(sock: socket.socket, data: bytes, fds: list[int],
     finally:
         for fd in fds:
             os.close(fd)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _clear_inheritable(libc: ctypes.CDLL) -> None:  # pragma: no cover - in the launcher
+    """No inheritable or ambient capability: a server holds only what the bounding set leaves it (an
+    engine that gives containers inheritable capabilities would otherwise pass them on)."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    data[0].inheritable = data[1].inheritable = 0
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
 
 
 def _reap() -> None:  # pragma: no cover - in the launcher

@@ -73,6 +73,15 @@ PTH_PROGRAM = textwrap.dedent("""\
     print("in path", any(p.endswith("site-packages") and "%s" in p for p in sys.path))
     """) % (ENV_ID, ENV_ID)
 
+PRELOADS = textwrap.dedent("""\
+    # /// script
+    # [tool.dropq]
+    # preload = ["csv"]
+    # ///
+    import sys
+    print("json", "json" in sys.modules, "csv", "csv" in sys.modules, "dropq_worker", "dropq_worker" in sys.modules)
+    """)
+
 PTH_LINE = ("import os; open(os.path.join(os.environ['DROPQ_OUTPUT'], 'pth-ran-as.txt'), 'w')"
             ".write(f'pth ran as {os.getuid()} {os.geteuid()} groups {os.getgroups()}')\n")
 
@@ -89,7 +98,8 @@ def root() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def programs(root: Path) -> Path:
     folder = root / "programs"
-    for name, text in {**PROGRAMS, **FOLDER, "attack.py": ATTACK, "pth.py": PTH_PROGRAM}.items():
+    for name, text in {**PROGRAMS, **FOLDER, "attack.py": ATTACK, "pth.py": PTH_PROGRAM,
+                       "preloads.py": PRELOADS}.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(text.encode("latin-1" if "coding: latin-1" in text else "utf-8"))
     return folder
@@ -114,7 +124,7 @@ def pair(root: Path, programs: Path, envs: Path) -> Iterator[tuple[Worker, Worke
                          "--envs", str(envs), python=PYTHON)
     try:
         warm = start_worker(workers, "warm", programs, "--job-uids", f"{BASE + 8}:8", *owner,
-                            "--envs", str(envs), "--preload", "json", python=PYTHON)
+                            "--envs", str(envs), "--preload", "json,dropq_worker", python=PYTHON)
     except BaseException:
         stop_worker(fresh)
         raise
@@ -176,20 +186,26 @@ def test_an_environments_pth_file_runs_as_the_job_uid(pair: tuple[Worker, Worker
     assert one.stdout.replace(str(job_uid - 8), "UID") == two.stdout.replace(str(job_uid), "UID")
 
 
-def test_the_fork_server_imports_no_preload_and_no_site(pair: tuple[Worker, Worker]) -> None:
+def test_the_fork_server_holds_three_capabilities_and_the_standard_library_only(pair: tuple[Worker, Worker]) -> None:
     _, warm = pair
-    warm.run("hello.py", key("hello"))  # a server is running
+    run = warm.run("preloads.py", key("preloads"))
+    assert run.report.warm, run.report.error
+    # the worker's preloads from the standard library only (dropq_worker is not there), never a program's (csv)
+    assert run.stdout == "json True csv False dropq_worker False\n", run.stdout
     servers = [pid for pid in _descendants(warm.proc.pid)
                if b"forkserver.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert servers, "no fork server"
     for pid in servers:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert argv[1:3] == [b"-I", b"-S"] and b"json" not in argv, argv
+        assert argv[1:3] == [b"-I", b"-S"] and b"csv" not in argv, argv
         status = Path(f"/proc/{pid}/status").read_text()
         cap_eff = int(next(line for line in status.splitlines() if line.startswith("CapEff")).split()[1], 16)
         assert cap_eff == (1 << 6) | (1 << 7) | (1 << 8), hex(cap_eff)  # SETGID, SETUID, SETPCAP and nothing else
+        cap_inh = int(next(line for line in status.splitlines() if line.startswith("CapInh")).split()[1], 16)
+        assert cap_inh == 0
+        assert os.stat(f"/proc/{pid}").st_uid == 0
         maps = Path(f"/proc/{pid}/maps").read_text()
-        assert "site-packages" not in maps, "the privileged server loaded something from site-packages"
+        assert "site-packages" not in maps and "dist-packages" not in maps, "the server loaded a package"
 
 
 def _descendants(pid: int) -> list[int]:

@@ -6,12 +6,13 @@ are built in or C extensions, so that a job finds in `sys.modules` nearly what a
 (plus `_socket`, `marshal`, and whatever was preloaded).
 
     python forkserver.py FD [MODULE ...]
-    python -I -S forkserver.py FD --job-uids
+    python -I -S forkserver.py FD --job-uids [MODULE ...]
 
 The server runs as the worker's uid and its children stay that uid; or, with `--job-uids` (started by
 launcher.py as `python -I -S forkserver.py FD --job-uids`), as root holding only SETUID, SETGID and
 SETPCAP, and each child becomes its job's uid before anything of the job's environment runs (see
-_drop and _site: the server itself imports the standard library only, and no preload). FD is one end of an AF_UNIX
+_drop and _site: the server itself can import the standard library only, and its preloads are the
+worker's, never a program's). FD is one end of an AF_UNIX
 SOCK_SEQPACKET socketpair whose other end the worker (`dropq_worker.warm`) holds. The server imports
 the MODULEs (the preloads), says `ready`, then serves one job at a time, single-threaded, and never
 runs a job's code itself:
@@ -139,9 +140,10 @@ def serve(fd: int, preloads: "list[str]") -> "dict[str, Any] | None":
     if sys.path and os.path.dirname(_HERE) == os.path.abspath(sys.path[0]):
         del sys.path[0]
     os.chdir("/")
-    if preloads == ["--job-uids"]:
+    if preloads[:1] == ["--job-uids"]:
         _take_prctl()
-        preloads = []  # preloads are the environment's code: never imported by a privileged server
+        # the worker's own preloads (launcher.py): sys.path is the standard library alone here
+        preloads = preloads[1:]
     failed = _preload(preloads)
     # what the server holds now (its preloads) goes out of the collector's sight: a collection in a child
     # would otherwise walk, and so copy, every page of it

@@ -16,7 +16,7 @@ An environment's `bin/python` was made by its build, which ran packages' code: t
 executes it, nor reads its `pyvenv.cfg` (the child finds the environment as the job's uid, in
 `site.venv`). A job whose interpreter fails the check starts fresh.
 
-    worker -> launcher   marshal (INTERPRETER,) with two descriptors: the server's end of its socket,
+    worker -> launcher   marshal (INTERPRETER, PRELOADS) with two descriptors: the server's end of its socket,
                          and where its log lines go
     launcher -> worker   marshal ("pid", PID) with the server's pidfd, or ("error", TEXT)
 """
@@ -97,11 +97,12 @@ class Launcher:
         theirs.close()
         return cls(pid, mine)
 
-    def spawn(self, python: str, server_end: int, log_w: int) -> tuple[int, int]:
-        """Have the launcher start a fork server with `python`: its pid and a pidfd of it."""
+    def spawn(self, python: str, preload: tuple[str, ...], server_end: int, log_w: int) -> tuple[int, int]:
+        """Have the launcher start a fork server with `python`, importing the standard library's `preload`
+        modules (the worker's own): its pid and a pidfd of it."""
         try:
             self.sock.settimeout(30)
-            self.sock.sendmsg([marshal.dumps((python,))],
+            self.sock.sendmsg([marshal.dumps((python, list(preload)))],
                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _ints(server_end, log_w))])
             data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4))
         except OSError as exc:
@@ -172,13 +173,14 @@ def _answer(sock: socket.socket, data: bytes, fds: list[int],
             trusted: frozenset[str]) -> None:  # pragma: no cover - in the launcher
     """Start the server one request asks for, and say its pid (with a pidfd) or why not."""
     try:
-        python = str(marshal.loads(data)[0])
+        request = marshal.loads(data)
+        python, preload = str(request[0]), [str(name) for name in request[1]]
         if len(fds) != 2:
             raise LauncherError("a request without its two descriptors")
         why = check_interpreter(python, trusted)
         if why is not None:
             raise LauncherError(why)
-        pid = _start_server(python, fds[0], fds[1])
+        pid = _start_server(python, preload, fds[0], fds[1])
         pidfd = os.pidfd_open(pid)
     except (OSError, LauncherError, ValueError, EOFError, TypeError, IndexError) as exc:
         sock.sendmsg([marshal.dumps(("error", str(exc)))])
@@ -221,7 +223,8 @@ def _reap() -> None:  # pragma: no cover - in the launcher
             return
 
 
-def _start_server(python: str, server_end: int, log_w: int) -> int:  # pragma: no cover - in the launcher
+def _start_server(python: str, preload: list[str], server_end: int,
+                  log_w: int) -> int:  # pragma: no cover - in the launcher
     pid = os.fork()
     if pid == 0:
         try:
@@ -235,7 +238,8 @@ def _start_server(python: str, server_end: int, log_w: int) -> int:  # pragma: n
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir("/")
             # -I -S: no PYTHON* variables, no user site, no site at all (no .pth file), no script folder
-            os.execve(python, [python, "-I", "-S", str(SERVER), "3", "--job-uids"], SERVER_ENV)
+            # (its sys.path is then the standard library alone: a preload can be nothing else)
+            os.execve(python, [python, "-I", "-S", str(SERVER), "3", "--job-uids", *preload], SERVER_ENV)
         except BaseException as exc:  # noqa: BLE001 - a forked child must never return into the launcher
             os.write(2, f"dropq launcher: could not start a fork server: {exc}\n".encode())
         os._exit(127)

@@ -14,10 +14,14 @@ server is dropped and started again for a later job. A start that fails half-way
 see forkserver.py.
 
 Under --job-uids the servers are started by the launcher (launcher.py), with a trusted interpreter in
-isolated mode without site (`-I -S`): they hold SETUID, SETGID and SETPCAP, import the standard library
-only and no preload (a preload is the environment's code; the worker says once that it ignores them),
-and each child takes its job's uid before it runs the environment's `site` and the program. One
-server then serves every environment of that interpreter: the environment is found in the child. A job
+isolated mode without site (`-I -S`): they hold SETUID, SETGID and SETPCAP, and each child takes its
+job's uid before it runs the environment's `site` and the program. One server then serves every
+environment of that interpreter: the environment is found in the child. Its sys.path is the standard
+library alone (root's), so it can import nothing else; and of the preloads it takes only the worker's
+own (--preload: the operator's `workers.preload`), never a program's `preload`, which a job's author
+writes (even a standard-library name can do harm at import, as `antigravity` starts a browser): the
+worker says once that it ignores those, and a worker preload outside the standard library fails as
+"could not preload". A job
 starts fresh there also when it sets an interpreter variable that `-I` would ignore (PYTHON* but
 PYTHONDONTWRITEBYTECODE and PYTHONNOUSERSITE) or a locale other than the server's (LANG=C.UTF-8), or
 when its interpreter is not one the worker trusts (launcher.check_interpreter).
@@ -221,7 +225,7 @@ class Server:
         """Started by the launcher (job uids): a process the worker holds by a pidfd, not its child."""
         log_r, log_w = os.pipe()
         try:
-            pid, pidfd = launcher.spawn(self.python, theirs.fileno(), log_w)
+            pid, pidfd = launcher.spawn(self.python, self.preload, theirs.fileno(), log_w)
         except LauncherError as exc:
             self.sock.close()
             os.close(log_r)
@@ -406,7 +410,7 @@ class WarmPool:
         options = self.options(program)
         if options.fresh:
             return None
-        preload = tuple(sorted(set(self.preload) | set(options.preload)))
+        preload = tuple(sorted(set(self.preload) | set(options.preload if uid is None else ())))
         start_env = {k: v for k, v in env.items() if starts_interpreter(k)}
         rlimits = [] if memory_rlimit is None else [(resource.RLIMIT_DATA, memory_rlimit, memory_rlimit)]
         request: dict[str, Any] = {
@@ -414,11 +418,11 @@ class WarmPool:
             "cwd": str(cwd), "env": env, "rlimits": rlimits, "uid": uid}
         python = argv[0]
         if uid is not None:
-            found = self._uid_mode(argv[0], env, start_env, preload)
+            found = self._uid_mode(argv[0], env, start_env, options.preload)
             if found is None:
                 return None
             request["executable"], python = found
-            preload, start_env = (), {}
+            start_env = {}
         key = (python, preload, tuple(sorted(start_env.items())), uid is not None)
         with self._lock:
             server = self._server(key, python, preload, start_env)
@@ -433,7 +437,7 @@ class WarmPool:
                 return None
 
     def _uid_mode(self, interpreter: str, env: dict[str, str], start_env: dict[str, str],
-                  preload: tuple[str, ...]) -> tuple[str, str] | None:
+                  ignored: tuple[str, ...]) -> tuple[str, str] | None:
         """For a job under a uid of its own: the interpreter as the job would see it (sys.executable)
         and the real one the server runs, or None when the job must start fresh."""
         if self.launcher is None:
@@ -445,10 +449,11 @@ class WarmPool:
         exe = interpreter if "/" in interpreter else shutil.which(interpreter, path=env.get("PATH"))
         if exe is None:
             return None
-        if preload and not self._said_preloads:
+        if ignored and not self._said_preloads:
             self._said_preloads = True
-            log.warning("preloads (%s) are ignored for jobs under their own uids: a preload is the "
-                        "environment's code, which never runs in a privileged fork server", ", ".join(preload))
+            log.warning("a program's own preloads (%s) are ignored for jobs under their own uids: the fork "
+                        "server is privileged, and imports only the worker's preloads, from the standard "
+                        "library (README: The warm interpreter)", ", ".join(ignored))
         exe = os.path.abspath(exe)
         return exe, os.path.realpath(exe)
 

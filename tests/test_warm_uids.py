@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import textwrap
@@ -19,7 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_warm_equivalence import EXTRA, FOLDER, PROGRAMS, Worker, key, start_worker, stop_worker
+from test_warm_equivalence import EXTRA, FOLDER, PROGRAMS, Worker, _zombie, key, start_worker, stop_worker
+
+from dropq_worker import isolation, procs
+from dropq_worker.protocol import JobSpec
+from helpers import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
                                 reason="jobs under uids of their own need root (CI runs as root) and /usr/bin/python3")
@@ -209,10 +214,120 @@ def test_the_fork_server_holds_three_capabilities_and_the_standard_library_only(
 
 
 def _descendants(pid: int) -> list[int]:
-    from dropq_worker import procs
     found, todo = [], [pid]
     while todo:
         for child in procs.children(todo.pop()):
             found.append(child)
             todo.append(child)
     return found
+
+
+def _servers(worker: Worker) -> list[int]:
+    """The worker's fork servers (started by its launcher, in the worker's session; its jobs have their own)."""
+    found = []
+    for pid in _descendants(worker.proc.pid):
+        try:
+            if b"forkserver.py" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                    os.getsid(pid) == os.getsid(worker.proc.pid):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_jobs_that_a_privileged_server_cannot_honour_start_fresh(pair: tuple[Worker, Worker], root: Path,
+                                                                 envs: Path) -> None:
+    _, warm = pair
+    # variables -I would ignore, and another locale: only a fresh start honours them
+    assert not warm.run("hello.py", key("pythonpath"), env={"PYTHONPATH": "/nowhere"}).report.warm
+    assert not warm.run("hello.py", key("locale"), env={"LANG": "C"}).report.warm
+    assert warm.run("hello.py", key("bytecode"), env={"PYTHONDONTWRITEBYTECODE": ""}).report.warm
+    # an environment whose interpreter is its own copy (made by its build): never run by the server
+    copied = "00000000000000c0"
+    subprocess.run([PYTHON, "-m", "venv", "--copies", "--without-pip", str(envs / copied)], check=True)
+    try:
+        run = warm.run("hello.py", key("copied"), environment=copied)
+        assert (run.report.warm, run.stdout) == (False, "hello\n"), run.report.error
+    finally:
+        shutil.rmtree(envs / copied)
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_forked_job_under_a_uid_is_stopped_whole(pair: tuple[Worker, Worker], programs: Path, how: str) -> None:
+    _, warm = pair
+    (programs / "sleeper.py").write_text(textwrap.dedent("""\
+        import os, subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        open("started", "w").close()
+        time.sleep(600)
+        """))
+    name = key(how)
+    warm.transport.start(JobSpec(key=name, job_id=name, program="sleeper.py", timeout=3 if how == "timeout" else 60,
+                                 kill_grace=1.0))
+    wait_until(lambda: (warm.jobs / name / "started").exists(), timeout=30, what="the job to start")
+    uid = os.stat(warm.jobs / name / "started").st_uid
+    assert uid >= BASE + 8
+    if how == "cancel":
+        warm.transport.cancel(name)
+    report = wait_until(lambda: (r := warm.transport.status(name, wait=5)).done and r, timeout=60,
+                        what="the job to end")
+    assert report.warm and report.outcome == ("timed_out" if how == "timeout" else "cancelled")
+    assert not isolation.processes_of(uid), "every process of the job's uid is gone, its setsid child too"
+    assert _servers(warm), "the fork server outlives its jobs"
+
+
+@pytest.fixture
+def lone(root: Path, programs: Path, envs: Path) -> Iterator[Worker]:
+    """A warm worker of its own under job uids, for a test that kills its fork servers."""
+    folder = Path(tempfile.mkdtemp(prefix="lone-", dir=root))
+    folder.chmod(0o755)
+    worker = start_worker(folder, "lone", programs, "--job-uids", f"{BASE + 16}:8", "--owner",
+                          f"{os.getuid()}:{os.getgid()}", python=PYTHON)
+    yield worker
+    stop_worker(worker)
+
+
+def test_a_job_whose_privileged_server_dies_while_it_runs_still_reports_its_exit(lone: Worker,
+                                                                                programs: Path) -> None:
+    (programs / "outlive.py").write_text(textwrap.dedent("""\
+        import os, sys, time
+        open("started", "w").close()
+        while not os.path.exists("go-on"):
+            time.sleep(0.01)
+        print("outlived my fork server")
+        sys.exit(9)
+        """))
+    name = key("outlive")
+    lone.transport.start(JobSpec(key=name, job_id=name, program="outlive.py", timeout=60))
+    wait_until(lambda: (lone.jobs / name / "started").exists(), timeout=30, what="the job to start")
+    servers = _servers(lone)
+    assert servers
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not set(servers) & set(_servers(lone)), timeout=30, what="the server to go")
+    (lone.jobs / name / "go-on").touch()  # as root: the job's folder is its uid's, 0700
+    report = wait_until(lambda: (r := lone.transport.status(name, wait=5)).done and r, timeout=30,
+                        what="the job to end")
+    assert (report.outcome, report.exit_code, report.warm) == ("exited", 9, True)
+    assert (lone.jobs / f"{name}.stdout").read_text() == "outlived my fork server\n"
+    # the launcher starts a new one
+    run = wait_until(lambda: (r := lone.run("hello.py", key("after"))).report.warm and r, timeout=60,
+                     what="a new fork server to take over")
+    assert run.stdout == "hello\n"
+
+
+def test_the_launcher_and_its_servers_leave_with_their_worker(root: Path, programs: Path) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="doomed-", dir=root))
+    folder.chmod(0o755)
+    worker = start_worker(folder, "doomed", programs, "--job-uids", f"{BASE + 24}:8", "--owner",
+                          f"{os.getuid()}:{os.getgid()}", python=PYTHON)
+    try:
+        assert worker.run("hello.py", key("doomed")).report.warm
+        left = _descendants(worker.proc.pid)  # the launcher and the server
+        assert len(left) >= 2
+        worker.proc.kill()
+        worker.proc.wait(10)
+        wait_until(lambda: all(procs.start_time(pid) is None or _zombie(pid) for pid in left), timeout=30,
+                   what="the launcher and the fork server to exit")
+    finally:
+        stop_worker(worker)

@@ -87,6 +87,18 @@ PRELOADS = textwrap.dedent("""\
     print("json", "json" in sys.modules, "csv", "csv" in sys.modules, "dropq_worker", "dropq_worker" in sys.modules)
     """)
 
+#: a child interpreter started by multiprocessing's spawn gets the interpreter flags of sys.flags: it must
+#: find the environment's packages as a fresh start's child does (not -I -S, the server's own)
+SPAWN = textwrap.dedent("""\
+    import multiprocessing, sys
+    def value(_):
+        import envmod
+        return envmod.VALUE, sys.flags.no_site, sys.flags.isolated
+    if __name__ == "__main__":
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            print(pool.map(value, [0]))
+    """)
+
 PTH_LINE = ("import os; open(os.path.join(os.environ['DROPQ_OUTPUT'], 'pth-ran-as.txt'), 'w')"
             ".write(f'pth ran as {os.getuid()} {os.geteuid()} groups {os.getgroups()}')\n")
 
@@ -104,7 +116,8 @@ def root() -> Iterator[Path]:
 def programs(root: Path) -> Path:
     folder = root / "programs"
     for name, text in {**PROGRAMS, **FOLDER, "attack.py": ATTACK, "pth.py": PTH_PROGRAM,
-                       "preloads.py": PRELOADS}.items():
+                       "preloads.py": PRELOADS,
+                       "spawn.py": SPAWN}.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(text.encode("latin-1" if "coding: latin-1" in text else "utf-8"))
     return folder
@@ -117,6 +130,7 @@ def envs(root: Path) -> Path:
     subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(folder / ENV_ID)], check=True)
     site_packages = next((folder / ENV_ID / "lib").glob("python3*/site-packages"))
     (site_packages / "whoami.pth").write_text(PTH_LINE)
+    (site_packages / "envmod.py").write_text("VALUE = 7\n")
     return folder
 
 
@@ -189,6 +203,15 @@ def test_an_environments_pth_file_runs_as_the_job_uid(pair: tuple[Worker, Worker
     assert "prefix is the environment True executable True" in two.stdout and "in path True" in two.stdout
     # the same as fresh, but for the uid, which is the next of each worker's own range
     assert one.stdout.replace(str(job_uid - 8), "UID") == two.stdout.replace(str(job_uid), "UID")
+
+
+def test_a_spawned_child_interpreter_finds_the_environment(pair: tuple[Worker, Worker]) -> None:
+    fresh, warm = pair
+    name = key("spawn")
+    one = fresh.run("spawn.py", name, environment=ENV_ID)
+    two = warm.run("spawn.py", name, environment=ENV_ID)
+    assert two.report.warm and not one.report.warm, two.report.error
+    assert one.seen() == two.seen() and two.stdout == "[(7, 0, 0)]\n", (one.stdout, two.stdout, two.stderr)
 
 
 def test_the_fork_server_holds_three_capabilities_and_the_standard_library_only(pair: tuple[Worker, Worker]) -> None:

@@ -202,7 +202,8 @@ def test_an_environments_pth_file_runs_as_the_job_uid(pair: tuple[Worker, Worker
     assert job_uid != 0 and f"pth ran as {job_uid} {job_uid} groups []" in two.stdout, two.stdout
     assert "prefix is the environment True executable True" in two.stdout and "in path True" in two.stdout
     # the same as fresh, but for the uid, which is the next of each worker's own range
-    assert one.stdout.replace(str(job_uid - 8), "UID") == two.stdout.replace(str(job_uid), "UID")
+    fresh_uid = int(one.stdout.split("uid ")[-1].split()[0])
+    assert one.stdout.replace(str(fresh_uid), "UID") == two.stdout.replace(str(job_uid), "UID")
 
 
 def test_a_spawned_child_interpreter_finds_the_environment(pair: tuple[Worker, Worker]) -> None:

@@ -128,10 +128,12 @@ class WorkersConfig(_Section):
     warm: bool = True
     """fork each Python job from a warm interpreter of its environment (a fork server per worker and
     environment) rather than start a new one: the same to the program, a few milliseconds instead of tens
-    (README: The warm interpreter). Not with job_uids on a pool that uses them: such jobs start fresh"""
+    (README: The warm interpreter). With job_uids too: each forked job drops to its uid before any of its
+    environment's code runs"""
     preload: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]] = []
     """modules every warm interpreter imports before it forks jobs, e.g. [numpy]; one an environment lacks is
-    skipped. A program adds its own with `preload = [...]` under [tool.dropq]"""
+    skipped. A program adds its own with `preload = [...]` under [tool.dropq]. Under job_uids only these, and
+    only those of the standard library, load (the fork server is privileged)"""
     docker: DockerConfig = DockerConfig()
     capacity: CapacityConfig = CapacityConfig()
 

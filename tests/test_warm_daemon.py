@@ -17,7 +17,8 @@ SUBSET = ["hello.py", "no_newline.py", "exit_string.py", "exit_code.py", "raise.
           "finalizer.py", "subprocess_child.py", "large_output.py", "pkg/main.py"]
 
 WHICH = ("import os\nparent = open(f'/proc/{os.getppid()}/cmdline', 'rb').read()\n"
-         "print('forked' if b'forkserver.py' in parent else 'fresh')\n")
+         "print('forked' if b'forkserver.py' in parent else 'fresh')\n"
+         "print('uid', 'root' if os.getuid() == 0 else 'own' if os.getuid() >= 1_600_000_000 else 'daemon')\n")
 
 
 def _outcome(ws: Workspace, job_id: str) -> tuple[Any, ...]:
@@ -27,12 +28,17 @@ def _outcome(ws: Workspace, job_id: str) -> tuple[Any, ...]:
             (folder / "stdout.txt").read_text(errors="replace"), (folder / "stderr.txt").read_text(errors="replace"))
 
 
-@pytest.mark.parametrize("pool", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+@pytest.mark.parametrize("pool", ["local", pytest.param("docker", marks=pytest.mark.docker),
+                                  pytest.param("docker-job-uids", marks=pytest.mark.docker)])
 def test_fresh_and_forked_jobs_through_the_daemon_look_the_same(
         pool: str, workspace: Workspace, daemon: DaemonProcess, request: pytest.FixtureRequest) -> None:
-    # warm interpreters need jobs under the worker's own uid (README: The warm interpreter)
+    # the worker's own uid for jobs, or (docker-job-uids) the hardened default: a uid per job, and the fork
+    # server forks them all the same (README: The warm interpreter)
     workers: dict[str, Any] = {"pool": pool, "count": 1, "job_uids": None}
-    if pool == "docker":
+    if pool == "docker-job-uids":
+        workers = {"pool": "docker", "count": 1}
+        assert "job_uids" not in workspace.config.read_text()  # the default, per-job uids, holds
+    if pool.startswith("docker"):
         workers["docker"] = {"image": request.getfixturevalue("docker_image")}
     workspace.configure(workers=workers)
     sources = {**PROGRAMS, **FOLDER}
@@ -58,5 +64,6 @@ def test_fresh_and_forked_jobs_through_the_daemon_look_the_same(
         assert "interpreter" not in workspace.result(f"fresh-{i}")
         assert workspace.result(f"warm-{i}")["interpreter"] == "forked"
     last = len(SUBSET)
-    assert (workspace.outbox / f"fresh-{last}" / "stdout.txt").read_text() == "fresh\n"
-    assert (workspace.outbox / f"warm-{last}" / "stdout.txt").read_text() == "forked\n"
+    uid = "uid own" if pool == "docker-job-uids" else "uid daemon" if pool == "docker" else "uid"
+    assert (workspace.outbox / f"fresh-{last}" / "stdout.txt").read_text().startswith(f"fresh\n{uid}")
+    assert (workspace.outbox / f"warm-{last}" / "stdout.txt").read_text().startswith(f"forked\n{uid}")

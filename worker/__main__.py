@@ -19,6 +19,7 @@ from types import FrameType
 from . import isolation, procs, warm
 from .app import create_app
 from .job import Settings
+from .launcher import Launcher
 from .runner import Runner
 from .supervise import reap_abandoned
 
@@ -70,13 +71,23 @@ def _expand(args: argparse.Namespace) -> None:
         args.socket.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _job_uids(args: argparse.Namespace) -> isolation.JobUids | None:
-    """The job uids of --job-uids, after checking the worker may use them and emptying its bounding set."""
+def _job_uids(args: argparse.Namespace) -> tuple[isolation.JobUids | None, Launcher | None]:
+    """The job uids of --job-uids, after checking the worker may use them and emptying its bounding set;
+    and, for warm interpreters, the launcher of fork servers, forked just before that (launcher.py)."""
     if not args.job_uids:
-        return None
+        return None, None
     uids = isolation.parse_uids(args.job_uids, args.owner or "0:0")
-    isolation.prepare_worker()
-    return uids
+    launcher = None
+    if args.warm and os.geteuid() == 0:
+        launcher = Launcher.start(args.python)
+        procs.spare(launcher.pid)  # the worker's own child, not a job's leftover
+    try:
+        isolation.prepare_worker()
+    except isolation.IsolationError:
+        if launcher is not None:
+            launcher.close()
+        raise
+    return uids, launcher
 
 
 def _reclaim(jobs: Path, uids: isolation.JobUids) -> None:
@@ -100,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         # set here once and inherited by every job; the worker's own files are capped below it anyway
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_bytes, args.max_file_bytes))
     try:
-        uids = _job_uids(args)
+        uids, launcher = _job_uids(args)
         preload = warm.check_preloads([name for name in args.preload.split(",") if name])
     except (isolation.IsolationError, ValueError) as exc:
         print(f"dropq-worker: {exc}", file=sys.stderr)
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         _reclaim(args.jobs, uids)
     runner = Runner(Settings(programs=args.programs, inputs=args.inputs, jobs=args.jobs, python=args.python,
                              envs=args.envs, uids=uids, max_disk_bytes=args.max_disk_bytes,
-                             warm=args.warm, preload=preload))
+                             warm=args.warm, preload=preload), launcher)
     app = create_app(runner=runner, token=token, name=args.name)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

@@ -6,9 +6,13 @@ are built in or C extensions, so that a job finds in `sys.modules` nearly what a
 (plus `_socket`, `marshal`, and whatever was preloaded).
 
     python forkserver.py FD [MODULE ...]
+    python -I -S forkserver.py FD --job-uids [MODULE ...]
 
-The server runs as the worker's uid and its children stay that uid: a worker that runs each job under
-a uid of its own (--job-uids) starts its jobs fresh (see warm.py). FD is one end of an AF_UNIX
+The server runs as the worker's uid and its children stay that uid; or, with `--job-uids` (started by
+launcher.py as `python -I -S forkserver.py FD --job-uids`), as root holding only SETUID, SETGID and
+SETPCAP, and each child becomes its job's uid before anything of the job's environment runs (see
+_drop and _site: the server itself can import the standard library only, and its preloads are the
+worker's, never a program's). FD is one end of an AF_UNIX
 SOCK_SEQPACKET socketpair whose other end the worker (`dropq_worker.warm`) holds. The server imports
 the MODULEs (the preloads), says `ready`, then serves one job at a time, single-threaded, and never
 runs a job's code itself:
@@ -84,6 +88,49 @@ def _preload(names: "list[str]") -> "list[str]":
     return failed
 
 
+#: with --job-uids: prctl() and ctypes.get_errno, taken at start; ctypes itself then leaves sys.modules,
+#: so that a job finds there what a fresh interpreter has
+_PRCTL: "Any" = None
+_ERRNO: "Any" = None
+_PR_SET_DUMPABLE = 4
+_PR_CAPBSET_DROP = 24
+
+
+def _take_prctl() -> None:
+    global _PRCTL, _ERRNO
+    before = set(sys.modules)
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+    _ERRNO = ctypes.get_errno
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+    # the server itself: no process may read its memory (nothing of a job is in it, but nothing need be)
+    _PRCTL(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _drop(uid: int, gid: int) -> None:
+    """Become the job's uid for good, as the worker's fresh start does (Popen user=, group=,
+    extra_groups=[], from a worker whose bounding set is empty), and check it: raises otherwise."""
+    cap = 0
+    while cap < 64:
+        if _PRCTL(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if _ERRNO() != 22:  # EINVAL: past the last capability this kernel knows
+                raise OSError(_ERRNO(), f"could not drop capability {cap} from the bounding set")
+            break
+        cap += 1
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+        raise OSError("the job's process did not become the job's uid")
+    with open("/proc/self/status", "rb") as fh:
+        for line in fh.read().splitlines():
+            if line.startswith(b"Cap") and int(line.split()[1], 16) != 0:
+                raise OSError(f"the job's process still holds capabilities ({line.decode()})")
+    # set-uid cleared it; a fresh start's exec sets it again (its /proc files are its own, as a program expects)
+    _PRCTL(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
 def serve(fd: int, preloads: "list[str]") -> "dict[str, Any] | None":
     """Serve requests until the worker closes its end. Returns only in a forked child: its request."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd)
@@ -93,6 +140,10 @@ def serve(fd: int, preloads: "list[str]") -> "dict[str, Any] | None":
     if sys.path and os.path.dirname(_HERE) == os.path.abspath(sys.path[0]):
         del sys.path[0]
     os.chdir("/")
+    if preloads[:1] == ["--job-uids"]:
+        _take_prctl()
+        # the worker's own preloads (launcher.py): sys.path is the standard library alone here
+        preloads = preloads[1:]
     failed = _preload(preloads)
     # what the server holds now (its preloads) goes out of the collector's sight: a collection in a child
     # would otherwise walk, and so copy, every page of it
@@ -187,15 +238,7 @@ def _become(request: bytes, fds: "list[int]", ready_w: int,
                 os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 1 << 30)
-        if job["rlimits"]:
-            import resource  # a C module; imported only for a job with limits of its own (memory:)
-            for resource_id, soft, hard in job["rlimits"]:
-                resource.setrlimit(resource_id, (soft, hard))
-        try:
-            with open("/proc/self/oom_score_adj", "w") as fh:  # the job dies first, never the worker
-                fh.write("1000")
-        except OSError:
-            pass  # no /proc: nothing to adjust
+        _limits_and_uid(job)
         os.chdir(job["cwd"])
     except BaseException as exc:  # noqa: BLE001 - whatever failed, the worker must hear it, and the child go
         os.write(ready_w, f"E{exc}".encode("utf-8", "replace"))
@@ -209,6 +252,24 @@ def _become(request: bytes, fds: "list[int]", ready_w: int,
     return job
 
 
+def _limits_and_uid(job: "dict[str, Any]") -> None:
+    """The job's rlimits and OOM score, then (job uids) its uid: before anything that is the job's, its
+    folder, its environment's site, its code."""
+    if job["rlimits"]:
+        import resource  # a C module; imported only for a job with limits of its own (memory:)
+        for resource_id, soft, hard in job["rlimits"]:
+            resource.setrlimit(resource_id, (soft, hard))
+    try:
+        with open("/proc/self/oom_score_adj", "w") as fh:  # the job dies first, never the worker
+            fh.write("1000")
+    except OSError:
+        pass  # no /proc: nothing to adjust
+    if _PRCTL is not None:
+        _drop(job["uid"], job["uid"])
+    elif job.get("uid") is not None:
+        raise OSError("this fork server cannot run a job under a uid of its own")
+
+
 def _prepare(job: "dict[str, Any]") -> "Any":
     """The interpreter's state as a fresh `python PROGRAM ARGS` would have it: environ, argv, path[0],
     seeds, caches that depend on the environment, and a new `__main__` module."""
@@ -218,7 +279,9 @@ def _prepare(job: "dict[str, Any]") -> "Any":
     if time is not None and hasattr(time, "tzset"):
         time.tzset()  # TZ may differ from the server's
     site: Any = sys.modules.get("site")
-    if site is not None and getattr(site, "USER_SITE", None) is not None:
+    if _PRCTL is not None:
+        _site(job)
+    elif site is not None and getattr(site, "USER_SITE", None) is not None:
         site.USER_BASE = None
         site.USER_SITE = None
         site.getusersitepackages()  # computed from the job's HOME, as a fresh start does
@@ -248,6 +311,49 @@ def _prepare(job: "dict[str, Any]") -> "Any":
     main.__cached__ = None
     sys.modules["__main__"] = main
     return main
+
+
+def _site(job: "dict[str, Any]") -> None:
+    """What a fresh start of the job's interpreter does before the program, for a server started `-I -S`:
+    sys.executable (the environment's bin/python, whose pyvenv.cfg `site` reads), the variables -I made it
+    ignore (only PYTHONDONTWRITEBYTECODE and PYTHONNOUSERSITE reach here: warm.py starts a job with any
+    other PYTHON* variable fresh), and `site` itself: the environment's site-packages and `.pth` files,
+    the user site, as the job's uid (never the server's)."""
+    env = job["env"]
+    sys.executable = job["executable"]
+    sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    import site as site_module
+    site: Any = site_module
+    site.ENABLE_USER_SITE = not env.get("PYTHONNOUSERSITE") and os.getuid() == os.geteuid()
+    site.main()
+    site.enablerlcompleter()  # what site.main() does when the interpreter is not isolated
+    sys.flags = _flags(sys.flags, dont_write_bytecode=int(sys.dont_write_bytecode),  # type: ignore[misc]
+                       no_user_site=int(not site.ENABLE_USER_SITE), no_site=0, ignore_environment=0,
+                       isolated=0, safe_path=False)
+
+
+def _flags(real: "Any", **fresh: "Any") -> "Any":
+    """sys.flags as a fresh start would show them (those -I -S set, as without), for the Python code that
+    reads them: `site`, and subprocess's flags for child interpreters (multiprocessing's spawn), which
+    would otherwise start them without site. The type cannot be made anew: this is a tuple like it."""
+    names = type(real).__match_args__
+    values = tuple(fresh.get(name, getattr(real, name)) for name in names)
+
+    class flags(tuple):  # named as the real type, for its repr
+        __slots__ = ()
+        __match_args__ = names
+
+        def __repr__(self) -> str:
+            return "sys.flags(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self, strict=True)) + ")"
+
+    for i, name in enumerate(names):
+        setattr(flags, name, _field(i))
+    flags.__module__ = "sys"
+    return flags(values)
+
+
+def _field(i: int) -> property:
+    return property(lambda self: self[i])
 
 
 def _ours(tb: "TracebackType | None") -> "TracebackType | None":

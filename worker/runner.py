@@ -12,6 +12,7 @@ import time
 
 from . import isolation, procs
 from .job import Job, Settings, command
+from .launcher import Launcher
 from .protocol import JobSpec, Outcome, Staging
 from .supervise import execute
 from .warm import WarmPool
@@ -24,7 +25,7 @@ class Busy(RuntimeError):
 class Runner:
     """Runs the jobs posted to this worker, one at a time, and keeps the last results for the daemon."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, launcher: Launcher | None = None) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._current: Job | None = None
@@ -34,9 +35,10 @@ class Runner:
         self._cancelled_early: dict[str, None] = {}
         #: how many jobs this worker started: the next job's uid is the next in the range
         self._started = 0
-        #: the fork servers jobs are forked from (used by the job's thread only: one job at a time)
-        self.warm = WarmPool(enabled=settings.warm and settings.uids is None,
-                             preload=settings.preload)
+        #: the fork servers jobs are forked from (used by the job's thread only: one job at a time); with
+        #: job uids only through the launcher, forked before the worker emptied its bounding set
+        self.warm = WarmPool(enabled=settings.warm and (settings.uids is None or launcher is not None),
+                             preload=settings.preload, launcher=launcher)
         settings.jobs.mkdir(parents=True, exist_ok=True)
         if settings.uids is not None:
             # the staging folder: job uids may pass through to their own folder, but neither list it

@@ -100,7 +100,7 @@ def start(job: Job, argv: list[str], env: dict[str, str], warm: WarmPool | None)
     spec = job.spec
     if warm is not None:
         forked = warm.launch(argv, fresh=spec.fresh_interpreter, cwd=job.staging.output, env=env,
-                             memory_rlimit=spec.memory_rlimit)
+                             memory_rlimit=spec.memory_rlimit, uid=job.uid)
         if forked is not None:
             return forked
     popen_extra: dict[str, object] = {}

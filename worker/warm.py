@@ -9,16 +9,25 @@ dropping the least recently used.
 
 A job runs fresh instead when its manifest says `fresh_interpreter: true`, its program says
 `fresh-interpreter = true` under `[tool.dropq]`, it is not a `.py` program, it sets HOME, the worker
-runs with `--no-warm` or `--job-uids`, or the server is not there to take it (it failed to start, or died): then the
+runs with `--no-warm`, or the server is not there to take it (it failed to start, or died): then the
 server is dropped and started again for a later job. A start that fails half-way never runs twice:
 see forkserver.py.
 
-Why not with --job-uids: a server would have to keep the privilege to switch to each job's uid (root
-with CAP_SETUID; the worker's empty bounding set takes it away at exec), and it runs code of the
-environment before any job (its `.pth` files at start, its preloads): that code would run with that
-privilege, where today it runs only as a job's uid. A server per job uid instead would outlive its job
-as that uid, which the next job of the uid could reach (signal, ptrace): the clean-up that kills every
-process of a job's uid exists to rule that out.
+Under --job-uids the servers are started by the launcher (launcher.py), with a trusted interpreter in
+isolated mode without site (`-I -S`): they hold SETUID, SETGID and SETPCAP, and each child takes its
+job's uid before it runs the environment's `site` and the program. One server then serves every
+environment of that interpreter: the environment is found in the child. Its sys.path is the standard
+library alone (root's), so it can import nothing else; and of the preloads it takes only the worker's
+own (--preload: the operator's `workers.preload`), never a program's `preload`, which a job's author
+writes (even a standard-library name can do harm at import, as `antigravity` starts a browser): the
+worker says once that it ignores those, and a worker preload outside the standard library fails as
+"could not preload". A job
+starts fresh there also when it sets an interpreter variable that `-I` would ignore (PYTHON* but
+PYTHONDONTWRITEBYTECODE and PYTHONNOUSERSITE) or a locale other than the server's (LANG=C.UTF-8), or
+when its interpreter is not one the worker trusts (launcher.check_interpreter).
+
+Why not a server per job uid: it would outlive its job as that uid, which the next job of the uid could
+reach (signal, ptrace): the clean-up that kills every process of a job's uid exists to rule that out.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import marshal
 import os
 import re
 import resource
+import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +51,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import procs
+from .launcher import SERVER_ENV, Launcher, LauncherError
 
 log = logging.getLogger("dropq.worker")
 
@@ -61,6 +73,10 @@ NO_HOME = "/nonexistent"
 
 _PRELOAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _BLOCK = re.compile(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$")
+
+
+#: interpreter variables a server started `-I` honours in its children (forkserver._site)
+UID_MODE_VARIABLES = frozenset({"PYTHONDONTWRITEBYTECODE", "PYTHONNOUSERSITE", "PATH"})
 
 
 def starts_interpreter(name: str) -> bool:
@@ -179,7 +195,10 @@ class ForkedProcess:
 class Server:
     """One fork server process and the worker's end of its socket."""
 
-    def __init__(self, python: str, preload: tuple[str, ...], env: dict[str, str]) -> None:
+    proc: subprocess.Popen[bytes] | Launched
+
+    def __init__(self, python: str, preload: tuple[str, ...], env: dict[str, str],
+                 launcher: Launcher | None = None) -> None:
         self.python, self.preload = python, preload
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = mine
@@ -187,19 +206,10 @@ class Server:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_REQUEST)
         except OSError:
             log.debug("could not enlarge the fork server socket's send buffer")
-        try:
-            # started as `python SCRIPT`, exactly as a job would be (no flags), in the jobs' interpreter
-            # variables: what it sets up at start (sys.flags, sys.path, encodings) is what the job finds
-            self.proc = subprocess.Popen(
-                [python, str(SERVER), str(theirs.fileno()), *preload], pass_fds=[theirs.fileno()],
-                env={**env, "HOME": NO_HOME}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, cwd="/")
-        finally:
-            theirs.close()
-        procs.spare(self.proc.pid)
-        assert self.proc.stdout is not None
-        threading.Thread(target=self._log, args=(self.proc.stdout,), name=f"forkserver-{self.proc.pid}",
-                         daemon=True).start()
+        if launcher is not None:
+            self._launched(launcher, theirs)
+        else:
+            self._popen(env, theirs)
         self.failed: list[str] = []
         try:
             reply = self._receive(READY_TIMEOUT)
@@ -210,6 +220,38 @@ class Server:
             self.close()
             raise ServerGone(f"the fork server said {reply!r} at start")
         self.failed = list(reply[2])
+
+    def _launched(self, launcher: Launcher, theirs: socket.socket) -> None:
+        """Started by the launcher (job uids): a process the worker holds by a pidfd, not its child."""
+        log_r, log_w = os.pipe()
+        try:
+            pid, pidfd = launcher.spawn(self.python, self.preload, theirs.fileno(), log_w)
+        except LauncherError as exc:
+            self.sock.close()
+            os.close(log_r)
+            raise ServerGone(str(exc)) from None
+        finally:
+            theirs.close()
+            os.close(log_w)
+        self.proc = Launched(pid, pidfd)
+        threading.Thread(target=self._log, args=(open(log_r, "rb"),), name=f"forkserver-{pid}",
+                         daemon=True).start()
+
+    def _popen(self, env: dict[str, str], theirs: socket.socket) -> None:
+        try:
+            # started as `python SCRIPT`, exactly as a job would be (no flags), in the jobs' interpreter
+            # variables: what it sets up at start (sys.flags, sys.path, encodings) is what the job finds
+            proc = subprocess.Popen(
+                [self.python, str(SERVER), str(theirs.fileno()), *self.preload], pass_fds=[theirs.fileno()],
+                env={**env, "HOME": NO_HOME}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, cwd="/")
+        finally:
+            theirs.close()
+        self.proc = proc
+        procs.spare(proc.pid)
+        assert proc.stdout is not None
+        threading.Thread(target=self._log, args=(proc.stdout,), name=f"forkserver-{proc.pid}",
+                         daemon=True).start()
 
     def _log(self, pipe: IO[bytes]) -> None:
         with pipe:
@@ -303,6 +345,35 @@ class Server:
             procs.unspare(self.proc.pid)
 
 
+class Launched:
+    """A fork server the launcher started: what Server uses of a Popen, through a pidfd (the launcher,
+    its parent, reaps it; its status is not the worker's to know)."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid, self.pidfd = pid, pidfd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.pidfd >= 0 and select.select([self.pidfd], [], [], 0)[0]:
+            self.returncode = -1
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                return
+
+    def wait(self) -> int:
+        if self.pidfd >= 0:
+            select.select([self.pidfd], [], [])
+            os.close(self.pidfd)
+            self.pidfd = -1
+            self.returncode = -1
+        return -1
+
+
 def _fds(*fds: int) -> bytes:
     import array
     return array.array("i", fds).tobytes()
@@ -311,9 +382,13 @@ def _fds(*fds: int) -> bytes:
 class WarmPool:
     """The worker's fork servers, by key; used by one job at a time (the runner's)."""
 
-    def __init__(self, *, enabled: bool = True, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, enabled: bool = True, preload: tuple[str, ...] = (),
+                 launcher: Launcher | None = None) -> None:
         self.enabled = enabled
         self.preload = preload
+        #: with job uids: who starts the (privileged) servers; jobs with a uid start fresh without it
+        self.launcher = launcher
+        self._said_preloads = False
         self._servers: OrderedDict[tuple[Any, ...], Server] = OrderedDict()
         #: per key: failed starts in a row, and when the next may be tried
         self._failed: dict[tuple[Any, ...], tuple[int, float]] = {}
@@ -324,9 +399,10 @@ class WarmPool:
         return self._options.get(program)
 
     def launch(self, argv: list[str], *, fresh: bool, cwd: Path, env: dict[str, str],
-               memory_rlimit: int | None) -> ForkedProcess | None:
-        """Fork the job (`argv`: interpreter, program, arguments) from a warm interpreter, or None: start it
-        fresh (it cannot be forked, or the server could not fork it; nothing of it ran)."""
+               memory_rlimit: int | None, uid: int | None = None) -> ForkedProcess | None:
+        """Fork the job (`argv`: interpreter, program, arguments; under `uid` if not None) from a warm
+        interpreter, or None: start it fresh (it cannot be forked, or the server could not fork it;
+        nothing of it ran)."""
         if not self.enabled or fresh or len(argv) < 2 or not argv[1].endswith(".py") or "HOME" in env and \
                 env["HOME"] != str(cwd):
             return None
@@ -334,14 +410,22 @@ class WarmPool:
         options = self.options(program)
         if options.fresh:
             return None
-        preload = tuple(sorted(set(self.preload) | set(options.preload)))
+        preload = tuple(sorted(set(self.preload) | set(options.preload if uid is None else ())))
         start_env = {k: v for k, v in env.items() if starts_interpreter(k)}
-        key = (argv[0], preload, tuple(sorted(start_env.items())))
         rlimits = [] if memory_rlimit is None else [(resource.RLIMIT_DATA, memory_rlimit, memory_rlimit)]
-        request = {"argv": argv, "script": argv[1], "path0": os.path.dirname(os.path.realpath(argv[1])),
-                   "cwd": str(cwd), "env": env, "rlimits": rlimits}
+        request: dict[str, Any] = {
+            "argv": argv, "script": argv[1], "path0": os.path.dirname(os.path.realpath(argv[1])),
+            "cwd": str(cwd), "env": env, "rlimits": rlimits, "uid": uid}
+        python = argv[0]
+        if uid is not None:
+            found = self._uid_mode(argv[0], env, start_env, options.preload)
+            if found is None:
+                return None
+            request["executable"], python = found
+            start_env = {}
+        key = (python, preload, tuple(sorted(start_env.items())), uid is not None)
         with self._lock:
-            server = self._server(key, argv[0], preload, start_env)
+            server = self._server(key, python, preload, start_env)
             if server is None:
                 return None
             try:
@@ -351,6 +435,27 @@ class WarmPool:
                             server.proc.pid, exc)
                 self._drop(key)
                 return None
+
+    def _uid_mode(self, interpreter: str, env: dict[str, str], start_env: dict[str, str],
+                  ignored: tuple[str, ...]) -> tuple[str, str] | None:
+        """For a job under a uid of its own: the interpreter as the job would see it (sys.executable)
+        and the real one the server runs, or None when the job must start fresh."""
+        if self.launcher is None:
+            return None
+        locale = {k: v for k, v in start_env.items() if not k.startswith("PYTHON") and k != "PATH"}
+        if locale != {k: v for k, v in SERVER_ENV.items() if k != "PATH" and k != "HOME"} or \
+                not set(start_env) <= UID_MODE_VARIABLES | {"LANG"}:
+            return None  # what -I would ignore, or another locale: only a fresh start honours it
+        exe = interpreter if "/" in interpreter else shutil.which(interpreter, path=env.get("PATH"))
+        if exe is None:
+            return None
+        if ignored and not self._said_preloads:
+            self._said_preloads = True
+            log.warning("a program's own preloads (%s) are ignored for jobs under their own uids: the fork "
+                        "server is privileged, and imports only the worker's preloads, from the standard "
+                        "library (README: The warm interpreter)", ", ".join(ignored))
+        exe = os.path.abspath(exe)
+        return exe, os.path.realpath(exe)
 
     def _server(self, key: tuple[Any, ...], python: str, preload: tuple[str, ...],
                 env: dict[str, str]) -> Server | None:
@@ -366,7 +471,7 @@ class WarmPool:
         if time.monotonic() < not_before:
             return None
         try:
-            server = Server(python, preload, env)
+            server = Server(python, preload, env, self.launcher if key[-1] else None)
         except (OSError, ServerGone) as exc:
             # the next job tries again at once (the server may have been killed from outside); a server
             # that keeps failing is tried after 1, 2, 4 ... RETRY_AFTER seconds, its jobs starting fresh
@@ -397,3 +502,7 @@ class WarmPool:
         with self._lock:
             while self._servers:
                 self._drop(next(iter(self._servers)))
+            if self.launcher is not None:
+                self.launcher.close()
+                procs.unspare(self.launcher.pid)
+                self.launcher = None

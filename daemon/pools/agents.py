@@ -416,20 +416,9 @@ class AgentPool(Pool):
     def _programs(self) -> Response:
         with self._cond:
             digest = self._programs_digest()
-        spool = tempfile.TemporaryFile()
-        try:
-            folder = self.config.programs
-            entries = [(e.name, Path(e.path)) for e in sorted(os.scandir(folder), key=lambda e: e.name)
-                       if not e.name.startswith(".")]
-            sha, _ = pack(entries, spool)
-            size = spool.tell()
-            spool.seek(0)
-        except BaseException:
-            spool.close()
-            raise
-        response = Response(_chunks(spool), mimetype="application/x-tar", direct_passthrough=True)
-        response.headers["Content-Length"] = str(size)
-        response.headers[SHA256] = sha
+        folder = self.config.programs
+        response = _tar_response([(e.name, Path(e.path)) for e in sorted(os.scandir(folder), key=lambda e: e.name)
+                                  if not e.name.startswith(".")])
         response.headers["X-Dropq-Programs"] = digest
         return response
 
@@ -461,20 +450,8 @@ class AgentPool(Pool):
             if slot is None:
                 return _json(409, {"error": "the lease has ended"})
             folder = slot.handle.inputs_dir / key
-        spool = tempfile.TemporaryFile()
-        try:
-            entries = [(e.name, Path(e.path)) for e in sorted(os.scandir(folder), key=lambda e: e.name)] \
-                if folder.is_dir() else []
-            digest, _ = pack(entries, spool)
-            size = spool.tell()
-            spool.seek(0)
-        except BaseException:
-            spool.close()
-            raise
-        response = Response(_chunks(spool), mimetype="application/x-tar", direct_passthrough=True)
-        response.headers["Content-Length"] = str(size)
-        response.headers[SHA256] = digest
-        return response
+        return _tar_response([(e.name, Path(e.path)) for e in sorted(os.scandir(folder), key=lambda e: e.name)]
+                             if folder.is_dir() else [])
 
     def _result(self, agent: _Agent, worker: str, key: str, request: Request) -> tuple[int, dict[str, Any]]:
         with self._cond:
@@ -672,6 +649,22 @@ def _read_json(request: Request) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _tar_response(entries: list[tuple[str, Path]]) -> Response:
+    """`entries` packed into a spooled tar, sent with its length and sha256 (inputs and programs alike)."""
+    spool = tempfile.TemporaryFile()
+    try:
+        digest, _ = pack(entries, spool)
+        size = spool.tell()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    response = Response(_chunks(spool), mimetype="application/x-tar", direct_passthrough=True)
+    response.headers["Content-Length"] = str(size)
+    response.headers[SHA256] = digest
+    return response
 
 
 def _chunks(spool: IO[bytes]) -> Iterator[bytes]:
